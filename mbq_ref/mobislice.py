@@ -1,0 +1,270 @@
+"""MoBiSlice: one checkpoint, recursive residual slices (paper Sec. 4.1, App. B).
+
+A weight group (``group_size`` inputs of one output row) is quantized into ``E``
+slices of ``b_e`` bits (default ``2,2,2,2``). Reading the first ``k`` slices
+gives a ``B_k = b_1 + ... + b_k``-bit weight (2/4/6/8 bits), so one stored model
+serves every precision. The formulation (see ``docs/design.md``):
+
+Base slice, floor-aligned and mid-rise ("truncation-ready", App. B)::
+
+    q_1 = clamp(floor(W / s) + z, 0, 2^b1 - 1)          Ŵ_1 = s (q_1 - z + 1/2)
+
+Residual slice ``e > 1`` with a fixed mid-code zero point and the step divided
+by ``2^{b_e}`` (the paper's "next scale = previous / 2^b")::
+
+    s_e = s_{e-1} / 2^{b_e}
+    q_e = clamp(floor((W - Ŵ_{e-1}) / s_e) + 2^{b_e - 1}, 0, 2^{b_e} - 1)
+    ΔŴ_e = s_e (q_e - 2^{b_e - 1} + 1/2)                Ŵ_e = Ŵ_{e-1} + ΔŴ_e
+
+Concatenating the codes, ``Q_k = Q_{k-1} << b_k | q_k``, gives exactly::
+
+    Ŵ_k = s_k (Q_k - z_k + 1/2),   s_k = s / 2^{B_k - b_1},   z_k = z 2^{B_k - b_1}
+    Q_{k-1} = Q_k >> b_k
+
+so a lower precision is the top bits of a higher one (nested codes), and
+dequantization is shift-and-add on the integer code followed by one multiply
+with the single shared scale (Sec. 4.3). The kernels in ``cuda_numba`` read the
+stored ``Q_E`` bit-planes directly.
+
+Example, one weight, slices 2,2,2,2, s = 1, z = 2, W = 0.8::
+
+    q_1 = floor(0.8) + 2 = 2              Ŵ_1 = 1 (2 - 2 + .5)     = 0.5
+    q_2 = floor(0.3 / .25) + 2 = 3        Ŵ_2 = .5 + .25 (3-2+.5)  = 0.875
+    Q_2 = 2 << 2 | 3 = 0b1011 = 11        Ŵ_2 = .25 (11 - 8 + .5)  = 0.875  (same)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MBQError
+
+__all__ = [
+    "SliceError",
+    "check_slice_bits",
+    "cumulative_bits",
+    "floor_scale_zero",
+    "slice_deltas",
+    "slice_codes",
+    "nested_code",
+    "dequant_codes",
+    "SlicedWeight",
+]
+
+
+class SliceError(MBQError):
+    """Invalid slice configuration or tensor (message says why and how to fix it)."""
+
+
+def check_slice_bits(slice_bits) -> tuple[int, ...]:
+    """Validate a slice list: each slice 1..8 bits, at most 16 bits in total."""
+    bits = tuple(int(b) for b in slice_bits)
+    if not bits:
+        raise SliceError("slice_bits is empty; use e.g. (2, 2, 2, 2)")
+    if any(b < 1 or b > 8 for b in bits):
+        raise SliceError(f"each slice needs 1..8 bits, got {bits}")
+    if sum(bits) > 16:
+        raise SliceError(f"slices total {sum(bits)} bits; at most 16 are supported (codes are stored as int16/uint8)")
+    return bits
+
+
+def cumulative_bits(slice_bits) -> list[int]:
+    """``[B_1, ..., B_E]``: the weight precision when reading 1..E slices."""
+    out, acc = [], 0
+    for b in check_slice_bits(slice_bits):
+        acc += b
+        out.append(acc)
+    return out
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N, K]`` -> ``[N, K/g, g]`` view (checks divisibility)."""
+    if w.ndim != 2:
+        raise SliceError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size <= 0 or k % group_size:
+        raise SliceError(f"group size {group_size} does not divide the input dimension {k}")
+    return w.reshape(n, k // group_size, group_size)
+
+
+def _floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """floor in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.floor(x) - x).detach()
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def floor_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, base_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point that tile ``[xmin, xmax]`` with ``2^b`` floor cells.
+
+    Mid-rise floor quantization needs ``2^b`` cells of width ``s`` (not OmniQuant's
+    ``2^b - 1`` steps of round-to-nearest): ``s = (xmax - xmin) / 2^b``,
+    ``z = round(-xmin / s)``. Differentiable in ``xmin``/``xmax`` (``z`` through a
+    straight-through round), so learnable clipping can train it.
+
+    Args:
+        xmin, xmax: ``[N, G]`` group ranges (``xmin <= 0 <= xmax`` not required).
+    Returns:
+        ``(s, z)``, both ``[N, G]``; ``z`` holds integer values (float dtype).
+    """
+    s = ((xmax - xmin) / (2**base_bits)).clamp(min=1e-8)
+    z = _round_ste(-xmin / s)
+    return s, z
+
+
+def slice_deltas(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits=(2, 2, 2, 2),
+    group_size: int = 128,
+    ste: bool = False,
+) -> list[torch.Tensor]:
+    """The recursive residual decomposition ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_E]``.
+
+    ``sum(out[:k]) == Ŵ_k``. With ``ste=True`` floors pass gradients straight
+    through, so the learnable scale/zero (LWC) can be calibrated through every
+    slice (Alg. 1, stage 2).
+
+    Args:
+        w: ``[N, K]`` float weight.
+        scale, zero: ``[N, K/g]`` base-slice scale and integer zero point.
+    Returns:
+        ``E`` tensors of shape ``[N, K]``.
+    """
+    bits = check_slice_bits(slice_bits)
+    wg = _groups(w, group_size)  # [N, G, g]
+    s = scale.unsqueeze(-1)
+    z = zero.unsqueeze(-1)
+    fl = _floor_ste if ste else torch.floor
+    q = torch.clamp(fl(wg / s) + z, 0, 2 ** bits[0] - 1)  # base code q_1
+    w_hat = s * (q - z + 0.5)  # Ŵ_1
+    out = [w_hat]
+    s_e = s
+    for b in bits[1:]:
+        s_e = s_e / 2**b  # next slice's scale = previous / 2^b (App. B)
+        mid = 2 ** (b - 1)  # fixed mid-code zero point of residual slices
+        q_e = torch.clamp(fl((wg - w_hat) / s_e) + mid, 0, 2**b - 1)
+        delta = s_e * (q_e - mid + 0.5)
+        w_hat = w_hat + delta
+        out.append(delta)
+    return [d.reshape_as(w) for d in out]
+
+
+@torch.no_grad()
+def slice_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, slice_bits=(2, 2, 2, 2), group_size: int = 128
+) -> torch.Tensor:
+    """The stored integer code ``Q_E`` per weight (all slices concatenated, MSB first).
+
+    Returns:
+        ``[N, K]`` ``torch.uint8`` when ``B_E <= 8`` else ``torch.int16``/``int32``.
+        Bits ``[B_E - B_k, B_E)`` hold slices ``1..k`` (see :func:`nested_code`).
+    """
+    bits = check_slice_bits(slice_bits)
+    if not torch.isfinite(w).all():
+        raise SliceError("weight contains NaN/inf; cannot slice it")
+    wg = _groups(w, group_size).double()  # float64: exact floors for the integer codes
+    s = scale.double().unsqueeze(-1)
+    z = zero.double().unsqueeze(-1)
+    q = torch.clamp(torch.floor(wg / s) + z, 0, 2 ** bits[0] - 1)
+    code = q.clone()
+    w_hat = s * (q - z + 0.5)
+    s_e = s
+    for b in bits[1:]:
+        s_e = s_e / 2**b
+        mid = 2 ** (b - 1)
+        q_e = torch.clamp(torch.floor((wg - w_hat) / s_e) + mid, 0, 2**b - 1)
+        w_hat = w_hat + s_e * (q_e - mid + 0.5)
+        code = code * 2**b + q_e  # Q_k = Q_{k-1} << b_k | q_k
+    total = sum(bits)
+    dtype = torch.uint8 if total <= 8 else torch.int32
+    return code.reshape_as(w).to(dtype)
+
+
+def nested_code(codes: torch.Tensor, slice_bits, k: int) -> torch.Tensor:
+    """``Q_k = Q_E >> (B_E - B_k)``: the code of the first ``k`` slices (truncation, no re-rounding)."""
+    cum = cumulative_bits(slice_bits)
+    if not 1 <= k <= len(cum):
+        raise SliceError(f"k={k} slices requested, but there are {len(cum)} (1..{len(cum)})")
+    return codes.to(torch.int32) >> (cum[-1] - cum[k - 1])
+
+
+def dequant_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slice_bits=(2, 2, 2, 2),
+    k: int | None = None,
+    group_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Shift-and-add dequantization at ``k`` slices: ``Ŵ_k = s_k (Q_k - z_k + 1/2)``.
+
+    Args:
+        codes: ``[N, K]`` stored ``Q_E`` (from :func:`slice_codes`).
+        scale, zero: ``[N, K/g]`` base scale and zero point.
+        k: slices to read (default: all).
+    Returns:
+        ``[N, K]`` weight in ``dtype``.
+    """
+    cum = cumulative_bits(slice_bits)
+    k = len(cum) if k is None else k
+    qk = nested_code(codes, slice_bits, k)
+    shift = cum[k - 1] - cum[0]
+    cg = _groups(qk, group_size).double()
+    s_k = scale.double().unsqueeze(-1) / 2**shift
+    z_k = zero.double().unsqueeze(-1) * 2**shift
+    return (s_k * (cg - z_k + 0.5)).reshape(codes.shape).to(dtype)
+
+
+@dataclass
+class SlicedWeight:
+    """A MoBiSlice-quantized weight: one code per weight, one scale/zero per group.
+
+    ``nbytes`` counts what a deployment stores: ``B_E`` bits per weight for the
+    codes plus an fp16 scale and an 8-bit zero point per group (one set, shared
+    by every precision; separate per-bit checkpoints would each need their own).
+    """
+
+    codes: torch.Tensor  # [N, K] uint8 / int32
+    scale: torch.Tensor  # [N, K/g] float
+    zero: torch.Tensor  # [N, K/g] integer-valued
+    slice_bits: tuple[int, ...] = (2, 2, 2, 2)
+    group_size: int = 128
+
+    @classmethod
+    def from_float(
+        cls,
+        w: torch.Tensor,
+        slice_bits=(2, 2, 2, 2),
+        group_size: int = 128,
+        xmin: torch.Tensor | None = None,
+        xmax: torch.Tensor | None = None,
+    ) -> "SlicedWeight":
+        """Slice ``w`` with the base range ``[xmin, xmax]`` per group (default: the group's min/max, i.e. RTN-style)."""
+        bits = check_slice_bits(slice_bits)
+        wg = _groups(w.detach(), group_size)
+        if xmin is None:
+            xmin = wg.amin(-1)
+        if xmax is None:
+            xmax = wg.amax(-1)
+        s, z = floor_scale_zero(xmin.detach(), xmax.detach(), bits[0])
+        return cls(slice_codes(w, s, z, bits, group_size), s.detach().clone(), z.detach().clone(), bits, group_size)
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_bits)
+
+    def dequant(self, k: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequant_codes(self.codes, self.scale, self.zero, self.slice_bits, k, self.group_size, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n, kdim = self.codes.shape
+        groups = n * kdim // self.group_size
+        return (n * kdim * sum(self.slice_bits) + 7) // 8 + groups * (2 + 1)

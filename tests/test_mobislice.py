@@ -1,0 +1,133 @@
+"""MoBiSlice invariants (paper Sec. 4.1, App. B): nested codes, error bounds, memory."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbq_ref.mobislice import (
+    SlicedWeight,
+    SliceError,
+    cumulative_bits,
+    dequant_codes,
+    floor_scale_zero,
+    nested_code,
+    slice_codes,
+    slice_deltas,
+)
+
+SLICES = [(2, 2, 2, 2), (3, 3), (4, 2, 2), (1, 1, 1, 1, 1, 1, 1, 1), (2, 3, 3)]
+
+
+def _weight(seed, n, k, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * scale
+
+
+def test_worked_example_from_docstring():
+    w = torch.full((1, 4), 0.8)
+    s, z = torch.ones(1, 1), torch.full((1, 1), 2.0)
+    codes = slice_codes(w, s, z, (2, 2), group_size=4)
+    assert codes[0, 0].item() == 0b1011
+    assert dequant_codes(codes, s, z, (2, 2), k=1, group_size=4)[0, 0].item() == 0.5
+    assert dequant_codes(codes, s, z, (2, 2), k=2, group_size=4)[0, 0].item() == 0.875
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 9),
+    groups=st.integers(1, 3),
+    gs=st.sampled_from([4, 8, 32]),
+    bits=st.sampled_from(SLICES),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_codes_nested_and_recursion_equals_integer_formula(seed, n, groups, gs, bits, scale):
+    w = _weight(seed, n, groups * gs, scale)
+    sw = SlicedWeight.from_float(w, bits, gs)
+    deltas = slice_deltas(w.double(), sw.scale.double(), sw.zero.double(), bits, gs)
+    cum = cumulative_bits(bits)
+    acc = torch.zeros_like(w, dtype=torch.float64)
+    for k in range(1, len(bits) + 1):
+        # nested: Q_{k-1} == Q_k >> b_k (lower precision = top bits, never re-rounded)
+        if k > 1:
+            assert torch.equal(nested_code(sw.codes, bits, k - 1), nested_code(sw.codes, bits, k) >> bits[k - 1])
+        assert int(nested_code(sw.codes, bits, k).max()) < 2 ** cum[k - 1]
+        # the recursive residual sum equals the single-integer shift-and-add form
+        acc = acc + deltas[k - 1]
+        torch.testing.assert_close(sw.dequant(k, torch.float64), acc, rtol=1e-9, atol=1e-9 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from(SLICES), gs=st.sampled_from([8, 16]))
+def test_error_bound_inside_clip_range(seed, bits, gs):
+    w = _weight(seed, 5, 2 * gs)
+    sw = SlicedWeight.from_float(w, bits, gs)
+    s = sw.scale.repeat_interleave(gs, 1).double()
+    z = sw.zero.repeat_interleave(gs, 1).double()
+    # inside the base range covered by the 2^b1 cells: [-z s, (2^b1 - z) s)
+    inside = (w >= -z * s) & (w < (2 ** bits[0] - z) * s)
+    cum = cumulative_bits(bits)
+    for k in range(1, len(bits) + 1):
+        s_k = s / 2 ** (cum[k - 1] - cum[0])
+        err = (w.double() - sw.dequant(k, torch.float64)).abs()
+        assert (err[inside] <= s_k[inside] / 2 * (1 + 1e-9)).all()
+    # the error bound shrinks geometrically, so more slices never hurt inside the range
+    errs = [(w.double() - sw.dequant(k, torch.float64))[inside].abs().max() for k in range(1, len(bits) + 1)]
+    assert all(a >= b for a, b in zip(errs, errs[1:]))
+
+
+def test_clipped_weights_stay_clipped_at_every_precision():
+    # the known tension: a value clipped by the base range is never recovered
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 10.0]])
+    xmin, xmax = torch.tensor([[-1.0]]), torch.tensor([[2.0]])  # 10.0 lies outside
+    sw = SlicedWeight.from_float(w, (2, 2, 2, 2), 8, xmin=xmin, xmax=xmax)
+    s, z = sw.scale.item(), sw.zero.item()
+    assert (s, z) == (0.75, 1.0)  # z = round(1/0.75): the covered range [-0.75, 2.25) misses -1.0 too
+    for k in range(1, 5):
+        w_k = sw.dequant(k)[0]
+        assert w_k[-1] < 2.25 and w_k[0] > -0.75  # both clipped values saturate at the range edge
+        assert (w_k[1:7] - w[0, 1:7]).abs().max() <= s / 4 ** (k - 1) / 2 + 1e-6
+
+
+def test_memory_one_checkpoint_vs_separate():
+    w = _weight(0, 64, 256)
+    sw = SlicedWeight.from_float(w, (2, 2, 2, 2), 128)
+    n_groups = 64 * 256 // 128
+    assert sw.nbytes == 64 * 256 + n_groups * 3  # 8 bits/weight + one fp16 scale + int8 zero per group
+    # separate 2/4/6/8-bit checkpoints: 20 bits per weight plus 4 sets of scales
+    separate = sum(64 * 256 * b // 8 + n_groups * 3 for b in (2, 4, 6, 8))
+    assert separate / sw.nbytes == pytest.approx(20 / 8, rel=0.05)
+
+
+def test_ste_gradients_reach_scale():
+    w = _weight(1, 4, 32)
+    xmin, xmax = w.view(4, 1, 32).amin(-1).requires_grad_(), w.view(4, 1, 32).amax(-1).requires_grad_()
+    s, z = floor_scale_zero(xmin, xmax, 2)
+    out = sum(slice_deltas(w, s, z, (2, 2), 32, ste=True))
+    ((out - w) ** 2).sum().backward()
+    assert xmin.grad is not None and torch.isfinite(xmin.grad).all() and xmin.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [((2, 0), "1..8"), ((9,), "1..8"), ((), "empty"), ((8, 8, 8), "at most 16")],
+    ids=["zero-bit-slice", "nine-bit-slice", "empty", "too-many-bits"],
+)
+def test_bad_slice_bits(bad, match):
+    with pytest.raises(SliceError, match=match):
+        SlicedWeight.from_float(torch.randn(2, 8), bad, 8)
+
+
+def test_bad_shapes_and_values():
+    with pytest.raises(SliceError, match="does not divide"):
+        SlicedWeight.from_float(torch.randn(2, 12), (2, 2), 8)
+    with pytest.raises(SliceError, match="2-D"):
+        SlicedWeight.from_float(torch.randn(2, 3, 8), (2, 2), 8)
+    w = torch.randn(2, 8)
+    w[1, 3] = float("nan")
+    with pytest.raises(SliceError, match="NaN"):
+        SlicedWeight.from_float(w, (2, 2), 8)
+    sw = SlicedWeight.from_float(torch.randn(2, 8), (2, 2), 8)
+    with pytest.raises(SliceError, match="k=3"):
+        sw.dequant(3)

@@ -1,0 +1,40 @@
+"""Notebook hygiene: every jupytext pair in sync, chapters listed in the README, no network or absolute paths."""
+
+import re
+from pathlib import Path
+
+import jupytext
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+def test_there_are_chapters():
+    assert SOURCES, "no notebooks/NN_topic.py chapters found"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.stem)
+def test_pair_in_sync(src):
+    twin = src.with_suffix(".ipynb")
+    assert twin.is_file(), f"{twin.name} missing: run `jupytext --sync {src.relative_to(ROOT)}`"
+    py, ipynb = jupytext.read(src), jupytext.read(twin)
+    assert _cells(py) == _cells(ipynb), f"{src.name} and {twin.name} differ: run `jupytext --sync {src.relative_to(ROOT)}`"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.stem)
+def test_no_absolute_paths_or_network(src):
+    code = "\n".join(c.source for c in jupytext.read(src).cells if c.cell_type == "code")
+    assert not re.search(r"['\"]/(work|home|root|tmp|Users)/", code), "absolute path in a chapter"
+    for call in ("http://", "https://", "urllib", "requests.", "hf_hub_download", "snapshot_download"):
+        assert call not in code, f"{src.name} reaches the network ({call})"
+
+
+def test_readme_chapter_table_matches_notebooks():
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"notebooks/(\d\d_[a-z0-9_]+)\.py", readme))
+    assert listed == {p.stem for p in SOURCES}, "README chapter table and notebooks/ disagree"
