@@ -24,14 +24,16 @@ def test_readme_opens_with_two_commands():
 
 
 def test_ci_runs_exactly_the_readme_commands():
-    # .ci/run extracts the commands with awk; check it sees the same two lines
+    # .ci/run -> scripts/newcomer.sh extracts the commands with this awk; check it sees the same two lines
     out = subprocess.run(
         ["awk", '/^```bash$/{inb=1; next} inb && /^```$/{exit} inb && NF && !/^#/', "README.md"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     assert out == _readme_commands()
     ci = (ROOT / ".ci/run").read_text()
-    assert "HF_HUB_OFFLINE=1" in ci and "HF_DATASETS_OFFLINE=1" in ci and "set -euo pipefail" in ci
+    assert "HF_HUB_OFFLINE=1" in ci and "HF_DATASETS_OFFLINE=1" in ci and "exec scripts/newcomer.sh" in ci
+    newcomer = (ROOT / "scripts/newcomer.sh").read_text()
+    assert "python3 -m venv" in newcomer and '/^```bash$/{inb=1; next}' in newcomer and "set -euo pipefail" in newcomer
 
 
 def test_torch_is_pinned_and_conda_installs_the_same():

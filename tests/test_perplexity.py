@@ -60,3 +60,10 @@ def test_bundled_fp_perplexity_reproduces_within_1_percent(tiny_llama, name):
     res = perplexity(model, ids, seqlen=ref["seqlen"], progress=False)
     assert res.n_windows == ref["ppl"][name]["windows"]
     assert res.ppl == pytest.approx(ref["ppl"][name]["ppl"], rel=0.01)
+
+
+def test_readme_quotes_the_measured_reference():
+    ref = json.loads((model_dir() / "fp_perplexity.json").read_text())
+    readme = (model_dir().parent.parent / "README.md").read_text()
+    for name, r in ref["ppl"].items():
+        assert f"| `{name}` | {r['tokens']:,} | {r['windows']} | {r['ppl']:.2f} |" in readme
