@@ -1,7 +1,9 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: -all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -117,8 +119,8 @@ for d, p in prompts.items():
 ref = json.loads((model_dir() / "fp_perplexity.json").read_text())
 fp = {}
 for d in BUNDLED:
-    r = perplexity(model, ids[d, "test"], seqlen=ref["seqlen"], progress=False)
-    fp[d] = r.ppl
+    r = perplexity(model, ids[d, "test"], seqlen=ref["seqlen"], batch_size=8, progress=False)
+    fp[d] = r
     print(f"{d:12s} PPL {r.ppl:8.3f}  ({r.n_windows} windows x {r.seqlen})   reference {ref['ppl'][d]['ppl']:.3f}")
     assert abs(r.ppl / ref["ppl"][d]["ppl"] - 1) < 0.01, "FP perplexity does not reproduce within 1%"
 
@@ -128,9 +130,8 @@ for d in BUNDLED:
 # behind MoBiQuant's *token*-adaptive precision.
 
 # %%
-r = perplexity(model, ids["austen", "test"], seqlen=ref["seqlen"], progress=False)
 plt.figure(figsize=(8, 3))
-plt.plot(r.window_nll, ".")
+plt.plot(fp["austen"].window_nll, ".")
 plt.xlabel("window")
 plt.ylabel("mean NLL (nats)")
 plt.title("austen test: NLL per 512-token window")

@@ -1,0 +1,24 @@
+"""Numba CUDA kernels for MoBiQuant inference (paper Sec. 4.3), written to be read.
+
+Every module follows the same order (llm.c ``dev/cuda`` style): a docstring listing the
+numbered kernel versions, a NumPy/torch reference, the kernels ``*_kernel1..N``, their
+launchers ``*_v1..N`` and one dispatcher taking ``version=``.
+
+* ``packing``       -- MoBiSlice codes ``uint8 [N, K]`` -> bit-planes ``uint32 [8, N, ceil(K/32)]``
+* ``binary_matmul`` -- integer activations x bit-plane weights by AND + popcount
+* ``slice_gemm``    -- fp16/fp32 activations x the first ``k`` slices (GEMV, grouped GEMM, streams)
+* ``bench``         -- ``python -m cuda_numba.bench`` (real GPU), ``--sim`` for a simulator demo
+
+Without a GPU the kernels run in Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set by
+the repository's ``conftest.py``); it must be set before ``numba.cuda`` is first imported.
+``mbq_ref`` never imports this package at import time.
+"""
+
+__all__ = ["bench", "binary_matmul", "packing", "real_gpu_available", "slice_gemm"]
+
+
+def real_gpu_available() -> bool:
+    """True when Numba sees a real CUDA GPU (not the simulator). Imports ``numba.cuda`` only when called."""
+    from ._common import real_gpu_available as _available
+
+    return _available()

@@ -1,0 +1,103 @@
+"""Compile every kernel to PTX for a real GPU target, without a GPU: ``python -m cuda_numba.ptx_check``.
+
+The CUDA simulator runs kernels as Python, so it never sees Numba's typing rules (e.g.
+integer promotion, float16 stores). This check compiles each kernel with the argument
+types the dispatchers pass (``cuda.compile_ptx``, NVVM only; no driver needed) and prints
+one line per kernel. It needs NVVM/NVRTC (``pip install nvidia-cuda-nvcc-cu12
+nvidia-cuda-nvrtc-cu12`` or a CUDA toolkit) and must run with ``NUMBA_ENABLE_CUDASIM=0``.
+Exit code 0: all compiled; 1: a kernel failed; 2: no compiler available / simulator on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _signatures():
+    from numba import types as nt
+
+    from . import binary_matmul as bm
+    from . import packing as pk
+    from . import slice_gemm as sg
+
+    def arr(dtype, ndim):
+        return nt.Array(dtype, ndim, "C")
+
+    u8_2, u32_3, i32_1, i32_2 = arr(nt.uint8, 2), arr(nt.uint32, 3), arr(nt.int32, 1), arr(nt.int32, 2)
+    f32_1, f32_2, f32_3, i64_1, i64_2 = (
+        arr(nt.float32, 1),
+        arr(nt.float32, 2),
+        arr(nt.float32, 3),
+        arr(nt.int64, 1),
+        arr(nt.int64, 2),
+    )
+    i64 = nt.int64
+    sigs = [
+        ("packing.pack_kernel1", pk.pack_kernel1, (u8_2, u32_3)),
+        ("packing.pack_kernel2", pk.pack_kernel2, (u8_2, u32_3)),
+        ("packing.unpack_kernel1", pk.unpack_kernel1, (u32_3, u8_2)),
+        ("binary_matmul.bmm_kernel1", bm.bmm_kernel1, (u32_3, u32_3, i32_1, i32_2, i64, i64, i64_2)),
+        ("binary_matmul.group_sums_kernel", bm.group_sums_kernel, (u32_3, i64, i64, i64_2)),
+        ("binary_matmul.bmm_kernel2", bm.bmm_kernel2, (u32_3, u32_3, i32_1, i32_2, i64_2, i64_2, i64, i64, i64_2)),
+        ("binary_matmul.bmm_kernel3", bm.bmm_kernel3, (u32_3, u32_3, i32_1, i32_2, i64_2, i64_2, i64, i64, i64_2)),
+        (
+            "binary_matmul.blinear_kernel1",
+            bm.blinear_kernel1,
+            (u32_3, f32_1, i32_1, u32_3, i64, f32_2, i32_2, i64, i64, nt.float32, i64, f32_2),
+        ),
+        (
+            "binary_matmul.blinear_kernel2",
+            bm.blinear_kernel2,
+            (u32_3, f32_1, i32_1, i64_2, u32_3, i64, f32_2, i32_2, i64_2, i64, i64, nt.float32, i64, f32_2),
+        ),
+    ]
+    for xdt in (nt.float16, nt.float32):
+        x2 = arr(xdt, 2)
+        seg = (x2, i64, i64, u32_3, i64, i64, f32_2, i32_2, nt.float32, i64, i64, i64)
+        for name in ("slice_kernel1", "gemv_kernel2", "gemv_kernel3", "gemm_kernel2", "gemm_kernel3"):
+            for odt in (nt.float32,) if xdt == nt.float32 else (nt.float16, nt.float32):
+                sigs.append((f"slice_gemm.{name}[x={xdt}, out={odt}]", getattr(sg, name), seg + (arr(odt, 2),)))
+        sigs.append((f"slice_gemm.gather_rows_kernel[{xdt}]", sg.gather_rows_kernel, (x2, i64_1, x2)))
+        sigs.append(
+            (f"slice_gemm.combine_scatter_kernel[{xdt}]", sg.combine_scatter_kernel, (f32_3, i64_1, i64_1, x2))
+        )
+    return sigs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cuda_numba.ptx_check", description=__doc__.splitlines()[0])
+    ap.add_argument("--cc", default="8.0", help="compute capability to target (default 8.0, A100)")
+    args = ap.parse_args(argv)
+    import numba
+    from numba import cuda
+
+    if numba.config.ENABLE_CUDASIM:
+        print("ptx_check: the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1); run with NUMBA_ENABLE_CUDASIM=0")
+        return 2
+    cc = tuple(int(v) for v in args.cc.split("."))
+    # Device functions called from a kernel are compiled for the *current device*'s compute
+    # capability; without a GPU there is none, so this check pretends one of ``--cc`` exists.
+    import numba.cuda.dispatcher as _dispatcher
+
+    class _Device:
+        compute_capability = cc
+
+    _dispatcher.get_current_device = lambda: _Device
+    failed = 0
+    for i, (name, kernel, sig) in enumerate(_signatures()):
+        try:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+        except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1
+            if i == 0 and "not found" in str(exc).lower() or "Failure finding" in str(exc):
+                print(f"ptx_check: no NVVM/NVRTC available ({exc.__class__.__name__}: {exc})")
+                return 2
+            print(f"FAIL {name}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+            failed += 1
+            continue
+        print(f"ok   {name}: {len(ptx.splitlines())} PTX lines")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

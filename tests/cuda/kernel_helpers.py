@@ -1,0 +1,46 @@
+"""Helpers for the kernel tests (``from kernel_helpers import ...``)."""
+
+import numpy as np
+
+
+def real_gpu() -> bool:
+    """A real CUDA device is usable (not the simulator)."""
+    import numba
+    from numba import cuda
+
+    return (not numba.config.ENABLE_CUDASIM) and cuda.is_available()
+
+
+# Sentinels written into outputs before a kernel runs: an element the kernel skips keeps it.
+INT_POISON = np.iinfo(np.int64).min
+U32_POISON = np.uint32(0xDEADBEEF)
+
+
+def poisoned(shape, dtype):
+    """An output buffer filled with NaN (floats) or a sentinel (integers)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.full(shape, np.nan, dtype=dtype)
+    if dtype == np.uint32:
+        return np.full(shape, U32_POISON, dtype=dtype)
+    if dtype == np.uint8:
+        return np.full(shape, 0xA5, dtype=dtype)
+    return np.full(shape, np.iinfo(dtype).min, dtype=dtype)
+
+
+def mobislice_weight(rng, N, K, group_size, slice_bits=(2, 2, 2, 2)):
+    """Random MoBiSlice tensors: codes uint8 [N, K] (Q_E), scale float32 [N, G], zero int32 [N, G]."""
+    G = 1 if group_size >= K else K // group_size
+    codes = rng.integers(0, 2 ** sum(slice_bits), (N, K), dtype=np.uint8)
+    scale = (rng.random((N, G)) * 0.05 + 0.005).astype(np.float32)
+    zero = rng.integers(-1, 2 ** slice_bits[0] + 1, (N, G)).astype(np.int32)  # incl. out-of-range zeros
+    return codes, scale, zero
+
+
+def assert_close(y, ref, dtype):
+    """fp16: a few half-precision ulps of the output scale; fp32: float32 rounding."""
+    y = np.asarray(y, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert not np.isnan(y).any(), "some outputs were never written (NaN poison survived)"
+    tol = 4e-3 if dtype == np.float16 else 2e-5
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))

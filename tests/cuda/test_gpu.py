@@ -1,0 +1,85 @@
+"""Real-GPU checks at realistic shapes (skipped without one): ``MBQ_REAL_GPU=1 pytest -m gpu tests/cuda``.
+
+The simulator tests cover correctness at tiny shapes; these add what only hardware shows:
+compiled-code typing (integer promotion, fp16 stores), many blocks, K in the thousands,
+streams actually running concurrently, and the benchmark end to end.
+"""
+
+import numpy as np
+import pytest
+from kernel_helpers import assert_close, mobislice_weight, poisoned
+
+from cuda_numba.binary_matmul import binary_matmul, binary_matmul_ref
+from cuda_numba.packing import n_words, pack_bitplanes, pack_bitplanes_ref, pack_mobislice, unpack_bitplanes
+from cuda_numba.slice_gemm import slice_linear, slice_linear_ref
+
+pytestmark = pytest.mark.gpu
+SB = (2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_pack_large(rng, version):
+    codes = rng.integers(0, 256, (1001, 4128), dtype=np.uint8)
+    planes = pack_bitplanes(codes, version=version, out=poisoned((8, 1001, n_words(4128)), np.uint32))
+    np.testing.assert_array_equal(planes, pack_bitplanes_ref(codes))
+    np.testing.assert_array_equal(unpack_bitplanes(planes, 4128), codes)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_binary_matmul_large(rng, version):
+    T, N, K, g = 67, 515, 1024, 128
+    xq = rng.integers(0, 256, (T, K), dtype=np.uint8)
+    wq = rng.integers(0, 256, (N, K), dtype=np.uint8)
+    xz, wz = rng.integers(0, 256, T), rng.integers(0, 256, (N, K // g))
+    got = binary_matmul(
+        pack_bitplanes_ref(xq), pack_bitplanes_ref(wq), K, xz, wz, g, version=version, out=poisoned((T, N), np.int64)
+    )
+    np.testing.assert_array_equal(got, binary_matmul_ref(xq, wq, xz, wz, g))
+
+
+@pytest.mark.parametrize("T", [1, 7, 130])
+@pytest.mark.parametrize(
+    "method,kind,version",
+    [
+        ("grouped", "gemv", 1),
+        ("grouped", "gemv", 2),
+        ("grouped", "gemv", 3),
+        ("grouped", "gemm", 1),
+        ("grouped", "gemm", 2),
+        ("grouped", "gemm", 3),
+        ("streams", "gemv", 2),
+        ("streams", "gemm", 2),
+        ("streams", "gemm", 3),
+    ],
+)
+def test_slice_linear_large(rng, T, method, kind, version):
+    N, K, g = 1000, 4096, 128
+    codes, scale, zero = mobislice_weight(rng, N, K, g)
+    w = pack_mobislice(codes, scale, zero, SB, g)
+    x = rng.standard_normal((T, K)).astype(np.float16)
+    k_t = rng.integers(1, 5, T)
+    y = slice_linear(x, w, k_t, method=method, kind=kind, version=version, out=poisoned((T, N), np.float16))
+    assert_close(y, slice_linear_ref(x, codes, scale, zero, SB, k_t, g).float().numpy(), np.float16)
+
+
+def test_bench_smoke(tmp_path):
+    from cuda_numba import bench
+
+    rc = bench.main(
+        [
+            "--shapes",
+            "4096x4096",
+            "--tokens",
+            "1,64",
+            "--bits",
+            "3",
+            "--reps",
+            "3",
+            "--warmup",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    assert len(list(tmp_path.glob("*.json"))) == 1
