@@ -1,60 +1,378 @@
-"""The ``mbq`` command line.
+"""The ``mbq`` command line (every command is documented in ``docs/cli.md``).
 
-Exit codes: 0 success, 2 bad usage or input (a clear one-line message on
-stderr), 1 an internal failure (with the traceback).
+::
+
+    mbq tour      [--out DIR] [--quick]                 the main job on the bundled data, CPU, offline
+    mbq quantize  --model M --out FILE [--preset tiny|paper] [--calib DATASET] ...
+    mbq eval      FILE --bits 3.0 [--dataset austen] [--seqlen L] [--max-windows N]
+    mbq generate  FILE --prompt TEXT --bits 4 [--schedule 2:8,6:16] [--max-new-tokens N]
+    mbq info      FILE                                  the checkpoint's metadata, checked
+    mbq bench     ...                                   GPU kernel benchmark (cuda_numba.bench)
+
+Exit codes: 0 success, 2 bad usage or input (one line on stderr: what is wrong
+and how to fix it), 1 an internal failure (with the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import MBQError
 
-__all__ = ["main", "UsageError"]
+__all__ = ["main", "build_parser", "UsageError"]
 
 
-class UsageError(Exception):
+class UsageError(MBQError):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
+# --- shared helpers ----------------------------------------------------------
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
+    return name
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _bits_value(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits such as 3.0, got {text!r}") from None
+    if math.isnan(v) or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number of bits, got {text!r}")
+    return v
+
+
+def _check_bits(meta: dict, bits: float, flag: str = "--bits") -> None:
+    cum = meta["quantization"]["cumulative_bits"]
+    if not cum[0] <= bits <= cum[-1]:
+        raise UsageError(
+            f"{flag} {bits:g} is out of range: slices {','.join(map(str, meta['quantization']['slice_bits']))} "
+            f"give {cum[0]}..{cum[-1]} bits"
+        )
+
+
+def _context(meta: dict) -> int | None:
+    return meta["base_model"]["config"].get("max_position_embeddings")
+
+
+# --- mbq tour --------------------------------------------------------------------
 def _cmd_tour(args) -> int:
     from .tour import run_tour
 
+    t0 = time.time()
     report = run_tour(Path(args.out), quick=args.quick, progress=not args.no_progress)
-    print(f"report: {Path(args.out) / 'report.md'} and report.json ({len(report)} sections)")
+    print(f"report: {Path(args.out) / 'report.md'} and report.json ({len(report)} sections), {time.time() - t0:.0f} s")
     return 0
 
 
+# --- mbq quantize ------------------------------------------------------------------
+def _cmd_quantize(args) -> int:
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
+    from .mobiquant import MoBiConfig
+    from .tour import quantize_and_table
+    from .zoo import load_model
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'model.mbq.safetensors'}")
+    cfg = MoBiConfig.paper() if args.preset == "paper" else MoBiConfig.tiny()
+    calib = cfg.calib
+    for key in ("nsamples", "seqlen", "epochs"):
+        if getattr(args, key) is not None:
+            setattr(calib, key, getattr(args, key))
+    if args.calib:
+        if args.calib not in DATASETS:
+            raise UsageError(f"unknown dataset {args.calib!r} for --calib; choose one of {', '.join(DATASETS)}")
+        calib.dataset = args.calib
+    if args.train_bits is not None:
+        cfg.train_bits = args.train_bits
+    calib.seed = args.seed
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr)
+    model, tok = load_model(args.model, dtype=dtype, with_tokenizer=True)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and calib.seqlen > ctx:
+        raise UsageError(f"--seqlen {calib.seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
+    model.to(device)
+    print(f"calibration data: {calib.dataset} train, {calib.nsamples} x {calib.seqlen} tokens", file=sys.stderr)
+    train = tokenize_corpus(tok, load_corpus(calib.dataset, "train"))
+    calib_ids = calibration_windows(train, calib.nsamples, calib.seqlen, seed=calib.seed)
+    targets = _grid(args.table_step, cfg.slice_bits)
+    res = quantize_and_table(model, calib_ids, cfg, targets, threshold_windows=args.threshold_windows,
+                             progress=not args.no_progress)  # fmt: skip
+    meta = {
+        "base_model": args.model,
+        "calibration": {**res["calibration"], "preset": args.preset},
+        "results": res["results"],
+    }
+    save_checkpoint(model, out, meta, tokenizer=tok, thresholds=res["thresholds"])
+    size = out.stat().st_size
+    print(
+        f"wrote {out} ({size / 2**20:.2f} MiB): {len(res['results']['layer_bits_trained'])} MoBiLinear layers, "
+        f"threshold table {targets[0]:g}..{targets[-1]:g} bits in {len(targets)} steps, "
+        f"calibrated in {res['results']['calibration_seconds']:.0f} s"
+    )
+    return 0
+
+
+def _grid(step: float, slice_bits) -> list[float]:
+    from .mobislice import cumulative_bits
+
+    cum = cumulative_bits(slice_bits)
+    if step <= 0 or step > cum[-1] - cum[0]:
+        raise UsageError(f"--table-step must be in (0, {cum[-1] - cum[0]}], got {step}")
+    n = int(round((cum[-1] - cum[0]) / step))
+    return [round(cum[0] + i * (cum[-1] - cum[0]) / n, 6) for i in range(n + 1)]
+
+
+# --- mbq eval ----------------------------------------------------------------------
+def _cmd_eval(args) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint, read_metadata
+    from .data import DATASETS, load_corpus, tokenize_corpus
+    from .mobiquant import average_bits, reset_bit_stats, set_slices
+    from .perplexity import perplexity
+
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    meta = read_metadata(args.file)  # header only: cheap checks before loading anything big
+    _check_bits(meta, args.bits)
+    ctx = _context(meta)
+    seqlen = args.seqlen or min(2048, ctx or 2048)
+    if ctx is not None and seqlen > ctx:
+        raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
+    cum = meta["quantization"]["cumulative_bits"]
+    if args.static and args.bits not in cum:
+        raise UsageError(f"--static reads whole slices: --bits must be one of {', '.join(map(str, cum))}")
+    ckpt = load_checkpoint(args.file)
+    device = _device(args.device)
+    ckpt.model.to(device)
+    ids = tokenize_corpus(ckpt.tokenizer, load_corpus(args.dataset, "test"))
+    t0 = time.perf_counter()
+    if args.static:
+        set_slices(ckpt.model, cum.index(args.bits) + 1)
+    else:
+        ckpt.set_bits(args.bits)
+    switch_s = time.perf_counter() - t0
+    reset_bit_stats(ckpt.model)
+    with torch.no_grad():
+        res = perplexity(ckpt.model, ids, seqlen=seqlen, max_windows=args.max_windows, progress=not args.no_progress,
+                         desc=f"eval {args.dataset}")  # fmt: skip
+    measured = average_bits(ckpt.model)
+    row = {
+        "file": str(args.file),
+        "dataset": args.dataset,
+        "target_bits": args.bits,
+        "mode": "static" if args.static else "routed",
+        "measured_bits": round(measured, 4),
+        "ppl": round(res.ppl, 4),
+        "windows": res.n_windows,
+        "seqlen": seqlen,
+        "switch_ms": round(1e3 * switch_s, 3),
+    }
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(
+            f"{args.dataset} test, {res.n_windows} x {seqlen} tokens: PPL {res.ppl:.3f} at target {args.bits:g} bits "
+            f"({row['mode']}), measured average {measured:.3f} bits per weight"
+        )
+    return 0
+
+
+# --- mbq generate --------------------------------------------------------------------
+def _cmd_generate(args) -> int:
+    from .checkpoint import load_checkpoint, read_metadata
+    from .generate import generate, parse_schedule
+
+    schedule = parse_schedule(args.schedule)
+    meta = read_metadata(args.file)
+    _check_bits(meta, args.bits)
+    for b, _ in schedule:
+        _check_bits(meta, b, "--schedule")
+    max_new = args.max_new_tokens or (schedule[-1][1] if schedule else 32)
+    ckpt = load_checkpoint(args.file)
+    ckpt.model.to(_device(args.device))
+    res = generate(
+        ckpt.model, ckpt.tokenizer, args.prompt, ckpt.set_bits, bits=args.bits, schedule=schedule,
+        max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({
+            "prompt": res.prompt, "prompt_tokens": res.prompt_tokens, "prompt_bits": res.prompt_bits,
+            "text": res.text, "seconds": res.seconds,
+            "tokens": [vars(s) for s in res.steps],
+        }))  # fmt: skip
+        return 0
+    print(res.table())
+    switches = [s for s in res.steps if s.switch_seconds > 0]
+    sw = f"; {len(switches)} budget switch(es), {1e3 * sum(s.switch_seconds for s in switches):.2f} ms in total" if switches else ""
+    print(f"prompt: {res.prompt_tokens} tokens at {res.prompt_bits:.2f} bits measured{sw}; {res.seconds:.2f} s")
+    print("---")
+    print(res.prompt + res.text)
+    return 0
+
+
+# --- mbq info --------------------------------------------------------------------------
+def _cmd_info(args) -> int:
+    from .checkpoint import read_metadata
+
+    meta = read_metadata(args.file)
+    if args.json:
+        print(json.dumps(meta, indent=1))
+        return 0
+    q, b = meta["quantization"], meta["base_model"]
+    print(f"{args.file}: mbq-ref MoBiQuant checkpoint, format version {meta['format_version']}, created {meta['created']}")
+    print(f"base model: {b['id']} ({b['architecture']}, {b['dtype']}, config sha256 {b['config_sha256'][:16]}...)")
+    print(f"slices {q['slice_bits']} -> {q['cumulative_bits']} bits, group {q['group_size']}, "
+          f"{len(q['layers'])} MoBiLinear layers, router hidden {q['router_hidden']}")  # fmt: skip
+    targets = meta["thresholds"]["targets"]
+    if targets:
+        print(f"threshold table: {len(targets)} targets, {targets[0]:g}..{targets[-1]:g} bits")
+    for k, v in meta.get("results", {}).items():
+        if not isinstance(v, (dict, list)):
+            print(f"  {k}: {v}")
+    return 0
+
+
+# --- mbq bench -------------------------------------------------------------------------
+def _cmd_bench(args) -> int:
+    from cuda_numba.bench import main as bench_main  # lazy: mbq_ref must import without numba.cuda
+
+    return int(bench_main(list(args.bench_args), prog="mbq bench") or 0)
+
+
+# --- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mbq`` argument parser (one sub-command per task)."""
     p = argparse.ArgumentParser(
         prog="mbq",
         description="MoBiQuant reference implementation: quantize once, run at any average precision.",
+        epilog="docs/cli.md documents every command and every report.json key. Exit codes: 0 ok, 2 bad input, 1 bug.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     t = sub.add_parser("tour", help="the main job on the bundled data, end to end on CPU", description=(
-        "FP perplexity, static per-bit baselines, MoBiQuant calibration, elastic sweep, plots; "
-        "writes OUT/report.json and OUT/report.md."))
+        "FP perplexity, static per-bit baselines (RTN, LWC), MoBiQuant calibration, the elastic sweep over "
+        "average bits, plots; writes OUT/report.json, OUT/report.md, PNG plots and OUT/mobiquant.safetensors."))
     t.add_argument("--out", default="runs/tour", help="output folder (default: runs/tour)")
-    t.add_argument("--quick", action="store_true", help="fewer evaluation windows (a smoke run, ~1 min)")
+    t.add_argument("--quick", action="store_true", help="fewer evaluation windows and sweep points (a smoke run)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_tour)
+
+    q = sub.add_parser("quantize", help="calibrate MoBiQuant on a model and save one checkpoint file", description=(
+        "Swap every q/k/v/o/gate/up/down projection for a MoBiLinear (slices 2,2,2,2, group 128), calibrate "
+        "block by block in two stages (Alg. 1), build the threshold table, and save one safetensors file."))
+    q.add_argument("--model", required=True, help="tiny-llama (bundled) or a HF Llama-family id / local folder")
+    q.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/tiny.mbq.safetensors)")
+    q.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
+                   help="tiny: 32 x 256 austen windows, 5 epochs (CPU, minutes); paper: 128 x 2048 wikitext2, 20 epochs")
+    q.add_argument("--calib", default=None, help="calibration dataset (default: the preset's; austen|bible|shakespeare|wikitext2|c4|ptb)")
+    q.add_argument("--nsamples", type=_positive(int), default=None, help="calibration windows (overrides the preset)")
+    q.add_argument("--seqlen", type=_positive(int), default=None, help="tokens per calibration window (overrides the preset)")
+    q.add_argument("--epochs", type=_positive(int), default=None, help="epochs per block and stage (overrides the preset)")
+    q.add_argument("--train-bits", type=_bits_value, default=None, help="target bits of the budget loss (default 3.0)")
+    q.add_argument("--table-step", type=_positive(float), default=0.25, help="spacing of the threshold table in bits (default 0.25)")
+    q.add_argument("--threshold-windows", type=_positive(int), default=8,
+                   help="calibration windows used to fit the threshold table (default 8)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler and the routers (default 0)")
+    q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    q.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="model weight dtype")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint at a target average bit-width", description=(
+        "Route at the target average bits via the checkpoint's threshold table (no recalibration) and print "
+        "the perplexity (GPTQ protocol) and the average bits measured from the layers."))
+    e.add_argument("file", help="checkpoint written by `mbq quantize` or `mbq tour`")
+    e.add_argument("--bits", type=_bits_value, required=True, help="target average bits per weight, e.g. 3.0 (2..8 for slices 2,2,2,2)")
+    e.add_argument("--dataset", default="austen", help="test split: austen|bible|shakespeare (bundled) or wikitext2|c4|ptb (hub)")
+    e.add_argument("--seqlen", type=_positive(int), default=None, help="window length (default: min(2048, model context))")
+    e.add_argument("--max-windows", type=_positive(int), default=None, help="evaluate only the first N windows (default: all)")
+    e.add_argument("--static", action="store_true", help="every token reads the same slices (--bits must be 2, 4, 6 or 8)")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text, switching the bit budget between tokens", description=(
+        "Greedy (or sampled) generation; --schedule changes the bit budget between tokens without reloading. "
+        "Prints, per token, the target and the bits measured from the layers."))
+    g.add_argument("file", help="checkpoint written by `mbq quantize` or `mbq tour`")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--bits", type=_bits_value, default=4.0, help="bit budget outside the schedule (default 4)")
+    g.add_argument("--schedule", default=None,
+                   help="BITS:UNTIL,... e.g. 2:8,6:16 = 2 bits for new tokens 1-8, then 6 bits for 9-16")
+    g.add_argument("--max-new-tokens", type=_positive(int), default=None,
+                   help="tokens to generate (default: the schedule's last UNTIL, else 32)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.set_defaults(func=_cmd_generate)
+
+    i = sub.add_parser("info", help="print a checkpoint's metadata (checked, tensors not loaded)",
+                       description="Validate a checkpoint's header (format, version, metadata hash) and print it.")
+    i.add_argument("file", help="checkpoint file")
+    i.add_argument("--json", action="store_true", help="print the whole metadata as JSON")
+    i.set_defaults(func=_cmd_info)
+
+    b = sub.add_parser("bench", help="GPU kernel benchmark (forwards to cuda_numba.bench; --sim without a GPU)",
+                       add_help=False, description="Forwards every argument to `python -m cuda_numba.bench`.")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of cuda_numba.bench (see `mbq bench --help`)")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``mbq`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["bench"]:
+        # everything after `bench` belongs to the benchmark's own parser (including --help)
+        args = argparse.Namespace(command="bench", func=_cmd_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, MBQError, FileNotFoundError) as exc:
+    except (MBQError, FileNotFoundError) as exc:
         # our errors carry "what is wrong + how to fix it"; anything else is a bug (exit 1, traceback)
-        print(f"mbq {args.command}: error: {exc}", file=sys.stderr)
+        msg = " ".join(str(exc).split())
+        print(f"mbq {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

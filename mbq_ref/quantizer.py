@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import MBQError
+
 __all__ = [
     "QuantError",
     "check_bits",
@@ -49,7 +51,7 @@ __all__ = [
 _MIN_SCALE = 1e-8
 
 
-class QuantError(ValueError):
+class QuantError(MBQError):
     """A quantizer argument or weight that cannot be used (message says which and why)."""
 
 

@@ -1,62 +1,585 @@
-"""``mbq tour``: the main job on the bundled data, end to end on a CPU.
+"""``mbq tour``: the main job on the bundled data, end to end on a CPU (every key: ``docs/cli.md``).
 
-Writes ``OUT/report.json`` (every number; keys documented in the README) and
-``OUT/report.md`` (the same as tables), plus plots in ``OUT/``.
+Steps (each a section of ``OUT/report.json`` and ``OUT/report.md``):
+
+1. ``fp``: full-precision perplexity of the bundled tiny Llama on the three test
+   splits, full GPTQ protocol (every 512-token window).
+2. ``static``: per-bit static PTQ, the paper's baselines (Sec. 3, 5.1): RTN at
+   2/3/4/6/8 bits and OmniQuant-style LWC calibrated at 2/3/4 bits, plus each
+   LWC model evaluated at the other widths (the Fig. 1 mismatch: "calibrated at
+   3 bits, run at 4").
+3. ``mobiquant``: one MoBiQuant calibration (Alg. 1, ``MoBiConfig.tiny``), the
+   fixed readings at 1..4 slices (2/4/6/8 bits), and the elastic sweep: for each
+   target average bit-width the threshold controller (Sec. 4.2) picks ``τ`` on
+   calibration windows, and the perplexity and the bits measured on the test
+   windows are recorded.
+4. ``checkpoint``: the calibrated model saved as one file, reloaded, and checked
+   to give bit-identical logits; the cost of switching precision (a threshold
+   change, no bytes loaded) against loading a per-bit checkpoint.
+5. ``generalization``: the model calibrated on ``austen`` evaluated on ``bible``
+   and ``shakespeare`` at a few budgets, next to RTN and LWC at the same bits.
+
+Quantized models are evaluated on the first ``eval_windows`` windows of each
+test split (the FP section uses all of them); ``report.json["setup"]`` records it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import platform
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from .data import BUNDLED, load_corpus, tokenize_corpus
+from .data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from .perplexity import perplexity
 from .zoo import load_model
 
-__all__ = ["run_tour", "TOUR_SEQLEN"]
+__all__ = ["run_tour", "quantize_and_table", "threshold_table", "TOUR_SEQLEN", "TourSettings"]
 
 #: Full-protocol FP perplexity uses the model's whole context.
 TOUR_SEQLEN = 512
 
 
-def _fp_section(model, tok, quick: bool, progress: bool) -> dict:
+class TourSettings:
+    """What the tour evaluates; ``quick`` shrinks every count (a smoke run).
+
+    ``calib`` overrides fields of :meth:`mbq_ref.calibrate.CalibConfig.tiny` (e.g.
+    ``{"nsamples": 2, "epochs": 1}``); the static LWC baselines and MoBiQuant always
+    share one calibration setting.
+    """
+
+    def __init__(self, quick: bool = False, **overrides):
+        self.quick = quick
+        self.calib: dict = {}
+        self.eval_seqlen = TOUR_SEQLEN
+        self.fp_max_windows = 8 if quick else None  # None: the full protocol
+        self.eval_windows = 4 if quick else 24  # quantized models: first windows of each test split
+        self.rtn_bits = (2, 3, 4, 6, 8)
+        self.lwc_bits = (2, 3, 4)
+        self.sweep = (2.0, 3.0, 4.0, 6.0, 8.0) if quick else tuple(2.0 + 0.5 * i for i in range(13))
+        self.table_step = 1.0 if quick else 0.5
+        self.threshold_windows = 2 if quick else 4
+        self.general_bits = (3.0, 4.0) if quick else (2.5, 3.0, 4.0, 6.0)
+        for k, v in overrides.items():
+            if not hasattr(self, k):
+                raise TypeError(f"unknown tour setting {k!r}")
+            setattr(self, k, v)
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+
+
+# --- building blocks (also used by `mbq quantize`) -------------------------------------------
+@torch.no_grad()
+def threshold_table(model, calib_ids, targets, tol: float = 0.05, max_probes: int = 200, batch_size: int = 8) -> dict:
+    """Global-``τ`` threshold table for many targets at once (Sec. 4.2's controller, probes shared).
+
+    Same controller as :func:`mbq_ref.mobiquant.calibrate_threshold` (one ``τ`` for
+    every layer, the average bits *measured* by a forward pass over ``calib_ids``
+    for each probe, since routing upstream changes what downstream layers see), but
+    every probe serves every target: the measured curve ``bits(u)``, ``u = logit(τ)``,
+    is non-increasing, so each target is bracketed by the probes already made and
+    refined by alternating interpolation and bisection steps inside its bracket.
+
+    Args:
+        model: a calibrated MoBiQuant model (routing mode; fixed slice counts are cleared).
+        calib_ids: ``[n, T]`` windows the bits are measured on.
+        targets: target average bits within ``[B_1, B_E]``.
+        tol: a target is done when a probe lands within ``tol / 4`` bits of it.
+        max_probes: forward passes allowed in total.
+    Returns:
+        ``{target: {"logits": {layer: u}, "achieved": bits}}`` (the best probe per
+        target), the form :func:`mbq_ref.checkpoint.save_checkpoint` takes.
+    """
+    from .mobiquant import average_bits, mobi_layers, reset_bit_stats, set_slices, set_token_slices
+
+    layers = mobi_layers(model)
+    set_token_slices(model, None)
+    set_slices(model, None)
+    device = next(model.parameters()).device
+    curve: dict[float, float] = {}
+
+    def probe(u: float) -> float:
+        if u not in curve:
+            for m in layers.values():
+                m.tau_logit = u
+            reset_bit_stats(model)
+            for i in range(0, len(calib_ids), batch_size):
+                model(input_ids=calib_ids[i : i + batch_size].to(device))
+            curve[u] = average_bits(model)
+        return curve[u]
+
+    # ±inf: every slice / base slice only; ±50: a finite bracket (router scores are O(1..10))
+    for u in (-math.inf, math.inf, -50.0, 50.0):
+        probe(u)
+    for target in sorted(float(t) for t in targets):
+        for step in range(64):
+            if len(curve) >= max_probes:
+                break
+            best = min(curve.items(), key=lambda p: abs(p[1] - target))
+            if abs(best[1] - target) <= tol / 4:
+                break
+            # bracket: the largest u still at >= target bits, the smallest u at <= target bits
+            lo = max((u for u, b in curve.items() if b >= target and math.isfinite(u)), default=-50.0)
+            hi = min((u for u, b in curve.items() if b <= target and math.isfinite(u)), default=50.0)
+            if hi - lo < 1e-9:
+                break  # the curve jumps over the target here: one token's worth of bits
+            b_lo, b_hi = curve[lo], curve[hi]
+            if step % 2 == 0 and b_lo > b_hi:
+                # linear interpolation in the bracket, kept away from its ends
+                u = lo + (b_lo - target) / (b_lo - b_hi) * (hi - lo)
+                u = min(max(u, lo + 0.02 * (hi - lo)), hi - 0.02 * (hi - lo))
+            else:
+                u = (lo + hi) / 2
+            probe(u)
+    table = {}
+    for target in targets:
+        u, bits = min(curve.items(), key=lambda p: (abs(p[1] - float(target)), abs(p[0])))
+        table[float(target)] = {"logits": {n: u for n in layers}, "achieved": bits}
+    return table
+
+
+def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 8, progress: bool = True) -> dict:
+    """Calibrate MoBiQuant on ``model`` (in place) and build its threshold table.
+
+    :func:`mbq_ref.mobiquant.quantize_mobiquant` (Alg. 1, two stages) followed by
+    :func:`threshold_table` on the first ``threshold_windows`` calibration windows.
+    The model is left routing as calibrated (``cfg.tau``).
+
+    Args:
+        model: full-precision HF Llama-family causal LM.
+        calib_ids: ``[nsamples, seqlen]`` calibration windows.
+        cfg: :class:`mbq_ref.mobiquant.MoBiConfig`.
+        targets: target bits, within ``[B_1, B_E]``.
+    Returns:
+        ``{"thresholds": ..., "calibration": settings dict, "results": measured dict}``
+        (the first in the form :func:`mbq_ref.checkpoint.save_checkpoint` takes).
+    """
+    from .mobiquant import quantize_mobiquant, set_threshold
+
+    t0 = time.perf_counter()
+    log = quantize_mobiquant(model, calib_ids, cfg, progress=progress)
+    calib_s = time.perf_counter() - t0
+    thr_ids = calib_ids[:threshold_windows]
+    t1 = time.perf_counter()
+    thresholds = threshold_table(model, thr_ids, targets)
+    table_s = time.perf_counter() - t1
+    misses = [t for t, v in thresholds.items() if abs(v["achieved"] - t) > 0.05]
+    set_threshold(model, cfg.tau)
+    return {
+        "thresholds": thresholds,
+        "calibration": {
+            "config": log["config"],
+            "nsamples": int(calib_ids.shape[0]),
+            "seqlen": int(calib_ids.shape[1]),
+            "threshold_windows": int(thr_ids.shape[0]),
+            "threshold_controller": "one global tau for all layers, measured bits, shared probes (mbq_ref.tour.threshold_table)",
+        },
+        "results": {
+            "calibration_seconds": round(calib_s, 2),
+            "threshold_table_seconds": round(table_s, 2),
+            "avg_bits_trained": log["avg_bits"],
+            "layer_bits_trained": log["layer_bits"],
+            "block_mse": [
+                {"block": e.block, "stage": e.stage, "before": e.init_loss, "after": e.final_loss}
+                for e in log["calib"].entries
+            ],
+            "table_targets_missed": misses,
+        },
+    }
+
+
+def _ppl(model, ids, st: TourSettings) -> float:
+    return perplexity(model, ids, seqlen=st.eval_seqlen, max_windows=st.eval_windows, batch_size=8, progress=False).ppl
+
+
+def _r(x: float, n: int = 4) -> float:
+    return round(float(x), n) if math.isfinite(x) else float(x)
+
+
+def _fp_section(model, test_ids: dict, st: TourSettings, progress: bool) -> dict:
     out = {}
     for name in BUNDLED:
-        ids = tokenize_corpus(tok, load_corpus(name, "test"))
-        res = perplexity(model, ids, seqlen=TOUR_SEQLEN, max_windows=8 if quick else None, progress=progress, desc=f"FP {name}")
+        ids = test_ids[name]
+        res = perplexity(model, ids, seqlen=TOUR_SEQLEN, max_windows=st.fp_max_windows, batch_size=8, progress=progress, desc=f"FP {name}")
         out[name] = {"ppl": round(res.ppl, 4), "windows": res.n_windows, "tokens": int(ids.numel())}
     return out
 
 
+def _static_section(fp_model, calib_ids, calib_cfg, test_ids: dict, st: TourSettings, progress: bool) -> tuple[dict, dict]:
+    """RTN at every width, LWC calibrated at each of ``lwc_bits`` and evaluated at every LWC width."""
+    from .calibrate import calibrate_static
+    from .fakequant import quantize_model, set_bits
+
+    ids = test_ids["austen"]
+    rtn = quantize_model(copy.deepcopy(fp_model), bits=st.rtn_bits[0], group_size=128, method="rtn")
+    out: dict = {"rtn": {}, "lwc": {}}
+    for b in tqdm(st.rtn_bits, desc="RTN", disable=not progress, leave=False):
+        set_bits(rtn, b)
+        out["rtn"][str(b)] = {"ppl": _r(_ppl(rtn, ids, st))}
+    lwc_models = {}
+    for c in tqdm(st.lwc_bits, desc="LWC", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        m, log = calibrate_static(copy.deepcopy(fp_model), calib_ids, c, calib_cfg, group_size=128, progress=False)
+        secs = time.perf_counter() - t0
+        cross = {}
+        for b in st.lwc_bits:  # the Fig. 1 mismatch: calibrated at c, run at b
+            set_bits(m, b)
+            cross[str(b)] = _r(_ppl(m, ids, st))
+        set_bits(m, c)
+        out["lwc"][str(c)] = {"ppl": cross[str(c)], "calib_seconds": round(secs, 2), "eval_at_bits": cross}
+        lwc_models[c] = m
+    return out, {"rtn": rtn, "lwc": lwc_models}
+
+
+def _sweep(model, ckpt_table, ids, st: TourSettings, targets, progress: bool, desc: str) -> list[dict]:
+    """Perplexity and measured bits at each target, thresholds from the table (no recalibration)."""
+    from .mobiquant import average_bits, mobi_layers, reset_bit_stats
+
+    layers = mobi_layers(model)
+    rows = []
+    for target in tqdm(targets, desc=desc, disable=not progress, leave=False):
+        logits = ckpt_table.logits_for(target)
+        for n, u in logits.items():
+            layers[n].tau_logit = u
+            layers[n].fixed_k = None
+        reset_bit_stats(model)
+        ppl = _ppl(model, ids, st)
+        rows.append({"target": float(target), "test_bits": _r(average_bits(model)), "ppl": _r(ppl)})
+    return rows
+
+
+def _switch_cost(model, table, bits_a: float, bits_b: float, repeats: int = 20) -> dict:
+    """Seconds to change the budget of a loaded MoBiQuant model (thresholds only; no weight bytes move)."""
+    from .mobiquant import mobi_layers
+
+    layers = mobi_layers(model)
+    rows = [table.logits_for(bits_a), table.logits_for(bits_b)]
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        for n, u in rows[i % 2].items():
+            layers[n].tau_logit = u
+    secs = (time.perf_counter() - t0) / repeats
+    # what a switch writes: one float64 threshold per layer
+    return {"seconds": secs, "bytes_written": 8 * len(layers), "weight_bytes_loaded": 0}
+
+
+def _per_bit_reload_cost(lwc_models: dict, out: Path) -> dict:
+    """Save each static per-bit model as its own checkpoint and time loading it back (the non-elastic way to switch)."""
+    from .checkpoint import load_static_checkpoint, save_static_checkpoint
+
+    rows = {}
+    folder = out / "per_bit"
+    for b, m in lwc_models.items():
+        path = save_static_checkpoint(m, folder / f"lwc_w{b}.safetensors", {"base_model": "tiny-llama"})
+        t0 = time.perf_counter()
+        load_static_checkpoint(path)
+        rows[str(b)] = {"file_bytes": path.stat().st_size, "load_seconds": time.perf_counter() - t0}
+    return rows
+
+
+# --- plots --------------------------------------------------------------------------
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fp = report["fp"]["austen"]["ppl"]
+    mq = report["mobiquant"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sw = mq["sweep"]
+    ax.plot([r["test_bits"] for r in sw], [r["ppl"] for r in sw], "o-", label="MoBiQuant (one checkpoint, routed)")
+    fixed = mq["fixed"]
+    ax.plot([float(b) for b in fixed], [v["ppl"] for v in fixed.values()], "s", mfc="none", label="MoBiQuant, k slices for all tokens")
+    st = report["static"]
+    ax.plot([float(b) for b in st["rtn"]], [v["ppl"] for v in st["rtn"].values()], "x--", label="RTN (one checkpoint per width)")
+    ax.plot([float(b) for b in st["lwc"]], [v["ppl"] for v in st["lwc"].values()], "^--", label="LWC static PTQ (per width)")
+    ax.axhline(fp, color="k", lw=0.8, ls=":", label=f"FP32 ({fp:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("average bits per weight (measured)")
+    ax.set_ylabel("perplexity (austen test)")
+    ax.set_title("Elastic precision: perplexity vs average bits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_bits.png", dpi=120)
+    plt.close(fig)
+    files.append("ppl_vs_bits.png")
+
+    lwc = st["lwc"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for c, v in lwc.items():
+        ax.plot([float(b) for b in v["eval_at_bits"]], list(v["eval_at_bits"].values()), "o-", label=f"LWC calibrated at {c} bits")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits at inference")
+    ax.set_ylabel("perplexity (austen test)")
+    ax.set_title("Static PTQ at a precision it was not calibrated for")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "mismatch.png", dpi=120)
+    plt.close(fig)
+    files.append("mismatch.png")
+
+    lb = mq["layer_bits_at_3"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    names = list(lb)
+    ax.bar(range(len(names)), list(lb.values()))
+    ax.axhline(3.0, color="k", lw=0.8, ls=":")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "").replace("_proj", "")
+                        for n in names], rotation=90, fontsize=7)  # fmt: skip
+    ax.set_ylabel("bits per token (austen test)")
+    ax.set_title("Per-layer precision at a 3-bit budget (one global τ)")
+    fig.tight_layout()
+    fig.savefig(out / "layer_bits.png", dpi=120)
+    plt.close(fig)
+    files.append("layer_bits.png")
+    return files
+
+
+# --- report ---------------------------------------------------------------------------
+def _fmt(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
 def _write_markdown(report: dict, path: Path) -> None:
-    lines = ["# mbq tour report", "", f"Generated {report['meta']['timestamp']} on {report['meta']['machine']}.", ""]
+    st = report["setup"]
+    lines = ["# mbq tour report", "", f"Generated {report['meta']['timestamp']} on {report['meta']['machine']}, "
+             f"{report['meta']['wall_seconds']} s wall.", ""]  # fmt: skip
     lines += ["## Full-precision perplexity (bundled tiny-llama)", "", "| domain | PPL | windows x seqlen |", "|---|---|---|"]
     for name, r in report["fp"].items():
         lines.append(f"| {name} | {r['ppl']:.3f} | {r['windows']} x {TOUR_SEQLEN} |")
+    if "static" not in report:
+        path.write_text("\n".join(lines) + "\n")
+        return
+    lines += ["", f"Quantized models below: first {st['eval_windows']} windows x {st['eval_seqlen']} tokens of each test "
+              f"split; calibration on `austen` train ({st['calib_nsamples']} x {st['calib_seqlen']}); group size 128.", ""]
+    h = report["headline"]
+    lines += ["## Headline (austen test)", "", "| bits | FP32 | RTN | LWC (calibrated at that width) | MoBiQuant (routed, measured bits) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for row in h["rows"]:
+        lines.append(f"| {row['bits']:g} | {h['fp_ppl']:.3f} | {_fmt(row['rtn'])} | {_fmt(row['lwc'])} | "
+                     f"{_fmt(row['mobiquant'])} ({row['mobiquant_bits']:.2f}) |")  # fmt: skip
+    lines += ["", "## Static per-bit PTQ", "", "| method | bits | PPL |", "|---|---|---|"]
+    for b, v in report["static"]["rtn"].items():
+        lines.append(f"| RTN | {b} | {v['ppl']:.3f} |")
+    for b, v in report["static"]["lwc"].items():
+        lines.append(f"| LWC | {b} | {v['ppl']:.3f} |")
+    bits = list(report["static"]["lwc"])
+    lines += ["", "Mismatch (Fig. 1): LWC calibrated at one width (rows), run at another (columns):", "",
+              "| calibrated \\ run at | " + " | ".join(bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
+    for c, v in report["static"]["lwc"].items():
+        lines.append(f"| {c} | " + " | ".join(f"{v['eval_at_bits'][b]:.3f}" for b in bits) + " |")
+    mq = report["mobiquant"]
+    lines += ["", "## MoBiQuant", "", f"Calibrated in {mq['calibration_seconds']:.1f} s (two stages, Alg. 1); "
+              f"threshold table ({len(mq['table_targets'])} targets) in {mq['threshold_table_seconds']:.1f} s.", "",
+              "Every token reads k slices:", "", "| bits | PPL |", "|---|---|"]  # fmt: skip
+    for b, v in mq["fixed"].items():
+        lines.append(f"| {b} | {v['ppl']:.3f} |")
+    lines += ["", "Elastic sweep (threshold table, measured bits on the test windows):", "",
+              "| target bits | measured bits | PPL |", "|---|---|---|"]  # fmt: skip
+    for r in mq["sweep"]:
+        lines.append(f"| {r['target']:.2f} | {r['test_bits']:.3f} | {r['ppl']:.3f} |")
+    ck = report["checkpoint"]
+    lines += ["", "## One checkpoint, any precision", "",
+              f"`{ck['file']}`: {ck['bytes']:,} bytes, saved in {ck['save_seconds']:.2f} s, loaded and verified in "
+              f"{ck['load_seconds']:.2f} s; reloaded logits identical: {ck['roundtrip_identical']}.", "",
+              f"Switching precision: {1e6 * ck['switch']['seconds']:.1f} µs, {ck['switch']['bytes_written']} bytes of "
+              f"thresholds written, 0 weight bytes loaded. Per-bit static checkpoints instead:", "",
+              "| bits | file bytes (codes bit-packed) | load time (s) |", "|---|---|---|"]  # fmt: skip
+    for b, v in ck["per_bit_reload"].items():
+        lines.append(f"| {b} | {v['file_bytes']:,} | {v['load_seconds']:.3f} |")
+    g = report["generalization"]
+    lines += ["", "## Generalization (calibrated on austen)", "",
+              "| domain | target bits | measured bits | MoBiQuant PPL | RTN PPL | LWC PPL |", "|---|---|---|---|---|---|"]
+    for dom, rows in g.items():
+        for r in rows:
+            lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | {_fmt(r['rtn'])} | {_fmt(r['lwc'])} |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_tour(out: Path, quick: bool = False, progress: bool = True) -> dict:
+def _headline(report: dict) -> dict:
+    """PPL at 2/3/4 bits for every method side by side (MoBiQuant: the sweep row at that target)."""
+    st, mq = report["static"], report["mobiquant"]
+    rows = []
+    for b in (2, 3, 4):
+        sw = next((r for r in mq["sweep"] if abs(r["target"] - b) < 1e-9), None)
+        rows.append({
+            "bits": float(b),
+            "rtn": st["rtn"].get(str(b), {}).get("ppl"),
+            "lwc": st["lwc"].get(str(b), {}).get("ppl"),
+            "mobiquant": sw["ppl"] if sw else None,
+            "mobiquant_bits": sw["test_bits"] if sw else None,
+        })  # fmt: skip
+    return {"fp_ppl": report["fp"]["austen"]["ppl"], "rows": rows}
+
+
+def _save_json(report: dict, out: Path) -> None:
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    tmp.replace(out / "report.json")
+
+
+def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: TourSettings | None = None) -> dict:
+    """Run every step (module docstring), write ``out/report.json``, ``report.md``, plots and the checkpoint.
+
+    Args:
+        out: output folder (created).
+        quick: a smoke run (fewer windows and sweep points), see :class:`TourSettings`.
+        progress: tqdm bars.
+        settings: explicit settings (overrides ``quick``); tests use tiny ones.
+
+    Returns:
+        the report dict (the content of ``report.json``).
+    """
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .mobiquant import MoBiConfig, average_bits, mobi_layers, reset_bit_stats, set_slices
+
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t_start = time.time()
     torch.manual_seed(0)
+    st = settings or TourSettings(quick)
     model, tok = load_model("tiny-llama", with_tokenizer=True)
     report: dict = {
         "meta": {
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-            "quick": quick,
+            "quick": st.quick,
         }
     }
-    report["fp"] = _fp_section(model, tok, quick, progress)
-    report["meta"]["wall_seconds"] = round(time.time() - t0, 1)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out / "report.json")
+    test_ids = {d: tokenize_corpus(tok, load_corpus(d, "test")) for d in BUNDLED}
+    timings = {}
+
+    t0 = time.time()
+    report["fp"] = _fp_section(model, test_ids, st, progress)
+    timings["fp"] = time.time() - t0
+
+    cfg = MoBiConfig.tiny()
+    for k, v in st.calib.items():
+        setattr(cfg.calib, k, v)
+    train = tokenize_corpus(tok, load_corpus(cfg.calib.dataset, "train"))
+    calib_ids = calibration_windows(train, cfg.calib.nsamples, cfg.calib.seqlen, seed=cfg.calib.seed)
+    report["setup"] = {
+        **st.as_dict(),
+        "eval_dataset": "austen",
+        "calib_dataset": cfg.calib.dataset,
+        "calib_nsamples": cfg.calib.nsamples,
+        "calib_seqlen": cfg.calib.seqlen,
+        "group_size": 128,
+        "mobiquant_config": asdict(cfg),
+    }
+
+    t0 = time.time()
+    report["static"], static_models = _static_section(model, calib_ids, cfg.calib, test_ids, st, progress)
+    timings["static"] = time.time() - t0
+
+    # --- MoBiQuant: calibrate, threshold table, checkpoint ---------------------------------
+    t0 = time.time()
+    mq_model = copy.deepcopy(model)
+    targets = _table_targets(st.table_step, cfg.slice_bits)
+    res = quantize_and_table(mq_model, calib_ids, cfg, targets, st.threshold_windows, progress)
+    timings["mobiquant_calibration"] = time.time() - t0
+    ck_path = out / "mobiquant.safetensors"
+    t1 = time.perf_counter()
+    save_checkpoint(mq_model, ck_path, {"base_model": "tiny-llama", "calibration": res["calibration"], "results": res["results"]},
+                    tokenizer=tok, thresholds=res["thresholds"])  # fmt: skip
+    save_s = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    ckpt = load_checkpoint(ck_path, expect_model="tiny-llama")
+    load_s = time.perf_counter() - t1
+    probe = test_ids["austen"][: st.eval_seqlen].unsqueeze(0)
+    ckpt.set_bits(3.0)
+    with torch.no_grad():
+        a = ckpt.model(input_ids=probe).logits
+        ckpt_layers, orig_layers = mobi_layers(ckpt.model), mobi_layers(mq_model)
+        for n, m in orig_layers.items():
+            m.tau_logit, m.fixed_k = ckpt_layers[n].tau_logit, None
+        b = mq_model(input_ids=probe).logits
+    identical = bool(torch.equal(a, b))
+
+    # everything below runs on the reloaded model: what a user of the file gets
+    qm = ckpt.model
+    t0 = time.time()
+    fixed = {}
+    for k, bits in enumerate(ckpt.cumulative_bits, start=1):
+        set_slices(qm, k)
+        fixed[str(bits)] = {"ppl": _r(_ppl(qm, test_ids["austen"], st))}
+    sweep = _sweep(qm, ckpt.table, test_ids["austen"], st, st.sweep, progress, "elastic sweep")
+    ckpt.set_bits(3.0)
+    reset_bit_stats(qm)
+    _ppl(qm, test_ids["austen"], st)
+    from .mobiquant import layer_bits
+
+    lb3 = {n: _r(v) for n, v in layer_bits(qm).items()}
+    timings["mobiquant_eval"] = time.time() - t0
+    report["mobiquant"] = {
+        "calibration_seconds": res["results"]["calibration_seconds"],
+        "threshold_table_seconds": res["results"]["threshold_table_seconds"],
+        "avg_bits_trained": _r(res["results"]["avg_bits_trained"]),
+        "train_bits": cfg.train_bits,
+        "block_mse": res["results"]["block_mse"],
+        "table_targets": targets,
+        "table_achieved_bits": [_r(v["achieved"]) for v in res["thresholds"].values()],
+        "table_targets_missed": res["results"]["table_targets_missed"],
+        "fixed": fixed,
+        "sweep": sweep,
+        "layer_bits_at_3": lb3,
+        "avg_bits_at_3": _r(average_bits(qm)),
+    }
+
+    t0 = time.time()
+    report["checkpoint"] = {
+        "file": ck_path.name,
+        "bytes": ck_path.stat().st_size,
+        "save_seconds": save_s,
+        "load_seconds": load_s,
+        "roundtrip_identical": identical,
+        "switch": _switch_cost(qm, ckpt.table, 2.0, 8.0),
+        "per_bit_reload": _per_bit_reload_cost(static_models["lwc"], out),
+    }
+    timings["checkpoint"] = time.time() - t0
+
+    # --- generalization: calibrated on austen, evaluated on the other domains ------------------
+    t0 = time.time()
+    from .fakequant import set_bits as set_static_bits
+
+    gen = {}
+    for dom in BUNDLED:
+        rows = _sweep(qm, ckpt.table, test_ids[dom], st, st.general_bits, progress, f"sweep {dom}")
+        for r in rows:
+            b = r["target"]
+            r["rtn"] = r["lwc"] = None
+            if b == int(b) and int(b) in st.rtn_bits:
+                set_static_bits(static_models["rtn"], int(b))
+                r["rtn"] = _r(_ppl(static_models["rtn"], test_ids[dom], st))
+            if b == int(b) and int(b) in static_models["lwc"]:
+                r["lwc"] = _r(_ppl(static_models["lwc"][int(b)], test_ids[dom], st))
+        gen[dom] = rows
+    report["generalization"] = gen
+    timings["generalization"] = time.time() - t0
+
+    report["headline"] = _headline(report)
+    report["plots"] = _plots(report, out)
+    report["meta"]["timings_seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    report["meta"]["wall_seconds"] = round(time.time() - t_start, 1)
+    _save_json(report, out)
     _write_markdown(report, out / "report.md")
     return report
+
+
+def _table_targets(step: float, slice_bits) -> list[float]:
+    from .mobislice import cumulative_bits
+
+    cum = cumulative_bits(slice_bits)
+    n = int(round((cum[-1] - cum[0]) / step))
+    return [round(cum[0] + i * (cum[-1] - cum[0]) / n, 6) for i in range(n + 1)]
