@@ -73,3 +73,11 @@ def test_calibration_windows_bad_input(ids, kw, match):
 def test_tokenize_corpus_is_1d_long(tiny_tokenizer):
     ids = tokenize_corpus(tiny_tokenizer, "It is a truth universally acknowledged.")
     assert ids.ndim == 1 and ids.dtype == torch.long and ids.numel() > 3
+
+
+def test_empty_bundled_file_is_refused(monkeypatch, tmp_path):
+    (tmp_path / "corpus" / "bible").mkdir(parents=True)
+    (tmp_path / "corpus" / "bible" / "test.txt").write_text("\n\n \n")
+    monkeypatch.setenv("MBQ_DATA_DIR", str(tmp_path))
+    with pytest.raises(CorpusError, match="empty"):
+        load_corpus("bible", "test")
