@@ -1,0 +1,278 @@
+"""MoBiRoute: a per-layer token router that picks how many slices each token reads (paper Sec. 4.2, Eq. 4).
+
+MoBiSlice (:mod:`mbq_ref.mobislice`) cuts a weight into ``E`` slices; the first
+("shared expert", always on) gives ``B_1`` bits and each further slice refines
+it. MoBiRoute decides, per token and per linear layer, how many residual
+slices the token gets. The recovered text states a learnable 2-layer MLP per
+layer (Eq. 4), learned binary gates, a budget-aware objective, and a runtime
+threshold ``τ`` (higher ``τ`` = fewer slices). The rest is our design
+(``docs/design.md``, paper_spec 3.3), all of it implemented here:
+
+Router (Eq. 4)::
+
+    r(x) = W_2 SiLU(W_1 (x / c) + b_1) + b_2        x [T, K] -> r [T, E-1]
+    g_e  = σ(r_e)                                    one gate per residual slice
+
+``c`` is a constant input scale (the RMS of the layer's first calibration
+batch), so one initialisation suits every layer whatever its activation scale.
+
+Nested hard masks (slice ``e+1`` only if slice ``e``; slice 1 always on)::
+
+    m_e = Π_{j<=e} 1[g_j > τ]  =  1[min_{j<=e} r_j > logit(τ)]
+    k_t = 1 + Σ_e m_{t,e}        (slices read by token t)
+    b_t = B_{k_t}                (bits of token t: 2/4/6/8 for slices 2,2,2,2)
+
+We compare in logit space (``r > logit(τ)``): identical to ``σ(r) > τ`` but
+exact where ``σ`` saturates in float32, and ``τ = 0`` / ``τ = 1`` mean "all
+slices" / "base slice only" for any finite score.
+
+Surrogate gradient (our choice; the paper's estimator was not recovered):
+straight-through. The forward pass uses the hard nested mask, the backward
+pass the gradient of the soft nested mask ``p_e = Π_{j<=e} g_j``::
+
+    m_ste = m_hard + p - stopgrad(p)
+
+Budget loss (Eq. 9's bit term, our form): ``λ(t) · ref · ((b̄ - b*) / (B_E - B_1))^2``
+with ``b̄`` the mean over tokens of the straight-through bits
+``B_1 + Σ_e b_{e+1} m_ste`` (value = the real hard bits, gradient = soft),
+``ref`` a per-layer error scale (:class:`mbq_ref.mobilinear.MoBiLinear` uses its
+base-slice output MSE, making ``λ`` dimensionless) and ``λ(t)`` ramped linearly
+from 0 over a warm-up (:func:`warmup_weight`), so the clipping first adapts to
+the slices before the router is pushed towards the budget.
+
+Threshold controller (Sec. 4.2 "runtime precision switching"):
+:func:`threshold_for_bits` finds, for one layer's scores on calibration tokens,
+the ``logit(τ)`` whose mean bits is closest to a target. The model-level
+controllers (global ``τ`` by bisection, or per-layer ``τ``) are in
+:mod:`mbq_ref.mobiquant`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import MBQError
+from .mobislice import check_slice_bits, cumulative_bits
+
+__all__ = [
+    "BitStats",
+    "MoBiRouter",
+    "RouteError",
+    "budget_loss",
+    "counts_to_bits",
+    "logit_to_tau",
+    "mask_bits",
+    "nested_masks",
+    "slice_counts",
+    "ste_masks",
+    "tau_to_logit",
+    "threshold_for_bits",
+    "warmup_weight",
+]
+
+
+class RouteError(MBQError):
+    """A router argument that cannot be used (bad τ, slice count or shape; the message says which)."""
+
+
+def tau_to_logit(tau: float) -> float:
+    """``logit(τ)`` in float64; ``τ = 0 -> -inf`` (all slices on), ``τ = 1 -> +inf`` (base only)."""
+    tau = float(tau)
+    if not 0.0 <= tau <= 1.0 or math.isnan(tau):
+        raise RouteError(f"threshold τ must be in [0, 1], got {tau}")
+    if tau == 0.0:
+        return -math.inf
+    if tau == 1.0:
+        return math.inf
+    return math.log(tau) - math.log1p(-tau)
+
+
+def logit_to_tau(u: float) -> float:
+    """``σ(u)`` in float64 (inverse of :func:`tau_to_logit`, ``±inf`` map to 1 / 0)."""
+    if u == math.inf:
+        return 1.0
+    if u == -math.inf:
+        return 0.0
+    return 1.0 / (1.0 + math.exp(-u)) if u >= 0 else math.exp(u) / (1.0 + math.exp(u))
+
+
+class MoBiRouter(nn.Module):
+    """The 2-layer MLP router of one linear layer (Eq. 4): a score per residual slice.
+
+    Args:
+        in_features: ``K``, the width of the layer input it reads.
+        num_scores: ``E - 1``, the number of residual slices.
+        hidden: hidden width (paper: not recovered; 64 by default).
+        init_bias: initial ``b_2``; positive = every slice starts on (``σ(1) ≈ 0.73``),
+            the budget loss then switches off the tokens that need them least.
+    """
+
+    def __init__(self, in_features: int, num_scores: int, hidden: int = 64, init_bias: float = 1.0):
+        super().__init__()
+        if num_scores < 1 or hidden < 1:
+            raise RouteError(f"router needs num_scores >= 1 and hidden >= 1, got {num_scores}, {hidden}")
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden, num_scores)
+        # small output weights: tokens start with nearly equal scores, the
+        # calibration gradients (not the random init) decide who is above τ
+        nn.init.normal_(self.fc2.weight, std=0.02)
+        nn.init.constant_(self.fc2.bias, float(init_bias))
+        # c: constant input scale (0 = not measured yet; see set_input_scale)
+        self.register_buffer("in_scale", torch.zeros(()))
+
+    @torch.no_grad()
+    def set_input_scale(self, x: torch.Tensor) -> None:
+        """Fix ``c`` = RMS of ``x`` ``[T, K]`` (called once, on the first calibration batch)."""
+        self.in_scale.fill_(float(x.float().pow(2).mean().sqrt().clamp_min(1e-6)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores ``r`` ``[..., E-1]`` (float32) for inputs ``x`` ``[..., K]``."""
+        c = self.in_scale if self.in_scale > 0 else self.in_scale.new_ones(())
+        h = self.act(self.fc1(x.float() / c))  # [..., hidden]
+        return self.fc2(h)  # [..., E-1]
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise RouteError(f"router scores must be [..., E-1] with E >= 2, got shape {tuple(logits.shape)}")
+
+
+def nested_masks(logits: torch.Tensor, tau_logit: float) -> torch.Tensor:
+    """Hard nested masks ``m_e = 1[min_{j<=e} r_j > logit(τ)]``.
+
+    Args:
+        logits: ``[..., E-1]`` router scores ``r``.
+        tau_logit: ``logit(τ)`` (see :func:`tau_to_logit`).
+    Returns:
+        bool ``[..., E-1]``; along the last dim a run of ``True`` then ``False`` (a prefix).
+    """
+    _check_logits(logits)
+    # the cumulative min makes slice e on only if every earlier residual slice is on
+    return logits.cummin(dim=-1).values > tau_logit
+
+
+def slice_counts(logits: torch.Tensor, tau_logit: float) -> torch.Tensor:
+    """Slices read per token ``k_t = 1 + Σ_e m_{t,e}`` (the base slice is always on); long ``[...]``."""
+    return 1 + nested_masks(logits, tau_logit).sum(-1)
+
+
+def ste_masks(logits: torch.Tensor, tau_logit: float) -> torch.Tensor:
+    """Straight-through nested masks: hard forward, soft ``Π_{j<=e} σ(r_j)`` gradient; float ``[..., E-1]``."""
+    hard = nested_masks(logits, tau_logit).to(logits.dtype)
+    soft = torch.sigmoid(logits).cumprod(dim=-1)  # p_e = Π_{j<=e} g_j
+    return hard + soft - soft.detach()
+
+
+def counts_to_bits(counts: torch.Tensor, slice_bits) -> torch.Tensor:
+    """Bits per token ``b_t = B_{k_t}`` (float32, same shape as ``counts``)."""
+    cum = torch.tensor([0, *cumulative_bits(slice_bits)], dtype=torch.float32, device=counts.device)
+    if counts.numel() and (counts.min() < 1 or counts.max() > len(cum) - 1):
+        raise RouteError(f"slice counts must be in 1..{len(cum) - 1}, got {int(counts.min())}..{int(counts.max())}")
+    return cum[counts.long()]
+
+
+def mask_bits(masks: torch.Tensor, slice_bits) -> torch.Tensor:
+    """Bits per token from (hard, soft or straight-through) masks: ``B_1 + Σ_e b_{e+1} m_e``; ``[...]``."""
+    bits = check_slice_bits(slice_bits)
+    if masks.shape[-1] != len(bits) - 1:
+        raise RouteError(f"{masks.shape[-1]} masks for {len(bits)} slices (need E-1 = {len(bits) - 1})")
+    w = torch.tensor(bits[1:], dtype=masks.dtype, device=masks.device)
+    return bits[0] + masks @ w
+
+
+def budget_loss(mean_bits: torch.Tensor, target: float, slice_bits, weight: float, ref: float = 1.0) -> torch.Tensor:
+    """Bit-budget penalty ``weight · ref · ((b̄ - b*) / (B_E - B_1))^2`` (our form of Eq. 9's budget term).
+
+    Args:
+        mean_bits: scalar mean bits over tokens (straight-through, so it is differentiable).
+        target: ``b*`` in ``[B_1, B_E]``.
+        weight: ``λ(t)`` from :func:`warmup_weight`.
+        ref: error scale that makes ``weight`` dimensionless (block-MSE units).
+    """
+    cum = cumulative_bits(slice_bits)
+    if not cum[0] <= target <= cum[-1]:
+        raise RouteError(f"target bits {target} outside the reachable range {cum[0]}..{cum[-1]}")
+    span = max(cum[-1] - cum[0], 1)
+    return weight * ref * ((mean_bits - target) / span) ** 2
+
+
+def warmup_weight(step: int, warmup_steps: int, weight: float) -> float:
+    """Linear warm-up of the budget weight: ``λ · min(1, (step + 1) / warmup_steps)`` (``λ`` if no warm-up)."""
+    if warmup_steps <= 0:
+        return float(weight)
+    return float(weight) * min(1.0, (step + 1) / warmup_steps)
+
+
+@torch.no_grad()
+def threshold_for_bits(logits: torch.Tensor, slice_bits, target: float) -> float:
+    """The ``logit(τ)`` whose mean bits over these tokens is closest to ``target`` (one layer).
+
+    Token ``t`` reads slice ``e+1`` iff ``c_{t,e} = min_{j<=e} r_{t,j} > u``, so the
+    mean bits ``B_1 + Σ_e b_{e+1} · #{t: c_{t,e} > u} / T`` is a non-increasing step
+    function of ``u`` that only changes at the values ``c``. We evaluate it just
+    below every distinct ``c`` (counts via ``searchsorted``) and return the midpoint
+    between neighbouring values, so a tiny float change in ``u`` flips no token.
+
+    Args:
+        logits: ``[T, E-1]`` scores on calibration tokens.
+        target: wanted mean bits in ``[B_1, B_E]``.
+    Returns:
+        ``u``: a float (``-inf`` = all slices on, ``+inf`` = base only).
+    """
+    bits = check_slice_bits(slice_bits)
+    _check_logits(logits)
+    cum = cumulative_bits(bits)
+    if not cum[0] <= target <= cum[-1]:
+        raise RouteError(f"target bits {target} outside the reachable range {cum[0]}..{cum[-1]}")
+    c = logits.reshape(-1, logits.shape[-1]).double().cummin(dim=-1).values  # [T, E-1]
+    t = c.shape[0]
+    vals = torch.unique(c)  # sorted candidate thresholds
+    # thresholds tried: -inf, then midpoints between candidates, then +inf
+    cand = torch.cat([vals.new_tensor([-math.inf]), (vals[:-1] + vals[1:]) / 2, vals.new_tensor([math.inf])])
+    w = torch.tensor(bits[1:], dtype=torch.float64)
+    mean_bits = torch.full_like(cand, float(bits[0]))
+    for e in range(c.shape[1]):
+        col = c[:, e].sort().values
+        above = t - torch.searchsorted(col, cand, right=True)  # tokens with c > u
+        mean_bits += w[e] * above.double() / t
+    best = int((mean_bits - target).abs().argmin())
+    return float(cand[best])
+
+
+@dataclass
+class BitStats:
+    """Running routing statistics of one layer: tokens seen, summed bits, tokens per slice count."""
+
+    num_slices: int
+    tokens: int = 0
+    bit_sum: float = 0.0
+    hist: torch.Tensor = field(default=None)  # long [E]: tokens that read exactly k slices (k = 1..E)
+
+    def __post_init__(self):
+        if self.hist is None:
+            self.hist = torch.zeros(self.num_slices, dtype=torch.long)
+
+    def update(self, counts: torch.Tensor, bits: torch.Tensor) -> None:
+        """Add one batch: ``counts`` (slices per token) and ``bits`` (bits per token), both ``[T]``."""
+        self.tokens += counts.numel()
+        self.bit_sum += float(bits.double().sum())
+        self.hist += torch.bincount(counts.reshape(-1).cpu() - 1, minlength=self.num_slices)
+
+    def reset(self) -> None:
+        """Forget every batch seen so far."""
+        self.tokens, self.bit_sum = 0, 0.0
+        self.hist.zero_()
+
+    @property
+    def avg_bits(self) -> float:
+        """Mean bits per token (NaN if no token was seen since the last reset)."""
+        return self.bit_sum / self.tokens if self.tokens else math.nan
+
+    def fractions(self) -> torch.Tensor:
+        """Share of tokens that read 1..E slices, float ``[E]``."""
+        return self.hist.double() / max(self.tokens, 1)

@@ -1,0 +1,228 @@
+"""Whole-model MoBiQuant: two-stage calibration, runtime precision, threshold controller (mbq_ref.mobiquant)."""
+
+import copy
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import random_llama
+
+from mbq_ref.calibrate import CalibConfig
+from mbq_ref.fakequant import quantizable_linears
+from mbq_ref.mobilinear import MoBiError, MoBiLinear
+from mbq_ref.mobiquant import (
+    MoBiConfig,
+    average_bits,
+    bit_stats,
+    calibrate_threshold,
+    layer_bits,
+    mobi_layers,
+    quantize_mobiquant,
+    reset_bit_stats,
+    set_slices,
+    set_threshold,
+    set_token_slices,
+    thresholds,
+)
+
+VOCAB = 256
+# 16 AdamW steps per block and stage: a high clipping learning rate lets the logits move
+CFG = MoBiConfig(
+    group_size=64,
+    router_lr=3e-2,
+    calib=CalibConfig(nsamples=8, seqlen=64, epochs=4, batch_size=2, lwc_lr=0.2, dataset="random"),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small matmuls: one intra-op thread; two on a shared 2-core machine can be 30x slower.
+
+    Module scope, so the module-scoped calibration below runs under it too (and both
+    runs of the determinism test use the same thread count: BLAS sums depend on it).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ids(n=8, t=64, seed=0):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def fp_model():
+    """Random tiny Llama with 1% planted outlier weights (8 sigma), as trained LLMs have: clipping then matters."""
+    model = random_llama(hidden=128, layers=2, vocab=VOCAB)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lin in quantizable_linears(model).values():
+            w = lin.weight
+            spikes = torch.rand(w.shape, generator=gen) < 0.01
+            w.add_(spikes * 8 * w.std() * torch.randn(w.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def calibrated(fp_model):
+    model = copy.deepcopy(fp_model)
+    log = quantize_mobiquant(model, _ids(), CFG, progress=False)
+    return model, log
+
+
+@torch.no_grad()
+def _hidden_mse(model, fp_model, ids):
+    h = model.model(input_ids=ids).last_hidden_state
+    h_fp = fp_model.model(input_ids=ids).last_hidden_state
+    return torch.mean((h - h_fp) ** 2).item()
+
+
+def test_swap_and_log(calibrated):
+    model, log = calibrated
+    layers = mobi_layers(model)
+    assert len(layers) == 2 * 7 and set(layers) == set(quantizable_linears(model))
+    assert all(m.sliced is not None and m.sliced.codes.dtype == torch.uint8 for m in layers.values())
+    assert [e.stage for e in log["calib"].entries] == ["base", "joint", "base", "joint"]
+    assert set(log["layer_bits"]) == set(layers)
+    assert 2.0 <= log["avg_bits"] <= 8.0
+    # trainable parameters: clip logits only in "base", clip + router in "joint"
+    base, joint = log["calib"].entries[:2]
+    assert joint.n_params > base.n_params
+    assert all(bs.tokens == 0 for bs in bit_stats(model).values())  # stats reset after calibration
+
+
+def test_two_stage_calibration_lowers_error(fp_model, calibrated):
+    model, log = calibrated
+    raw = copy.deepcopy(fp_model)
+    quantize_mobiquant(raw, _ids(), replace(CFG, calib=replace(CFG.calib, epochs=0)), progress=False)
+    ids = _ids(4, 64, seed=9)  # held-out windows
+    # the 2-bit reading (base slice, what Alg. 1 stage 1 fits) of the whole model
+    set_slices(model, 1)
+    set_slices(raw, 1)
+    calibrated_err, raw_err = _hidden_mse(model, fp_model, ids), _hidden_mse(raw, fp_model, ids)
+    assert calibrated_err < 0.95 * raw_err, (calibrated_err, raw_err)
+    # each block's 2-bit output error on the calibration windows dropped in stage 1
+    for e in log["calib"].entries:
+        if e.stage == "base":
+            assert e.final_loss < 0.9 * e.init_loss, e
+
+
+def test_same_seed_bit_identical(fp_model, calibrated):
+    model, _ = calibrated
+    again = copy.deepcopy(fp_model)
+    quantize_mobiquant(again, _ids(), CFG, progress=False)
+    a, b = mobi_layers(model), mobi_layers(again)
+    for name in a:
+        assert torch.equal(a[name].sliced.codes, b[name].sliced.codes), name
+        assert torch.equal(a[name].sliced.scale, b[name].sliced.scale), name
+        for (k1, v1), (k2, v2) in zip(a[name].router.state_dict().items(), b[name].router.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2), (name, k1)
+    set_threshold(model, 0.5)
+    set_threshold(again, 0.5)
+    with torch.no_grad():
+        assert torch.equal(model(_ids(2, 64, 5)).logits, again(_ids(2, 64, 5)).logits)
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
+@pytest.mark.parametrize("target", [3.0, 5.0])
+def test_threshold_controller_converges(calibrated, per_layer, target):
+    model, _ = calibrated
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a miss would warn
+        taus = calibrate_threshold(model, ids, target, per_layer=per_layer, tol=0.05)
+    measured = average_bits(model)
+    assert abs(measured - target) <= 0.05
+    if per_layer:
+        assert isinstance(taus, dict) and set(taus) == set(mobi_layers(model))
+        # every layer hits the target on its own
+        assert all(abs(b - target) <= 0.05 for b in layer_bits(model).values())
+        assert len(set(taus.values())) > 1
+    else:
+        assert 0.0 <= taus <= 1.0 and all(t == pytest.approx(taus) for t in thresholds(model).values())
+    # re-applying the returned thresholds reproduces the measured bits (as τ, and exactly as logit(τ))
+    logits = thresholds(model, logit=True)
+    for value, logit in ((taus, False), (logits, True)):
+        set_threshold(model, value, logit=logit)
+        reset_bit_stats(model)
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert average_bits(model) == pytest.approx(measured, abs=1e-9)
+    if not per_layer:
+        u = calibrate_threshold(model, ids, target, logit=True)
+        assert all(v == u for v in thresholds(model, logit=True).values())
+
+
+def test_controller_extremes(calibrated):
+    model, _ = calibrated
+    assert calibrate_threshold(model, _ids(), 2.0) == 1.0 and average_bits(model) == 2.0
+    assert calibrate_threshold(model, _ids(), 8.0) == 0.0 and average_bits(model) == 8.0
+
+
+def test_static_modes_and_bits(calibrated):
+    model, _ = calibrated
+    for k in (1, 2, 3, 4):
+        set_slices(model, k)
+        reset_bit_stats(model)
+        with torch.no_grad():
+            model(input_ids=_ids(2, 32))
+        assert average_bits(model) == 2 * k
+        assert all(bs.hist[k - 1] == bs.tokens == 64 for bs in bit_stats(model).values())
+    set_slices(model, None)
+    set_token_slices(model, torch.tensor([[1, 4] * 16]))
+    reset_bit_stats(model)
+    with torch.no_grad():
+        model(input_ids=_ids(1, 32))
+    assert average_bits(model) == 5.0
+    set_token_slices(model, None)
+
+
+def test_weighted_average_bits(calibrated):
+    model, _ = calibrated
+    layers = mobi_layers(model)
+    set_slices(model, 1)
+    reset_bit_stats(model)
+    with torch.no_grad():
+        model(input_ids=_ids(1, 16))
+    # only the MLP projections read more slices: the average weights them by N*K
+    for name, m in layers.items():
+        if ".mlp." in name:
+            m.fixed_k = 4
+    reset_bit_stats(model)
+    with torch.no_grad():
+        model(input_ids=_ids(1, 16))
+    sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
+    mlp = sum(s for n, s in sizes.items() if ".mlp." in n)
+    assert average_bits(model) == pytest.approx((8 * mlp + 2 * (sum(sizes.values()) - mlp)) / sum(sizes.values()))
+    set_slices(model, None)
+
+
+def test_api_errors(fp_model, calibrated):
+    model, _ = calibrated
+    with pytest.raises(MoBiError, match="k must be"):
+        set_slices(model, 5)
+    with pytest.raises(MoBiError, match="no MoBiLinear layer named"):
+        set_threshold(model, {"model.layers.9.mlp.up_proj": 0.5})
+    with pytest.raises(MoBiError, match=r"\[0, 1\]"):
+        set_threshold(model, 1.5)
+    with pytest.raises(MoBiError, match="NaN"):
+        set_threshold(model, float("nan"), logit=True)
+    with pytest.raises(MoBiError, match="reachable"):
+        calibrate_threshold(model, _ids(), 1.0)
+    reset_bit_stats(model)
+    with pytest.raises(MoBiError, match="seen no token"):
+        average_bits(model)
+    with pytest.raises(MoBiError, match="quantize_mobiquant first"):
+        set_slices(fp_model, 2)
+    with pytest.raises(MoBiError, match="expected nn.Linear"):
+        quantize_mobiquant(model, _ids(), CFG, progress=False)
+    assert isinstance(next(iter(mobi_layers(model).values())), MoBiLinear)
+
+
+def test_presets():
+    tiny, paper = MoBiConfig.tiny(), MoBiConfig.paper()
+    assert paper.slice_bits == (2, 2, 2, 2) and paper.group_size == 128
+    assert (paper.calib.nsamples, paper.calib.seqlen, paper.calib.epochs, paper.calib.lwc_lr) == (128, 2048, 20, 1e-2)
+    assert tiny.calib.dataset == "austen" and tiny.calib.nsamples * tiny.calib.seqlen < 128 * 2048

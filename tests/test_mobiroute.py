@@ -1,0 +1,155 @@
+"""MoBiRoute: nested masks, straight-through gates, bits accounting, budget loss, threshold search (mbq_ref.mobiroute)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbq_ref.mobiroute import (
+    BitStats,
+    MoBiRouter,
+    RouteError,
+    budget_loss,
+    counts_to_bits,
+    logit_to_tau,
+    mask_bits,
+    nested_masks,
+    slice_counts,
+    ste_masks,
+    tau_to_logit,
+    threshold_for_bits,
+    warmup_weight,
+)
+
+SLICES = (2, 2, 2, 2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matmuls: one intra-op thread; two on a shared 2-core machine can be 30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_forced_logits_known_answer():
+    # token 1: every score high -> 4 slices; token 2: slice 2 on, slice 3 off -> 2 slices
+    # (slice 4 stays off although its score is high: nesting); token 3: slice 2 off -> base only
+    r = torch.tensor([[5.0, 5.0, 5.0], [5.0, -5.0, 5.0], [-5.0, 5.0, 5.0]])
+    assert slice_counts(r, tau_to_logit(0.5)).tolist() == [4, 2, 1]
+    assert counts_to_bits(slice_counts(r, 0.0), SLICES).tolist() == [8.0, 4.0, 2.0]
+    assert nested_masks(r, 0.0).tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    # τ = 0 switches every slice on, τ = 1 none, whatever the scores
+    assert slice_counts(r, tau_to_logit(0.0)).tolist() == [4, 4, 4]
+    assert slice_counts(r, tau_to_logit(1.0)).tolist() == [1, 1, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    e=st.integers(2, 6),
+    taus=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2),
+    scale=st.floats(0.1, 30.0),
+)
+def test_masks_nested_and_monotone_in_tau(seed, e, taus, scale):
+    r = torch.randn(40, e - 1, generator=torch.Generator().manual_seed(seed)) * scale
+    lo, hi = sorted(taus)
+    m_lo, m_hi = nested_masks(r, tau_to_logit(lo)), nested_masks(r, tau_to_logit(hi))
+    for m in (m_lo, m_hi):
+        # nested: slice e+1 on implies slice e on
+        assert not (m[:, 1:] & ~m[:, :-1]).any()
+    # raising τ never switches a slice on
+    assert not (m_hi & ~m_lo).any()
+    assert (slice_counts(r, tau_to_logit(hi)) <= slice_counts(r, tau_to_logit(lo))).all()
+
+
+def test_ste_masks_forward_hard_backward_soft():
+    r = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.2, -0.1]], requires_grad=True)
+    m = ste_masks(r, 0.0)
+    assert torch.equal(m.detach(), nested_masks(r, 0.0).float())
+    (m * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    r2 = r.detach().clone().requires_grad_(True)
+    (torch.sigmoid(r2).cumprod(-1) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    torch.testing.assert_close(r.grad, r2.grad)
+
+
+def test_bits_from_masks_and_counts_agree():
+    r = torch.randn(100, 3, generator=torch.Generator().manual_seed(1))
+    u = 0.2
+    torch.testing.assert_close(
+        mask_bits(nested_masks(r, u).float(), SLICES), counts_to_bits(slice_counts(r, u), SLICES)
+    )
+    assert counts_to_bits(torch.tensor([1, 2, 3]), (4, 2, 2)).tolist() == [4.0, 6.0, 8.0]
+    with pytest.raises(RouteError, match="1..4"):
+        counts_to_bits(torch.tensor([0, 2]), SLICES)
+    with pytest.raises(RouteError, match="E-1"):
+        mask_bits(torch.ones(3, 2), SLICES)
+
+
+def test_tau_logit_round_trip_and_errors():
+    for t in (0.0, 1e-6, 0.3, 0.5, 0.9, 1 - 1e-9, 1.0):
+        assert logit_to_tau(tau_to_logit(t)) == pytest.approx(t, rel=1e-9, abs=1e-15)
+    assert tau_to_logit(0.5) == 0.0
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(RouteError, match=r"\[0, 1\]"):
+            tau_to_logit(bad)
+
+
+@pytest.mark.parametrize("target", [2.0, 2.5, 3.0, 4.2, 5.9, 8.0])
+def test_threshold_for_bits_hits_target(target):
+    r = torch.randn(1000, 3, generator=torch.Generator().manual_seed(2))
+    u = threshold_for_bits(r, SLICES, target)
+    bits = counts_to_bits(slice_counts(r, u), SLICES).mean().item()
+    # 1000 tokens: one token moves the mean by at most 6/1000 bits
+    assert abs(bits - target) <= 0.006 + 1e-9
+    # and it survives the round trip through τ (what set_threshold stores)
+    assert counts_to_bits(slice_counts(r, tau_to_logit(logit_to_tau(u))), SLICES).mean().item() == pytest.approx(bits)
+
+
+def test_threshold_for_bits_errors():
+    with pytest.raises(RouteError, match="reachable"):
+        threshold_for_bits(torch.zeros(4, 3), SLICES, 9.0)
+    with pytest.raises(RouteError, match="shape"):
+        threshold_for_bits(torch.zeros(4, 0), SLICES, 3.0)
+
+
+def test_budget_loss_and_warmup():
+    b = torch.tensor(5.0, requires_grad=True)
+    loss = budget_loss(b, 3.0, SLICES, weight=2.0, ref=0.5)
+    assert loss.item() == pytest.approx(2.0 * 0.5 * (2.0 / 6.0) ** 2)
+    loss.backward()
+    assert b.grad > 0  # above target: the gradient pushes the bits down
+    assert budget_loss(torch.tensor(3.0), 3.0, SLICES, 1.0).item() == 0.0
+    with pytest.raises(RouteError, match="reachable"):
+        budget_loss(b, 1.0, SLICES, 1.0)
+    assert [warmup_weight(s, 4, 2.0) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert warmup_weight(0, 0, 2.0) == 2.0
+
+
+def test_router_shapes_and_input_scale():
+    torch.manual_seed(0)
+    router = MoBiRouter(64, 3, hidden=16, init_bias=1.0)
+    x = torch.randn(2, 5, 64) * 100
+    assert router(x).shape == (2, 5, 3)
+    router.set_input_scale(x.reshape(-1, 64))
+    assert router.in_scale.item() == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-5)
+    # with c set, the router reads x / c: the same scores as an unscaled twin fed x / c
+    twin = MoBiRouter(64, 3, hidden=16)
+    twin.load_state_dict({k: v for k, v in router.state_dict().items() if k != "in_scale"}, strict=False)
+    torch.testing.assert_close(router(x), twin(x / router.in_scale))
+    with pytest.raises(RouteError):
+        MoBiRouter(64, 0)
+
+
+def test_bit_stats_accounting():
+    st_ = BitStats(4)
+    counts = torch.tensor([1, 1, 2, 4, 4, 4])
+    st_.update(counts, counts_to_bits(counts, SLICES))
+    assert st_.tokens == 6 and st_.hist.tolist() == [2, 1, 0, 3]
+    assert st_.avg_bits == pytest.approx((2 + 2 + 4 + 8 + 8 + 8) / 6)
+    torch.testing.assert_close(st_.fractions(), torch.tensor([2, 1, 0, 3], dtype=torch.float64) / 6)
+    st_.reset()
+    assert st_.tokens == 0 and math.isnan(st_.avg_bits) and st_.hist.sum() == 0
