@@ -38,3 +38,15 @@ def test_readme_chapter_table_matches_notebooks():
     readme = (ROOT / "README.md").read_text()
     listed = set(re.findall(r"notebooks/(\d\d_[a-z0-9_]+)\.py", readme))
     assert listed == {p.stem for p in SOURCES}, "README chapter table and notebooks/ disagree"
+
+
+def test_readme_results_are_the_generated_ones():
+    """Every table row the README quotes from docs/results_chN.md is in that generated file."""
+    readme = (ROOT / "README.md").read_text()
+    for n in (1, 2, 3):
+        generated = (ROOT / "docs" / f"results_ch{n}.md").read_text()
+        part = readme.split(f"### Chapter {n} ", 1)[1].split("\n#", 1)[0]
+        rows = [line for line in part.splitlines() if line.startswith("| ") and "---" not in line]
+        assert rows, f"README quotes no table for chapter {n}"
+        for row in rows:
+            assert row in generated, f"README row not in docs/results_ch{n}.md: {row[:60]}"
