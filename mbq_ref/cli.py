@@ -96,7 +96,7 @@ def _cmd_quantize(args) -> int:
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .mobiquant import MoBiConfig
-    from .tour import quantize_and_table
+    from .tour import quantize_and_table, table_targets
     from .zoo import load_model
 
     out = Path(args.out)
@@ -116,16 +116,14 @@ def _cmd_quantize(args) -> int:
     calib.seed = args.seed
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
-    print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr)
     model, tok = load_model(args.model, dtype=dtype, with_tokenizer=True)
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and calib.seqlen > ctx:
         raise UsageError(f"--seqlen {calib.seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
     model.to(device)
-    print(f"calibration data: {calib.dataset} train, {calib.nsamples} x {calib.seqlen} tokens", file=sys.stderr)
     train = tokenize_corpus(tok, load_corpus(calib.dataset, "train"))
     calib_ids = calibration_windows(train, calib.nsamples, calib.seqlen, seed=calib.seed)
-    targets = _grid(args.table_step, cfg.slice_bits)
+    targets = table_targets(args.table_step, cfg.slice_bits)
     res = quantize_and_table(model, calib_ids, cfg, targets, threshold_windows=args.threshold_windows,
                              progress=not args.no_progress)  # fmt: skip
     meta = {
@@ -141,16 +139,6 @@ def _cmd_quantize(args) -> int:
         f"calibrated in {res['results']['calibration_seconds']:.0f} s"
     )
     return 0
-
-
-def _grid(step: float, slice_bits) -> list[float]:
-    from .mobislice import cumulative_bits
-
-    cum = cumulative_bits(slice_bits)
-    if step <= 0 or step > cum[-1] - cum[0]:
-        raise UsageError(f"--table-step must be in (0, {cum[-1] - cum[0]}], got {step}")
-    n = int(round((cum[-1] - cum[0]) / step))
-    return [round(cum[0] + i * (cum[-1] - cum[0]) / n, 6) for i in range(n + 1)]
 
 
 # --- mbq eval ----------------------------------------------------------------------
@@ -185,8 +173,8 @@ def _cmd_eval(args) -> int:
     switch_s = time.perf_counter() - t0
     reset_bit_stats(ckpt.model)
     with torch.no_grad():
-        res = perplexity(ckpt.model, ids, seqlen=seqlen, max_windows=args.max_windows, progress=not args.no_progress,
-                         desc=f"eval {args.dataset}")  # fmt: skip
+        res = perplexity(ckpt.model, ids, seqlen=seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
+                         progress=not args.no_progress, desc=f"eval {args.dataset}")  # fmt: skip
     measured = average_bits(ckpt.model)
     row = {
         "file": str(args.file),
@@ -320,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="austen", help="test split: austen|bible|shakespeare (bundled) or wikitext2|c4|ptb (hub)")
     e.add_argument("--seqlen", type=_positive(int), default=None, help="window length (default: min(2048, model context))")
     e.add_argument("--max-windows", type=_positive(int), default=None, help="evaluate only the first N windows (default: all)")
+    e.add_argument("--batch-size", type=_positive(int), default=1, help="windows per forward pass (default 1)")
     e.add_argument("--static", action="store_true", help="every token reads the same slices (--bits must be 2, 4, 6 or 8)")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")

@@ -41,7 +41,7 @@ from .data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from .perplexity import perplexity
 from .zoo import load_model
 
-__all__ = ["run_tour", "quantize_and_table", "threshold_table", "TOUR_SEQLEN", "TourSettings"]
+__all__ = ["run_tour", "quantize_and_table", "threshold_table", "table_targets", "TOUR_SEQLEN", "TourSettings"]
 
 #: Full-protocol FP perplexity uses the model's whole context.
 TOUR_SEQLEN = 512
@@ -60,13 +60,13 @@ class TourSettings:
         self.calib: dict = {}
         self.eval_seqlen = TOUR_SEQLEN
         self.fp_max_windows = 8 if quick else None  # None: the full protocol
-        self.eval_windows = 4 if quick else 24  # quantized models: first windows of each test split
+        self.eval_windows = 4 if quick else 16  # quantized models: first windows of each test split
         self.rtn_bits = (2, 3, 4, 6, 8)
         self.lwc_bits = (2, 3, 4)
         self.sweep = (2.0, 3.0, 4.0, 6.0, 8.0) if quick else tuple(2.0 + 0.5 * i for i in range(13))
         self.table_step = 1.0 if quick else 0.5
         self.threshold_windows = 2 if quick else 4
-        self.general_bits = (3.0, 4.0) if quick else (2.5, 3.0, 4.0, 6.0)
+        self.general_bits = (3.0, 4.0) if quick else (3.0, 4.0, 6.0)
         for k, v in overrides.items():
             if not hasattr(self, k):
                 raise TypeError(f"unknown tour setting {k!r}")
@@ -78,7 +78,9 @@ class TourSettings:
 
 # --- building blocks (also used by `mbq quantize`) -------------------------------------------
 @torch.no_grad()
-def threshold_table(model, calib_ids, targets, tol: float = 0.05, max_probes: int = 200, batch_size: int = 8) -> dict:
+def threshold_table(
+    model, calib_ids, targets, tol: float = 0.05, max_steps: int = 16, max_probes: int = 400, batch_size: int = 8
+) -> dict:
     """Global-``τ`` threshold table for many targets at once (Sec. 4.2's controller, probes shared).
 
     Same controller as :func:`mbq_ref.mobiquant.calibrate_threshold` (one ``τ`` for
@@ -93,6 +95,7 @@ def threshold_table(model, calib_ids, targets, tol: float = 0.05, max_probes: in
         calib_ids: ``[n, T]`` windows the bits are measured on.
         targets: target average bits within ``[B_1, B_E]``.
         tol: a target is done when a probe lands within ``tol / 4`` bits of it.
+        max_steps: refinement probes per target at most (interpolation converges in a few).
         max_probes: forward passes allowed in total.
     Returns:
         ``{target: {"logits": {layer: u}, "achieved": bits}}`` (the best probe per
@@ -120,7 +123,7 @@ def threshold_table(model, calib_ids, targets, tol: float = 0.05, max_probes: in
     for u in (-math.inf, math.inf, -50.0, 50.0):
         probe(u)
     for target in sorted(float(t) for t in targets):
-        for step in range(64):
+        for step in range(max_steps):
             if len(curve) >= max_probes:
                 break
             best = min(curve.items(), key=lambda p: abs(p[1] - target))
@@ -129,8 +132,8 @@ def threshold_table(model, calib_ids, targets, tol: float = 0.05, max_probes: in
             # bracket: the largest u still at >= target bits, the smallest u at <= target bits
             lo = max((u for u, b in curve.items() if b >= target and math.isfinite(u)), default=-50.0)
             hi = min((u for u, b in curve.items() if b <= target and math.isfinite(u)), default=50.0)
-            if hi - lo < 1e-9:
-                break  # the curve jumps over the target here: one token's worth of bits
+            if hi - lo < 1e-3:
+                break  # the measured curve steps over the target here (a few tokens' worth of bits)
             b_lo, b_hi = curve[lo], curve[hi]
             if step % 2 == 0 and b_lo > b_hi:
                 # linear interpolation in the bracket, kept away from its ends
@@ -227,7 +230,7 @@ def _static_section(fp_model, calib_ids, calib_cfg, test_ids: dict, st: TourSett
     lwc_models = {}
     for c in tqdm(st.lwc_bits, desc="LWC", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        m, log = calibrate_static(copy.deepcopy(fp_model), calib_ids, c, calib_cfg, group_size=128, progress=False)
+        m, _ = calibrate_static(copy.deepcopy(fp_model), calib_ids, c, calib_cfg, group_size=128, progress=False)
         secs = time.perf_counter() - t0
         cross = {}
         for b in st.lwc_bits:  # the Fig. 1 mismatch: calibrated at c, run at b
@@ -239,46 +242,37 @@ def _static_section(fp_model, calib_ids, calib_cfg, test_ids: dict, st: TourSett
     return out, {"rtn": rtn, "lwc": lwc_models}
 
 
-def _sweep(model, ckpt_table, ids, st: TourSettings, targets, progress: bool, desc: str) -> list[dict]:
-    """Perplexity and measured bits at each target, thresholds from the table (no recalibration)."""
-    from .mobiquant import average_bits, mobi_layers, reset_bit_stats
+def _sweep(ckpt, ids, st: TourSettings, targets, progress: bool, desc: str) -> list[dict]:
+    """Perplexity and measured bits at each target, thresholds from the checkpoint's table (no recalibration)."""
+    from .mobiquant import average_bits, reset_bit_stats
 
-    layers = mobi_layers(model)
     rows = []
     for target in tqdm(targets, desc=desc, disable=not progress, leave=False):
-        logits = ckpt_table.logits_for(target)
-        for n, u in logits.items():
-            layers[n].tau_logit = u
-            layers[n].fixed_k = None
-        reset_bit_stats(model)
-        ppl = _ppl(model, ids, st)
-        rows.append({"target": float(target), "test_bits": _r(average_bits(model)), "ppl": _r(ppl)})
+        ckpt.set_bits(target)
+        reset_bit_stats(ckpt.model)
+        ppl = _ppl(ckpt.model, ids, st)
+        rows.append({"target": float(target), "test_bits": _r(average_bits(ckpt.model)), "ppl": _r(ppl)})
     return rows
 
 
-def _switch_cost(model, table, bits_a: float, bits_b: float, repeats: int = 20) -> dict:
-    """Seconds to change the budget of a loaded MoBiQuant model (thresholds only; no weight bytes move)."""
-    from .mobiquant import mobi_layers
-
-    layers = mobi_layers(model)
-    rows = [table.logits_for(bits_a), table.logits_for(bits_b)]
+def _switch_cost(ckpt, bits_a: float, bits_b: float, repeats: int = 20) -> dict:
+    """Seconds per :meth:`Checkpoint.set_bits` on a loaded model (thresholds only; no weight bytes move)."""
     t0 = time.perf_counter()
     for i in range(repeats):
-        for n, u in rows[i % 2].items():
-            layers[n].tau_logit = u
+        ckpt.set_bits(bits_b if i % 2 else bits_a)
     secs = (time.perf_counter() - t0) / repeats
     # what a switch writes: one float64 threshold per layer
-    return {"seconds": secs, "bytes_written": 8 * len(layers), "weight_bytes_loaded": 0}
+    return {"seconds": secs, "bytes_written": 8 * len(ckpt.table.layers), "weight_bytes_loaded": 0}
 
 
-def _per_bit_reload_cost(lwc_models: dict, out: Path) -> dict:
+def _per_bit_reload_cost(lwc_models: dict, out: Path, calib: dict) -> dict:
     """Save each static per-bit model as its own checkpoint and time loading it back (the non-elastic way to switch)."""
     from .checkpoint import load_static_checkpoint, save_static_checkpoint
 
     rows = {}
     folder = out / "per_bit"
     for b, m in lwc_models.items():
-        path = save_static_checkpoint(m, folder / f"lwc_w{b}.safetensors", {"base_model": "tiny-llama"})
+        path = save_static_checkpoint(m, folder / f"lwc_w{b}.safetensors", {"base_model": "tiny-llama", "calib": calib})
         t0 = time.perf_counter()
         load_static_checkpoint(path)
         rows[str(b)] = {"file_bytes": path.stat().st_size, "load_seconds": time.perf_counter() - t0}
@@ -286,6 +280,13 @@ def _per_bit_reload_cost(lwc_models: dict, out: Path) -> dict:
 
 
 # --- plots --------------------------------------------------------------------------
+def _yscale(ax) -> None:
+    """Log scale only when the perplexities span a wide range (collapsed 2-bit models)."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y is not None and math.isfinite(y)]
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 3:
+        ax.set_yscale("log")
+
+
 def _plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -293,7 +294,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
-    fp = report["fp"]["austen"]["ppl"]
+    fp = report["fp_eval"]["austen"]
     mq = report["mobiquant"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     sw = mq["sweep"]
@@ -303,8 +304,8 @@ def _plots(report: dict, out: Path) -> list[str]:
     st = report["static"]
     ax.plot([float(b) for b in st["rtn"]], [v["ppl"] for v in st["rtn"].values()], "x--", label="RTN (one checkpoint per width)")
     ax.plot([float(b) for b in st["lwc"]], [v["ppl"] for v in st["lwc"].values()], "^--", label="LWC static PTQ (per width)")
-    ax.axhline(fp, color="k", lw=0.8, ls=":", label=f"FP32 ({fp:.2f})")
-    ax.set_yscale("log")
+    ax.axhline(fp, color="k", lw=0.8, ls=":", label=f"FP32 ({fp:.2f}, same windows)")
+    _yscale(ax)
     ax.set_xlabel("average bits per weight (measured)")
     ax.set_ylabel("perplexity (austen test)")
     ax.set_title("Elastic precision: perplexity vs average bits")
@@ -318,7 +319,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for c, v in lwc.items():
         ax.plot([float(b) for b in v["eval_at_bits"]], list(v["eval_at_bits"].values()), "o-", label=f"LWC calibrated at {c} bits")
-    ax.set_yscale("log")
+    _yscale(ax)
     ax.set_xlabel("bits at inference")
     ax.set_ylabel("perplexity (austen test)")
     ax.set_title("Static PTQ at a precision it was not calibrated for")
@@ -347,6 +348,8 @@ def _plots(report: dict, out: Path) -> list[str]:
 
 # --- report ---------------------------------------------------------------------------
 def _fmt(x) -> str:
+    if x is None:
+        return "–"  # not run in this configuration
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
@@ -361,13 +364,15 @@ def _write_markdown(report: dict, path: Path) -> None:
         path.write_text("\n".join(lines) + "\n")
         return
     lines += ["", f"Quantized models below: first {st['eval_windows']} windows x {st['eval_seqlen']} tokens of each test "
-              f"split; calibration on `austen` train ({st['calib_nsamples']} x {st['calib_seqlen']}); group size 128.", ""]
+              f"split (FP32 on the same windows: " + ", ".join(f"{d} {v:.3f}" for d, v in report["fp_eval"].items()) +
+              f"); calibration on `austen` train ({st['calib_nsamples']} x {st['calib_seqlen']}); group size 128.", ""]
     h = report["headline"]
     lines += ["## Headline (austen test)", "", "| bits | FP32 | RTN | LWC (calibrated at that width) | MoBiQuant (routed, measured bits) |",
               "|---|---|---|---|---|"]  # fmt: skip
     for row in h["rows"]:
+        mq_bits = f" ({row['mobiquant_bits']:.2f})" if row["mobiquant_bits"] is not None else ""
         lines.append(f"| {row['bits']:g} | {h['fp_ppl']:.3f} | {_fmt(row['rtn'])} | {_fmt(row['lwc'])} | "
-                     f"{_fmt(row['mobiquant'])} ({row['mobiquant_bits']:.2f}) |")  # fmt: skip
+                     f"{_fmt(row['mobiquant'])}{mq_bits} |")  # fmt: skip
     lines += ["", "## Static per-bit PTQ", "", "| method | bits | PPL |", "|---|---|---|"]
     for b, v in report["static"]["rtn"].items():
         lines.append(f"| RTN | {b} | {v['ppl']:.3f} |")
@@ -399,10 +404,12 @@ def _write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {b} | {v['file_bytes']:,} | {v['load_seconds']:.3f} |")
     g = report["generalization"]
     lines += ["", "## Generalization (calibrated on austen)", "",
-              "| domain | target bits | measured bits | MoBiQuant PPL | RTN PPL | LWC PPL |", "|---|---|---|---|---|---|"]
+              "| domain | target bits | measured bits | MoBiQuant PPL | RTN PPL | LWC PPL | FP32 PPL |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for dom, rows in g.items():
         for r in rows:
-            lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | {_fmt(r['rtn'])} | {_fmt(r['lwc'])} |")
+            lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | {_fmt(r['rtn'])} | "
+                         f"{_fmt(r['lwc'])} | {r['fp']:.3f} |")  # fmt: skip
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     path.write_text("\n".join(lines) + "\n")
 
@@ -420,7 +427,7 @@ def _headline(report: dict) -> dict:
             "mobiquant": sw["ppl"] if sw else None,
             "mobiquant_bits": sw["test_bits"] if sw else None,
         })  # fmt: skip
-    return {"fp_ppl": report["fp"]["austen"]["ppl"], "rows": rows}
+    return {"fp_ppl": report["fp_eval"]["austen"], "rows": rows}
 
 
 def _save_json(report: dict, out: Path) -> None:
@@ -442,7 +449,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         the report dict (the content of ``report.json``).
     """
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .mobiquant import MoBiConfig, average_bits, mobi_layers, reset_bit_stats, set_slices
+    from .fakequant import set_bits as set_static_bits
+    from .mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, set_slices
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -462,6 +470,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
 
     t0 = time.time()
     report["fp"] = _fp_section(model, test_ids, st, progress)
+    # the same FP model on exactly the windows every quantized model is evaluated on
+    report["fp_eval"] = {d: _r(_ppl(model, test_ids[d], st)) for d in BUNDLED}
     timings["fp"] = time.time() - t0
 
     cfg = MoBiConfig.tiny()
@@ -486,7 +496,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     # --- MoBiQuant: calibrate, threshold table, checkpoint ---------------------------------
     t0 = time.time()
     mq_model = copy.deepcopy(model)
-    targets = _table_targets(st.table_step, cfg.slice_bits)
+    targets = table_targets(st.table_step, cfg.slice_bits)
     res = quantize_and_table(mq_model, calib_ids, cfg, targets, st.threshold_windows, progress)
     timings["mobiquant_calibration"] = time.time() - t0
     ck_path = out / "mobiquant.safetensors"
@@ -514,12 +524,10 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     for k, bits in enumerate(ckpt.cumulative_bits, start=1):
         set_slices(qm, k)
         fixed[str(bits)] = {"ppl": _r(_ppl(qm, test_ids["austen"], st))}
-    sweep = _sweep(qm, ckpt.table, test_ids["austen"], st, st.sweep, progress, "elastic sweep")
+    sweep = _sweep(ckpt, test_ids["austen"], st, st.sweep, progress, "elastic sweep")
     ckpt.set_bits(3.0)
     reset_bit_stats(qm)
     _ppl(qm, test_ids["austen"], st)
-    from .mobiquant import layer_bits
-
     lb3 = {n: _r(v) for n, v in layer_bits(qm).items()}
     timings["mobiquant_eval"] = time.time() - t0
     report["mobiquant"] = {
@@ -544,20 +552,19 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "save_seconds": save_s,
         "load_seconds": load_s,
         "roundtrip_identical": identical,
-        "switch": _switch_cost(qm, ckpt.table, 2.0, 8.0),
-        "per_bit_reload": _per_bit_reload_cost(static_models["lwc"], out),
+        "switch": _switch_cost(ckpt, 2.0, 8.0),
+        "per_bit_reload": _per_bit_reload_cost(static_models["lwc"], out, vars(cfg.calib)),
     }
     timings["checkpoint"] = time.time() - t0
 
     # --- generalization: calibrated on austen, evaluated on the other domains ------------------
     t0 = time.time()
-    from .fakequant import set_bits as set_static_bits
-
     gen = {}
     for dom in BUNDLED:
-        rows = _sweep(qm, ckpt.table, test_ids[dom], st, st.general_bits, progress, f"sweep {dom}")
+        rows = _sweep(ckpt, test_ids[dom], st, st.general_bits, progress, f"sweep {dom}")
         for r in rows:
             b = r["target"]
+            r["fp"] = report["fp_eval"][dom]
             r["rtn"] = r["lwc"] = None
             if b == int(b) and int(b) in st.rtn_bits:
                 set_static_bits(static_models["rtn"], int(b))
@@ -577,9 +584,14 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     return report
 
 
-def _table_targets(step: float, slice_bits) -> list[float]:
+def table_targets(step: float, slice_bits=(2, 2, 2, 2)) -> list[float]:
+    """Evenly spaced target bits from ``B_1`` to ``B_E`` (2..8 for slices 2,2,2,2), about ``step`` apart."""
+    from .errors import MBQError
     from .mobislice import cumulative_bits
 
     cum = cumulative_bits(slice_bits)
-    n = int(round((cum[-1] - cum[0]) / step))
-    return [round(cum[0] + i * (cum[-1] - cum[0]) / n, 6) for i in range(n + 1)]
+    span = cum[-1] - cum[0]
+    if not 0 < step <= span:
+        raise MBQError(f"the threshold-table step must be in (0, {span}] bits, got {step}")
+    n = round(span / step)
+    return [round(cum[0] + i * span / n, 6) for i in range(n + 1)]

@@ -1,0 +1,225 @@
+"""The `mbq` command line: every command, its --help, and one-line errors with exit code 2 on bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mbq_ref.cli import build_parser, main
+
+COMMANDS = ("tour", "quantize", "eval", "generate", "info", "bench")
+# the smallest calibration that still exercises every step (seconds on a CPU)
+QUICK = ["--nsamples", "2", "--seqlen", "64", "--epochs", "1", "--table-step", "1", "--threshold-windows", "2"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """`mbq quantize` on the bundled model, once for this module."""
+    out = tmp_path_factory.mktemp("cli") / "tiny.mbq.safetensors"
+    assert main(["quantize", "--model", "tiny-llama", "--out", str(out), "--no-progress", *QUICK]) == 0
+    return out
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _one_line_error(capsys, *argv, match: str):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"mbq {argv[0]}: error: ") and match in lines[0], lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --- help ------------------------------------------------------------------------------------
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c != "bench"])
+def test_every_command_has_help(capsys, cmd):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert f"usage: mbq {cmd}" in capsys.readouterr().out
+
+
+def test_bench_help_is_the_benchmarks_own(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: mbq bench" in out and "--sim" in out
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("mbq")
+    assert exe, "`mbq` not on PATH: pip install -e ."
+    r = subprocess.run([exe, "eval", "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and "--max-windows" in r.stdout
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+
+
+# --- the commands on a real checkpoint --------------------------------------------------------
+def test_quantize_wrote_a_checkpoint(ckpt, capsys):
+    code, out, _ = _run(capsys, "info", ckpt)
+    assert code == 0
+    assert "tiny-llama (LlamaForCausalLM" in out and "[2, 2, 2, 2] -> [2, 4, 6, 8]" in out and "28 MoBiLinear" in out
+    code, out, _ = _run(capsys, "info", ckpt, "--json")
+    meta = json.loads(out)
+    assert meta["thresholds"]["targets"] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert meta["calibration"]["nsamples"] == 2 and meta["calibration"]["seqlen"] == 64
+    assert meta["calibration"]["config"]["calib"]["epochs"] == 1
+
+
+def test_eval_prints_ppl_and_measured_bits(ckpt, capsys):
+    code, out, _ = _run(capsys, "eval", ckpt, "--bits", "3.0", "--seqlen", "128", "--max-windows", "2", "--json", "--no-progress")
+    assert code == 0
+    row = json.loads(out)
+    assert row["windows"] == 2 and row["seqlen"] == 128 and row["mode"] == "routed"
+    assert 1 < row["ppl"] < 1e5
+    assert 2.0 <= row["measured_bits"] <= 8.0
+    code, out, _ = _run(capsys, "eval", ckpt, "--bits", "8", "--seqlen", "128", "--max-windows", "2", "--no-progress")
+    assert code == 0 and "PPL" in out and "measured average 8.000 bits" in out  # table row 8.0 = every slice
+
+
+def test_eval_static_reads_whole_slices(ckpt, capsys):
+    code, out, _ = _run(capsys, "eval", ckpt, "--bits", "4", "--static", "--seqlen", "128", "--max-windows", "1", "--json", "--no-progress")
+    assert code == 0 and json.loads(out)["measured_bits"] == 4.0
+
+
+def test_generate_schedule_switches_bits_between_tokens(ckpt, capsys):
+    code, out, _ = _run(capsys, "generate", ckpt, "--prompt", "It is a truth universally", "--schedule", "2:3,8:6", "--json", "--no-progress")
+    assert code == 0
+    res = json.loads(out)
+    steps = res["tokens"]
+    assert len(steps) == 6
+    assert [s["target_bits"] for s in steps] == [2.0] * 3 + [8.0] * 3
+    # measured from the layers: the table rows at 2 and 8 bits are "base slice only" and "every slice"
+    assert [s["measured_bits"] for s in steps] == [2.0] * 3 + [8.0] * 3
+    assert steps[3]["switch_seconds"] > 0 and steps[4]["switch_seconds"] == 0
+    assert res["text"] == "".join(s["text"] for s in steps)
+
+
+def test_generate_prints_a_table(ckpt, capsys):
+    code, out, _ = _run(capsys, "generate", ckpt, "--prompt", "Emma", "--bits", "4", "--max-new-tokens", "3", "--no-progress")
+    assert code == 0
+    assert "target measured" in out and out.count("\n") >= 5 and out.split("---\n")[1].startswith("Emma")
+
+
+# --- bad input: one line, exit 2 ---------------------------------------------------------------
+def test_missing_file(capsys, tmp_path):
+    _one_line_error(capsys, "eval", tmp_path / "nope.safetensors", "--bits", "3", match="no such file")
+
+
+def test_corrupt_file(capsys, tmp_path, ckpt):
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(ckpt.read_bytes()[:1000])
+    _one_line_error(capsys, "eval", bad, "--bits", "3", match="truncated")
+    _one_line_error(capsys, "generate", bad, "--prompt", "x", match="truncated")
+    _one_line_error(capsys, "info", bad, match="truncated")
+
+
+def test_foreign_file(capsys, tmp_path):
+    f = tmp_path / "x.safetensors"
+    f.write_text("hello, I am not a checkpoint at all")
+    _one_line_error(capsys, "eval", f, "--bits", "3", match="not a safetensors file")
+
+
+@pytest.mark.parametrize("bits", ["1.5", "8.5", "0", "-3"])
+def test_bits_out_of_range(capsys, ckpt, bits):
+    _one_line_error(capsys, "eval", ckpt, "--bits", bits, match="out of range")
+
+
+def test_bits_not_a_number(capsys, ckpt):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(ckpt), "--bits", "three"])
+    assert e.value.code == 2
+    assert "expected a number of bits" in capsys.readouterr().err
+
+
+def test_static_needs_whole_slices(capsys, ckpt):
+    _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--static", match="--static")
+
+
+def test_unknown_dataset(capsys, ckpt):
+    _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--dataset", "klingon", match="unknown dataset 'klingon'")
+
+
+def test_seqlen_over_context(capsys, ckpt):
+    _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--seqlen", "4096", match="exceeds the model's context of 512")
+
+
+def test_hub_dataset_offline_is_a_clear_error(capsys, ckpt, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--dataset", "wikitext2", "--seqlen", "128", "--max-windows", "1",
+                    match="cannot load 'wikitext2'")  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", ["2:8,6:4", "2-8", "x:3", "2:0"])
+def test_bad_schedule(capsys, ckpt, schedule):
+    _one_line_error(capsys, "generate", ckpt, "--prompt", "x", "--schedule", schedule, match="schedule")
+
+
+def test_schedule_bits_out_of_range(capsys, ckpt):
+    _one_line_error(capsys, "generate", ckpt, "--prompt", "x", "--schedule", "2:4,9:8", match="out of range")
+
+
+def test_generate_past_the_context(capsys, ckpt):
+    _one_line_error(capsys, "generate", ckpt, "--prompt", "x", "--max-new-tokens", "600", match="context")
+
+
+def test_quantize_bad_inputs(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "q.safetensors"
+    _one_line_error(capsys, "quantize", "--model", "no-such-org/no-such-model", "--out", out, match="cannot load model")
+    _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--calib", "klingon", match="unknown dataset")
+    _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--seqlen", "1024", match="exceeds the model's context")
+    _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", tmp_path, match="is a folder")
+    assert not out.exists()
+
+
+def test_bench_without_gpu_exits_2(capsys):
+    code = main(["bench"])
+    assert code == 2
+    assert "no real GPU" in capsys.readouterr().out
+
+
+def test_parser_has_documented_commands():
+    """docs/cli.md documents every sub-command and every option of each."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert f"mbq {name}" in doc, name
+        for action in p._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--") and opt != "--help":
+                    assert opt in doc, f"{opt} of `mbq {name}` is not documented in docs/cli.md"
+
+
+def test_internal_failure_exits_1():
+    """A bug (not bad input) gives a traceback and exit code 1, as the console script reports it."""
+    code = "import sys; from mbq_ref import cli; cli._cmd_info = lambda a: 1 / 0; sys.exit(cli.main(['info', 'x']))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1 and "ZeroDivisionError" in r.stderr

@@ -1,0 +1,124 @@
+"""`mbq tour` end to end with tiny settings: every section, every file, every report key documented."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbq_ref.checkpoint import load_checkpoint
+from mbq_ref.tour import TourSettings, run_tour, threshold_table
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+
+# every step of the real tour, with the smallest counts that still exercise it
+MICRO = dict(
+    fp_max_windows=1, eval_windows=1, eval_seqlen=128, rtn_bits=(2, 8), lwc_bits=(2, 3), sweep=(2.0, 3.0, 8.0),
+    table_step=2.0, threshold_windows=2, general_bits=(3.0,), calib={"nsamples": 2, "seqlen": 64, "epochs": 1},
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tour")
+    report = run_tour(out, progress=False, settings=TourSettings(**MICRO))
+    return out, report
+
+
+def _paths(obj, prefix=""):
+    """Dotted paths of the leaves of nested dicts (lists and empty dicts are leaves)."""
+    for k, v in obj.items():
+        p = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            yield from _paths(v, p)
+        else:
+            yield p
+
+
+def _documented_patterns():
+    text = DOC.read_text().split("### `report.json`")[1].split("\n## ")[0]
+    pats = []
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        for key in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            rx = re.escape(key)
+            rx = re.sub(r"\\\{([^}]*)\\\}", lambda m: "(" + m.group(1).replace(",", "|").replace("\\", "") + ")", rx)
+            rx = re.sub(r"<[^>]+>", "[^.]+", rx.replace("\\<", "<").replace("\\>", ">"))
+            pats.append((key, re.compile(rx + r"(\..*)?$")))
+    return pats
+
+
+def test_files_written(tour):
+    out, report = tour
+    for name in ("report.json", "report.md", "mobiquant.safetensors", *report["plots"]):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    md = (out / "report.md").read_text()
+    for heading in ("Full-precision perplexity", "Headline", "Static per-bit PTQ", "MoBiQuant", "One checkpoint", "Generalization"):
+        assert heading in md
+    assert sorted(report["plots"]) == ["layer_bits.png", "mismatch.png", "ppl_vs_bits.png"]
+
+
+def test_every_report_key_is_documented(tour):
+    _, report = tour
+    pats = _documented_patterns()
+    assert len(pats) > 40
+    undocumented = [p for p in _paths(report) if not any(rx.match(p) for _, rx in pats)]
+    assert not undocumented, f"report.json keys missing from docs/cli.md: {undocumented[:10]}"
+    paths = list(_paths(report))
+    stale = [key for key, rx in pats if not any(rx.match(p) for p in paths)]
+    assert not stale, f"docs/cli.md documents keys the tour does not write: {stale}"
+
+
+def test_fp_section_keeps_its_keys(tour):
+    _, report = tour
+    assert set(report["fp"]) == {"austen", "bible", "shakespeare"}
+    for row in report["fp"].values():
+        assert set(row) == {"ppl", "windows", "tokens"} and row["ppl"] > 1 and row["windows"] == 1
+
+
+def test_numbers_are_consistent(tour):
+    _, report = tour
+    mq = report["mobiquant"]
+    assert [r["target"] for r in mq["sweep"]] == [2.0, 3.0, 8.0]
+    # the table's 2- and 8-bit rows are "base slice only" and "every slice": exact on any text
+    assert mq["sweep"][0]["test_bits"] == 2.0 and mq["sweep"][-1]["test_bits"] == 8.0
+    assert mq["fixed"]["8"]["ppl"] == mq["sweep"][-1]["ppl"]
+    assert set(mq["fixed"]) == {"2", "4", "6", "8"}
+    assert set(report["static"]["lwc"]["2"]["eval_at_bits"]) == {"2", "3"}
+    assert report["checkpoint"]["roundtrip_identical"] is True
+    assert report["checkpoint"]["switch"]["weight_bytes_loaded"] == 0
+    assert set(report["generalization"]) == {"austen", "bible", "shakespeare"}
+    assert report["headline"]["rows"][1]["rtn"] is None  # RTN was not run at 3 bits in this micro tour
+    assert report["headline"]["rows"][1]["lwc"] == report["static"]["lwc"]["3"]["ppl"]
+
+
+def test_checkpoint_from_the_tour_loads_and_routes(tour):
+    out, _ = tour
+    ck = load_checkpoint(out / "mobiquant.safetensors", expect_model="tiny-llama")
+    assert ck.meta["base_model"]["id"] == "tiny-llama"
+    assert ck.meta["thresholds"]["targets"] == [2.0, 4.0, 6.0, 8.0]
+    assert ck.meta["calibration"]["nsamples"] == 2
+
+
+def test_threshold_table_is_monotone_and_exact_at_the_ends():
+    """The table on a barely calibrated random model: ends exact, thresholds and bits monotone."""
+    from helpers import random_llama
+
+    from mbq_ref.calibrate import CalibConfig
+    from mbq_ref.mobiquant import MoBiConfig, quantize_mobiquant
+
+    model = random_llama("llama", layers=1)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    quantize_mobiquant(model, ids, MoBiConfig(calib=CalibConfig(nsamples=2, seqlen=32, epochs=1, batch_size=2)), progress=False)
+    table = threshold_table(model, ids, [2.0, 3.0, 5.0, 8.0])
+    assert table[2.0]["achieved"] == 2.0 and table[8.0]["achieved"] == 8.0
+    logits = [next(iter(v["logits"].values())) for v in table.values()]
+    assert logits == sorted(logits, reverse=True)  # more bits = lower threshold
+    achieved = [v["achieved"] for v in table.values()]
+    assert achieved == sorted(achieved)
+    # an untrained router scores all 64 tokens alike, so the curve jumps in big steps;
+    # each target still gets the closest measured point
+    assert all(2.0 <= a <= 8.0 for a in achieved)
