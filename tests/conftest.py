@@ -16,3 +16,13 @@ def tiny_tokenizer():
     from mbq_ref.zoo import load_tokenizer
 
     return load_tokenizer("tiny-llama")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of small tensors: two threads on a shared 2-core
+    machine can be 10-40x slower (measured), and one is about as fast on an idle one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

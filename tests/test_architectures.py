@@ -19,13 +19,13 @@ HIDDEN, FFN, VOCAB = 128, 256, 8192  # vocab of the bundled tokenizer; every K a
 
 ARCHS = {
     # Llama 2: multi-head attention, RoPE base 1e4
-    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, rope_theta=1e4)),
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4, "rope_theta": 1e4}),
     # Llama 3: grouped-query attention, RoPE base 5e5
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=5e5)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2, "rope_theta": 5e5}),
     # Qwen2: biases on q/k/v (MoBiLinear keeps them), GQA
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
     # Mistral: GQA and a sliding attention window
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=32)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": 32}),
 }
 
 

@@ -27,13 +27,7 @@ from mbq_ref.mobislice import SlicedWeight
 from mbq_ref.quantizer import rtn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one intra-op thread (two on a shared 2-core machine can be many times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weight(seed, n=16, k=256, heavy=False):

@@ -10,13 +10,7 @@ from mbq_ref.quantizer import QuantError
 K, N, G = 256, 96, 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matmuls: one intra-op thread; two on a shared 2-core machine can be 30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(seed=0, bias=True, **kw):

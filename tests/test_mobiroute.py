@@ -26,13 +26,7 @@ from mbq_ref.mobiroute import (
 SLICES = (2, 2, 2, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matmuls: one intra-op thread; two on a shared 2-core machine can be 30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_forced_logits_known_answer():

@@ -13,10 +13,11 @@ from mbq_ref.tour import TourSettings, run_tour, threshold_table
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 # every step of the real tour, with the smallest counts that still exercise it
-MICRO = dict(
-    fp_max_windows=1, eval_windows=1, eval_seqlen=128, rtn_bits=(2, 8), lwc_bits=(2, 3), sweep=(2.0, 3.0, 8.0),
-    table_step=2.0, threshold_windows=2, general_bits=(3.0,), calib={"nsamples": 2, "seqlen": 64, "epochs": 1},
-)  # fmt: skip
+MICRO = {
+    "fp_max_windows": 1, "eval_windows": 1, "eval_seqlen": 128, "rtn_bits": (2, 8), "lwc_bits": (2, 3),
+    "sweep": (2.0, 3.0, 8.0), "table_step": 2.0, "threshold_windows": 2, "general_bits": (3.0,),
+    "calib": {"nsamples": 2, "seqlen": 64, "epochs": 1},
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
