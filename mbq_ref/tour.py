@@ -355,8 +355,8 @@ def _fmt(x) -> str:
 
 def _write_markdown(report: dict, path: Path) -> None:
     st = report["setup"]
-    lines = ["# mbq tour report", "", f"Generated {report['meta']['timestamp']} on {report['meta']['machine']}, "
-             f"{report['meta']['wall_seconds']} s wall.", ""]  # fmt: skip
+    lines = ["# mbq tour report", "", (f"Generated {report['meta']['timestamp']} on {report['meta']['machine']}, "
+             f"{report['meta']['wall_seconds']} s wall."), ""]  # fmt: skip
     lines += ["## Full-precision perplexity (bundled tiny-llama)", "", "| domain | PPL | windows x seqlen |", "|---|---|---|"]
     for name, r in report["fp"].items():
         lines.append(f"| {name} | {r['ppl']:.3f} | {r['windows']} x {TOUR_SEQLEN} |")
@@ -384,8 +384,8 @@ def _write_markdown(report: dict, path: Path) -> None:
     for c, v in report["static"]["lwc"].items():
         lines.append(f"| {c} | " + " | ".join(f"{v['eval_at_bits'][b]:.3f}" for b in bits) + " |")
     mq = report["mobiquant"]
-    lines += ["", "## MoBiQuant", "", f"Calibrated in {mq['calibration_seconds']:.1f} s (two stages, Alg. 1); "
-              f"threshold table ({len(mq['table_targets'])} targets) in {mq['threshold_table_seconds']:.1f} s.", "",
+    lines += ["", "## MoBiQuant", "", (f"Calibrated in {mq['calibration_seconds']:.1f} s (two stages, Alg. 1); "
+              f"threshold table ({len(mq['table_targets'])} targets) in {mq['threshold_table_seconds']:.1f} s."), "",
               "Every token reads k slices:", "", "| bits | PPL |", "|---|---|"]  # fmt: skip
     for b, v in mq["fixed"].items():
         lines.append(f"| {b} | {v['ppl']:.3f} |")
@@ -395,10 +395,10 @@ def _write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {r['target']:.2f} | {r['test_bits']:.3f} | {r['ppl']:.3f} |")
     ck = report["checkpoint"]
     lines += ["", "## One checkpoint, any precision", "",
-              f"`{ck['file']}`: {ck['bytes']:,} bytes, saved in {ck['save_seconds']:.2f} s, loaded and verified in "
-              f"{ck['load_seconds']:.2f} s; reloaded logits identical: {ck['roundtrip_identical']}.", "",
-              f"Switching precision: {1e6 * ck['switch']['seconds']:.1f} µs, {ck['switch']['bytes_written']} bytes of "
-              f"thresholds written, 0 weight bytes loaded. Per-bit static checkpoints instead:", "",
+              (f"`{ck['file']}`: {ck['bytes']:,} bytes, saved in {ck['save_seconds']:.2f} s, loaded and verified in "
+               f"{ck['load_seconds']:.2f} s; reloaded logits identical: {ck['roundtrip_identical']}."), "",
+              (f"Switching precision: {1e6 * ck['switch']['seconds']:.1f} µs, {ck['switch']['bytes_written']} bytes of "
+               "thresholds written, 0 weight bytes loaded. Per-bit static checkpoints instead:"), "",
               "| bits | file bytes (codes bit-packed) | load time (s) |", "|---|---|---|"]  # fmt: skip
     for b, v in ck["per_bit_reload"].items():
         lines.append(f"| {b} | {v['file_bytes']:,} | {v['load_seconds']:.3f} |")
