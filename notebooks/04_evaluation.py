@@ -182,11 +182,11 @@ for d in BUNDLED:
         rows += [(d, label, float(b), v) for b, v in base[meth].items()]
 
 methods = ["MoBiQuant", "LWC (per-bit)", "RTN (per-bit)", "MSB truncation"]
-print(f"{'domain':12s} {'method':15s} " + " ".join(f"{'bits':>5s} {'PPL':>8s}" for _ in range(3)))
+print(f"{'domain':12s} {'method':15s}  (measured bits, PPL) at each point")
 for d in BUNDLED:
     for meth in methods:
         pts = [(b, p) for dd, mm, b, p in rows if dd == d and mm == meth]
-        print(f"{d:12s} {meth:15s} " + "  ".join(f"{b:4.2f} {p:8.2f}" for b, p in pts))
+        print(f"{d:12s} {meth:15s} " + " ".join(f"({b:4.2f}, {p:6.2f})" for b, p in pts))
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=False)
@@ -322,7 +322,7 @@ PAPER_REPORTED = [  # (setting, model, metric, value, source in the paper)
     ("calibrated at 3 bits, top-10% 3-bit outlier tokens kept at 3 bits, rest at 4", "LLaMA3-8B", "WikiText2 PPL", 9.01, "Fig. 1"),
     ("calibrated at 4 bits, run at 4 bits", "LLaMA3-8B", "WikiText2 PPL", 7.41, "Fig. 1"),
     ("MoBiQuant (token-routed, 4 bits)", "LLaMA3-8B", "WikiText2 PPL", 7.31, "Fig. 1"),
-    ("AnyPrecisionLLM @ 2 bits", "LLaMA2-7B", "WikiText2 PPL", 2e3, "Table 1 (~2e3, collapse)"),
+    ("AnyPrecisionLLM @ 2 bits", "LLaMA2-7B", "WikiText2 PPL", "~2e3 (collapse)", "Table 1"),
     ("AnyBCQ @ 2 bits", "LLaMA2-7B", "WikiText2 PPL", 15.38, "Table 1"),
     ("MoBiQuant @ 2 bits", "LLaMA2-7B", "WikiText2 PPL", 10.91, "Table 1"),
     ("MoBiQuant decode @ 2/3/4 bits", "LLaMA2-7B", "tokens/s (A100)", "404 / 311 / 256", "Table 1"),
