@@ -12,7 +12,8 @@ Tensors (names are module paths of the HF model)::
                                               (slices 2,2,2,2: bits 7-6 slice 1, 5-4 slice 2, ...);
                                               int32 if the slices total more than 8 bits
     q.<layer>.scale       float32 [N, K/g]    base-slice scale s (shared by every slice, Sec. 4.3)
-    q.<layer>.zero        uint8   [N, K/g]    base-slice integer zero point z (float32 if it does not fit)
+    q.<layer>.zero        uint8   [N, K/g]    integer zero point z_E on the finest (B_E-bit) grid
+                                              (float32 if it does not fit; format version 2)
     q.<layer>.bias        [N]                 only for layers with a bias (Qwen2 q/k/v)
     q.<layer>.router.*    float32             MoBiRoute MLP (Eq. 4): fc1 [H, K], fc2 [E-1, H], in_scale []
     q.<layer>.tau_logit   float64 []          the layer's threshold logit(τ) when saved
@@ -90,7 +91,9 @@ FORMAT = "mbq-ref/mobiquant"
 #: The same for a static per-bit checkpoint (the baseline a MoBiQuant file replaces).
 STATIC_FORMAT = "mbq-ref/static"
 #: Bumped whenever the tensor layout or the metadata schema changes incompatibly.
-FORMAT_VERSION = 1
+#: Version 2: ``q.<layer>.zero`` holds the MoBiSlice zero point ``z_E`` on the finest (B_E-bit) grid
+#: (:mod:`mbq_ref.mobislice`); version 1 stored ``z_1`` on the base grid.
+FORMAT_VERSION = 2
 
 # safetensors refuses headers above 100 MB; a bigger length field means "not safetensors"
 _MAX_HEADER = 100_000_000
@@ -306,8 +309,9 @@ def _parse_meta(path: Path, raw: dict) -> dict:
         raise TamperedCheckpointError(f"{path}: the mbq_meta header entry is missing or not JSON") from exc
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
+        why = " (version 1 stored the MoBiSlice zero point on the base grid)" if version == 1 else ""
         raise VersionMismatchError(
-            f"{path} uses checkpoint format version {version}, this mbq-ref reads version {FORMAT_VERSION}; "
+            f"{path} uses checkpoint format version {version}{why}, this mbq-ref reads version {FORMAT_VERSION}; "
             "re-create it with this version's `mbq quantize` (or install the mbq-ref that wrote it)"
         )
     want = raw.get("meta_sha256")
@@ -335,8 +339,8 @@ def _layer_tensors(name: str, m) -> dict[str, torch.Tensor]:
     sw = m.sliced if m.sliced is not None else m.freeze()
     out = {f"q.{name}.codes": sw.codes.detach().cpu().contiguous(), f"q.{name}.scale": sw.scale.detach().cpu().float()}
     z = sw.zero.detach().cpu()
-    # z is integer-valued (floor grid, rounded); uint8 is lossless when it fits, which it does for
-    # any range containing 0 (z in 0..2^b1); otherwise keep it as float32
+    # z_E is integer-valued (finest grid); uint8 is lossless when it fits, which it does for any
+    # range containing 0 with B_E <= 8 (z_E in 0..2^B_E - 1); otherwise keep it as float32
     fits = bool(((z >= 0) & (z <= 255) & (z == z.round())).all())
     out[f"q.{name}.zero"] = z.to(torch.uint8) if fits else z.float()
     if m.bias is not None:

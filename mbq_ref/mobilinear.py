@@ -48,7 +48,7 @@ from .mobiroute import (
     tau_to_logit,
     warmup_weight,
 )
-from .mobislice import SlicedWeight, check_slice_bits, cumulative_bits, floor_scale_zero, slice_codes, slice_deltas
+from .mobislice import ZERO_GRIDS, SlicedWeight, check_slice_bits, cumulative_bits, floor_scale_zero, slice_codes, slice_deltas
 from .quantizer import LearnableClip, check_weight
 
 __all__ = ["STAGES", "MoBiError", "MoBiLinear", "sliced_matmul"]
@@ -111,6 +111,8 @@ class MoBiLinear(nn.Module):
             (our addition, not in the paper; 0 = off), see :meth:`calib_loss`.
         tau: routing threshold ``τ`` (training uses it too; 0.5 = score 0).
         clip_init, router_init_bias: initial LWC logit (OmniQuant: 4.0) and router bias.
+        zero_grid: scale/zero rule of :func:`mbq_ref.mobislice.floor_scale_zero`
+            (``"finest"``: no weight inside the learned range is clipped; ``"base"``: the earlier rule).
 
     Calibration contract (``docs/design.md``): :meth:`calib_parameters`,
     :meth:`calib_loss`, :meth:`fp_forward` and ``calib_stage``. Setting
@@ -131,9 +133,13 @@ class MoBiLinear(nn.Module):
         tau: float = 0.5,
         clip_init: float = 4.0,
         router_init_bias: float = 1.0,
+        zero_grid: str = "finest",
     ):
         super().__init__()
         self.name = name
+        if zero_grid not in ZERO_GRIDS:
+            raise MoBiError(f"unknown zero_grid {zero_grid!r}; use one of {ZERO_GRIDS} (layer {name!r})")
+        self.zero_grid = zero_grid
         try:
             self.slice_bits = check_slice_bits(slice_bits)
         except MBQError as exc:
@@ -205,9 +211,9 @@ class MoBiLinear(nn.Module):
 
     # --- quantizer ----------------------------------------------------------
     def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base-slice ``(s, z)`` ``[N, K/g]`` from the learned clip range (floor grid, ``2^{b_1}`` cells)."""
+        """Base scale and finest-grid zero point ``(s, z_E)`` ``[N, K/g]`` from the learned clip range."""
         xmin, xmax = self.clip(self.weight)
-        return floor_scale_zero(xmin, xmax, self.slice_bits[0])
+        return floor_scale_zero(xmin, xmax, self.slice_bits, self.zero_grid)
 
     def slice_deltas(self) -> list[torch.Tensor]:
         """Differentiable ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_E]`` (each ``[N, K]`` float32) from the current clipping."""

@@ -5,9 +5,14 @@ slices of ``b_e`` bits (default ``2,2,2,2``). Reading the first ``k`` slices
 gives a ``B_k = b_1 + ... + b_k``-bit weight (2/4/6/8 bits), so one stored model
 serves every precision. The formulation (see ``docs/design.md``):
 
+One scale ``s`` (the base slice's step) and one integer zero point ``z_E`` per
+group, the latter on the *finest* (``B_E``-bit) grid. Reading ``k`` slices uses::
+
+    s_k = s / 2^{B_k - B_1}          z_k = z_E / 2^{B_E - B_k}     (z_1 may be fractional)
+
 Base slice, floor-aligned and mid-rise ("truncation-ready", App. B)::
 
-    q_1 = clamp(floor(W / s) + z, 0, 2^b1 - 1)          Ŵ_1 = s (q_1 - z + 1/2)
+    q_1 = clamp(floor(W / s + z_1), 0, 2^b1 - 1)          Ŵ_1 = s (q_1 - z_1 + 1/2)
 
 Residual slice ``e > 1`` with a fixed mid-code zero point and the step divided
 by ``2^{b_e}`` (the paper's "next scale = previous / 2^b")::
@@ -18,17 +23,37 @@ by ``2^{b_e}`` (the paper's "next scale = previous / 2^b")::
 
 Concatenating the codes, ``Q_k = Q_{k-1} << b_k | q_k``, gives exactly::
 
-    Ŵ_k = s_k (Q_k - z_k + 1/2),   s_k = s / 2^{B_k - b_1},   z_k = z 2^{B_k - b_1}
-    Q_{k-1} = Q_k >> b_k
+    Ŵ_k = s_k (Q_k - z_k + 1/2),     Q_{k-1} = Q_k >> b_k
 
 so a lower precision is the top bits of a higher one (nested codes), and
 dequantization is shift-and-add on the integer code followed by one multiply
-with the single shared scale (Sec. 4.3). The kernels in ``cuda_numba`` read the
-stored ``Q_E`` bit-planes directly.
+with the single shared scale (Sec. 4.3). Because ``z_E`` is an integer, the
+recursion is the same as one floor on the finest grid,
+``Q_E = floor(W / s_E + z_E)`` while nothing clamps, and the kernels in
+``cuda_numba`` read the stored ``Q_E`` bit-planes directly.
 
-Example, one weight, slices 2,2,2,2, s = 1, z = 2, W = 0.8::
+Choosing ``s`` and ``z_E`` for a group range ``[xmin, xmax]`` (:func:`floor_scale_zero`):
 
-    q_1 = floor(0.8) + 2 = 2              Ŵ_1 = 1 (2 - 2 + .5)     = 0.5
+* ``zero_grid="finest"`` (default)::
+
+      s_E = (xmax - xmin) / (2^B_E - 1)      z_E = ceil(-xmin / s_E)      s = s_E 2^{B_E - B_1}
+
+  Then ``0 <= W / s_E + z_E < 2^B_E`` for every ``W`` in ``[xmin, xmax]``
+  (``xmin / s_E + z_E`` is in ``[0, 1)`` and the top end is below
+  ``2^B_E - 1 + 1``): no weight in the range is clipped at any precision, and
+  ``|W - Ŵ_k| <= s_k / 2`` for every ``k``.
+* ``zero_grid="base"`` (the earlier rule, kept for comparison)::
+
+      s = (xmax - xmin) / 2^b1      z_1 = round(-xmin / s)      z_E = z_1 2^{B_E - B_1}
+
+  Rounding ``z_1`` on the coarse base grid shifts the covered range
+  ``[-z_1 s, (2^b1 - z_1) s)`` by up to ``s/2``, so weights near one end of the
+  group fall outside it and stay clipped at every precision (the residual codes
+  saturate): at 8 bits their error is up to ``s/2`` instead of ``s_E/2``.
+
+Example, one weight, slices 2,2, s = 1, z_E = 8 (z_1 = 2), W = 0.8::
+
+    q_1 = floor(0.8 + 2) = 2              Ŵ_1 = 1 (2 - 2 + .5)     = 0.5
     q_2 = floor(0.3 / .25) + 2 = 3        Ŵ_2 = .5 + .25 (3-2+.5)  = 0.875
     Q_2 = 2 << 2 | 3 = 0b1011 = 11        Ŵ_2 = .25 (11 - 8 + .5)  = 0.875  (same)
 """
@@ -45,7 +70,9 @@ __all__ = [
     "SliceError",
     "check_slice_bits",
     "cumulative_bits",
+    "ZERO_GRIDS",
     "floor_scale_zero",
+    "zero_at",
     "slice_deltas",
     "slice_codes",
     "nested_code",
@@ -89,6 +116,9 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, k // group_size, group_size)
 
 
+ZERO_GRIDS = ("finest", "base")
+
+
 def _floor_ste(x: torch.Tensor) -> torch.Tensor:
     """floor in the forward pass, identity gradient (straight-through estimator)."""
     return x + (torch.floor(x) - x).detach()
@@ -98,22 +128,50 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def floor_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, base_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point that tile ``[xmin, xmax]`` with ``2^b`` floor cells.
+def _ceil_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.ceil(x) - x).detach()
 
-    Mid-rise floor quantization needs ``2^b`` cells of width ``s`` (not OmniQuant's
-    ``2^b - 1`` steps of round-to-nearest): ``s = (xmax - xmin) / 2^b``,
-    ``z = round(-xmin / s)``. Differentiable in ``xmin``/``xmax`` (``z`` through a
-    straight-through round), so learnable clipping can train it.
+
+def zero_at(zero: torch.Tensor, slice_bits, k: int) -> torch.Tensor:
+    """``z_k = z_E / 2^{B_E - B_k}``: the zero point of a ``k``-slice reading (exact: a power-of-two division)."""
+    cum = cumulative_bits(slice_bits)
+    return zero / 2 ** (cum[-1] - cum[k - 1])
+
+
+def floor_scale_zero(
+    xmin: torch.Tensor, xmax: torch.Tensor, slice_bits=(2, 2, 2, 2), zero_grid: str = "finest"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base scale ``s`` and finest-grid integer zero point ``z_E`` for group ranges ``[xmin, xmax]``.
+
+    ``zero_grid="finest"`` (default): ``s_E = (xmax - xmin) / (2^B_E - 1)``,
+    ``z_E = ceil(-xmin / s_E)``, ``s = s_E 2^{B_E - B_1}``; every ``W`` in
+    ``[xmin, xmax]`` has ``0 <= W / s_E + z_E < 2^B_E``, so no weight in the range
+    is clipped at any precision (module docstring).
+
+    ``zero_grid="base"``: the earlier rule, ``s = (xmax - xmin) / 2^{b_1}``,
+    ``z_1 = round(-xmin / s)`` on the base grid, returned as ``z_E = z_1 2^{B_E - B_1}``
+    (it clips up to ``s/2`` at one end of the range, at every precision).
+
+    Both are differentiable in ``xmin``/``xmax`` (the zero point through a
+    straight-through ceil/round), so learnable clipping (LWC) trains either.
 
     Args:
         xmin, xmax: ``[N, G]`` group ranges (``xmin <= 0 <= xmax`` not required).
+        slice_bits: the slice widths ``(b_1, ..., b_E)``.
+        zero_grid: ``"finest"`` or ``"base"``.
     Returns:
-        ``(s, z)``, both ``[N, G]``; ``z`` holds integer values (float dtype).
+        ``(s, z_E)``, both ``[N, G]``; ``z_E`` holds integer values (float dtype).
     """
-    s = ((xmax - xmin) / (2**base_bits)).clamp(min=1e-8)
-    z = _round_ste(-xmin / s)
-    return s, z
+    cum = cumulative_bits(slice_bits)
+    shift = cum[-1] - cum[0]  # B_E - B_1
+    if zero_grid == "finest":
+        s_fine = ((xmax - xmin) / (2 ** cum[-1] - 1)).clamp(min=1e-8 / 2**shift)
+        z = _ceil_ste(-xmin / s_fine)
+        return s_fine * 2**shift, z
+    if zero_grid == "base":
+        s = ((xmax - xmin) / (2 ** cum[0])).clamp(min=1e-8)
+        return s, _round_ste(-xmin / s) * 2**shift
+    raise SliceError(f"unknown zero_grid {zero_grid!r}; use one of {ZERO_GRIDS}")
 
 
 def slice_deltas(
@@ -132,17 +190,17 @@ def slice_deltas(
 
     Args:
         w: ``[N, K]`` float weight.
-        scale, zero: ``[N, K/g]`` base-slice scale and integer zero point.
+        scale, zero: ``[N, K/g]`` base scale ``s`` and finest-grid integer zero point ``z_E``.
     Returns:
         ``E`` tensors of shape ``[N, K]``.
     """
     bits = check_slice_bits(slice_bits)
     wg = _groups(w, group_size)  # [N, G, g]
     s = scale.unsqueeze(-1)
-    z = zero.unsqueeze(-1)
+    z1 = zero_at(zero, bits, 1).unsqueeze(-1)  # base zero z_1 = z_E / 2^{B_E - B_1}, may be fractional
     fl = _floor_ste if ste else torch.floor
-    q = torch.clamp(fl(wg / s) + z, 0, 2 ** bits[0] - 1)  # base code q_1
-    w_hat = s * (q - z + 0.5)  # Ŵ_1
+    q = torch.clamp(fl(wg / s + z1), 0, 2 ** bits[0] - 1)  # base code q_1
+    w_hat = s * (q - z1 + 0.5)  # Ŵ_1
     out = [w_hat]
     s_e = s
     for b in bits[1:]:
@@ -161,8 +219,11 @@ def slice_codes(
 ) -> torch.Tensor:
     """The stored integer code ``Q_E`` per weight (all slices concatenated, MSB first).
 
+    Args:
+        w: ``[N, K]`` float weight.
+        scale, zero: ``[N, K/g]`` base scale ``s`` and finest-grid integer zero point ``z_E``.
     Returns:
-        ``[N, K]`` ``torch.uint8`` when ``B_E <= 8`` else ``torch.int16``/``int32``.
+        ``[N, K]`` ``torch.uint8`` when ``B_E <= 8`` else ``torch.int32``.
         Bits ``[B_E - B_k, B_E)`` hold slices ``1..k`` (see :func:`nested_code`).
     """
     bits = check_slice_bits(slice_bits)
@@ -170,10 +231,10 @@ def slice_codes(
         raise SliceError("weight contains NaN/inf; cannot slice it")
     wg = _groups(w, group_size).double()  # float64: exact floors for the integer codes
     s = scale.double().unsqueeze(-1)
-    z = zero.double().unsqueeze(-1)
-    q = torch.clamp(torch.floor(wg / s) + z, 0, 2 ** bits[0] - 1)
+    z1 = zero_at(zero.double(), bits, 1).unsqueeze(-1)
+    q = torch.clamp(torch.floor(wg / s + z1), 0, 2 ** bits[0] - 1)
     code = q.clone()
-    w_hat = s * (q - z + 0.5)
+    w_hat = s * (q - z1 + 0.5)
     s_e = s
     for b in bits[1:]:
         s_e = s_e / 2**b
@@ -207,7 +268,7 @@ def dequant_codes(
 
     Args:
         codes: ``[N, K]`` stored ``Q_E`` (from :func:`slice_codes`).
-        scale, zero: ``[N, K/g]`` base scale and zero point.
+        scale, zero: ``[N, K/g]`` base scale ``s`` and finest-grid integer zero point ``z_E``.
         k: slices to read (default: all).
     Returns:
         ``[N, K]`` weight in ``dtype``.
@@ -218,7 +279,7 @@ def dequant_codes(
     shift = cum[k - 1] - cum[0]
     cg = _groups(qk, group_size).double()
     s_k = scale.double().unsqueeze(-1) / 2**shift
-    z_k = zero.double().unsqueeze(-1) * 2**shift
+    z_k = zero_at(zero.double(), slice_bits, k).unsqueeze(-1)
     return (s_k * (cg - z_k + 0.5)).reshape(codes.shape).to(dtype)
 
 
@@ -232,8 +293,8 @@ class SlicedWeight:
     """
 
     codes: torch.Tensor  # [N, K] uint8 / int32
-    scale: torch.Tensor  # [N, K/g] float
-    zero: torch.Tensor  # [N, K/g] integer-valued
+    scale: torch.Tensor  # [N, K/g] float, base scale s
+    zero: torch.Tensor  # [N, K/g] integer-valued z_E, on the finest (B_E-bit) grid
     slice_bits: tuple[int, ...] = (2, 2, 2, 2)
     group_size: int = 128
 
@@ -245,15 +306,19 @@ class SlicedWeight:
         group_size: int = 128,
         xmin: torch.Tensor | None = None,
         xmax: torch.Tensor | None = None,
+        zero_grid: str = "finest",
     ) -> "SlicedWeight":
-        """Slice ``w`` with the base range ``[xmin, xmax]`` per group (default: the group's min/max, i.e. RTN-style)."""
+        """Slice ``w`` with the range ``[xmin, xmax]`` per group (default: the group's min/max, i.e. RTN-style).
+
+        ``zero_grid`` picks the scale/zero rule of :func:`floor_scale_zero`.
+        """
         bits = check_slice_bits(slice_bits)
         wg = _groups(w.detach(), group_size)
         if xmin is None:
             xmin = wg.amin(-1)
         if xmax is None:
             xmax = wg.amax(-1)
-        s, z = floor_scale_zero(xmin.detach(), xmax.detach(), bits[0])
+        s, z = floor_scale_zero(xmin.detach(), xmax.detach(), bits, zero_grid)
         return cls(slice_codes(w, s, z, bits, group_size), s.detach().clone(), z.detach().clone(), bits, group_size)
 
     @property

@@ -271,6 +271,14 @@ def test_version_mismatch_refused(saved, tmp_path):
         load_checkpoint(bad)
 
 
+def test_version_1_checkpoint_refused_with_one_line_reason(saved, tmp_path):
+    # version 1 stored the MoBiSlice zero point on the base grid; reading its codes with today's rule would be wrong
+    old = _rewrite_meta(saved, tmp_path / "v1.safetensors", lambda m: m.update(format_version=1), rehash=True)
+    with pytest.raises(VersionMismatchError, match="version 1 .*zero point.*reads version 2") as exc:
+        load_checkpoint(old)
+    assert "\n" not in str(exc.value)
+
+
 def test_foreign_safetensors_refused(tmp_path):
     from safetensors.torch import save_file
 

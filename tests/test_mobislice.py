@@ -1,5 +1,7 @@
 """MoBiSlice invariants (paper Sec. 4.1, App. B): nested codes, error bounds, memory."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 from mbq_ref.mobislice import (
     SlicedWeight,
+    ZERO_GRIDS,
     SliceError,
     cumulative_bits,
     dequant_codes,
@@ -14,7 +17,9 @@ from mbq_ref.mobislice import (
     nested_code,
     slice_codes,
     slice_deltas,
+    zero_at,
 )
+from mbq_ref.baselines import baseline_weights, relative_error
 
 SLICES = [(2, 2, 2, 2), (3, 3), (4, 2, 2), (1, 1, 1, 1, 1, 1, 1, 1), (2, 3, 3)]
 
@@ -26,7 +31,7 @@ def _weight(seed, n, k, scale=1.0):
 
 def test_worked_example_from_docstring():
     w = torch.full((1, 4), 0.8)
-    s, z = torch.ones(1, 1), torch.full((1, 1), 2.0)
+    s, z = torch.ones(1, 1), torch.full((1, 1), 8.0)  # z_E = 8 on the 4-bit grid, z_1 = 2
     codes = slice_codes(w, s, z, (2, 2), group_size=4)
     assert codes[0, 0].item() == 0b1011
     assert dequant_codes(codes, s, z, (2, 2), k=1, group_size=4)[0, 0].item() == 0.5
@@ -41,10 +46,11 @@ def test_worked_example_from_docstring():
     gs=st.sampled_from([4, 8, 32]),
     bits=st.sampled_from(SLICES),
     scale=st.floats(1e-3, 1e3),
+    zero_grid=st.sampled_from(ZERO_GRIDS),
 )
-def test_codes_nested_and_recursion_equals_integer_formula(seed, n, groups, gs, bits, scale):
+def test_codes_nested_and_recursion_equals_integer_formula(seed, n, groups, gs, bits, scale, zero_grid):
     w = _weight(seed, n, groups * gs, scale)
-    sw = SlicedWeight.from_float(w, bits, gs)
+    sw = SlicedWeight.from_float(w, bits, gs, zero_grid=zero_grid)
     deltas = slice_deltas(w.double(), sw.scale.double(), sw.zero.double(), bits, gs)
     cum = cumulative_bits(bits)
     acc = torch.zeros_like(w, dtype=torch.float64)
@@ -59,12 +65,73 @@ def test_codes_nested_and_recursion_equals_integer_formula(seed, n, groups, gs, 
 
 
 @settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from(SLICES), gs=st.sampled_from([8, 32]),
+       scale=st.floats(1e-3, 1e3), shift=st.floats(-2, 2))
+def test_finest_grid_clips_nothing_inside_min_max(seed, bits, gs, scale, shift):
+    # min/max ranges (also groups that do not contain 0): every weight keeps |W - Ŵ_k| <= s_k / 2 at EVERY level
+    w = (_weight(seed, 6, 2 * gs) + shift) * scale
+    sw = SlicedWeight.from_float(w, bits, gs)
+    cum = cumulative_bits(bits)
+    s = sw.scale.repeat_interleave(gs, 1).double()
+    assert torch.equal(sw.zero, sw.zero.round())  # z_E is an integer
+    for k in range(1, len(bits) + 1):
+        s_k = s / 2 ** (cum[k - 1] - cum[0])
+        err = (w.double() - sw.dequant(k, torch.float64)).abs()
+        assert (err <= s_k / 2 * (1 + 1e-5)).all(), f"clipped at k={k}"
+    # equivalently, the stored code is one floor on the finest grid: Q_E = floor(W / s_E + z_E), never clamped
+    s_fine = s / 2 ** (cum[-1] - cum[0])
+    fine = w.double() / s_fine + sw.zero.repeat_interleave(gs, 1).double()
+    assert fine.min() >= -1e-5 and fine.max() < 2 ** cum[-1] + 1e-5
+
+
+def test_finest_rule_in_numbers():
+    # the docstring's rule, by hand: s_E = (xmax - xmin) / (2^B_E - 1), z_E = ceil(-xmin / s_E), s = s_E 2^(B_E - B_1)
+    s, z = floor_scale_zero(torch.tensor([[-1.0]]), torch.tensor([[2.0]]), (2, 2, 2, 2))
+    s_fine = 3.0 / 255
+    assert s.item() == pytest.approx(s_fine * 64) and z.item() == math.ceil(1.0 / s_fine) == 85
+    assert zero_at(z, (2, 2, 2, 2), 1).item() == 85 / 64  # the base zero point may be fractional
+    with pytest.raises(SliceError, match="zero_grid"):
+        floor_scale_zero(torch.zeros(1, 1), torch.ones(1, 1), (2, 2), "coarse")
+
+
+def _proj_weights(tiny_llama, limit=None):
+    model, _ = tiny_llama
+    ws = [m.weight.detach().float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    return ws[:limit]
+
+
+def _rel_err(ws, fn):
+    num = sum(float((w.double() - fn(w).double()).pow(2).sum()) for w in ws)
+    return math.sqrt(num / sum(float(w.double().pow(2).sum()) for w in ws))
+
+
+def test_8bit_error_matches_rtn_on_the_bundled_model(tiny_llama):
+    ws = _proj_weights(tiny_llama)
+    rtn8 = _rel_err(ws, lambda w: baseline_weights(w, "rtn", (8,), 128)[8])
+    finest = _rel_err(ws, lambda w: SlicedWeight.from_float(w, (2, 2, 2, 2), 128).dequant(4))
+    base = _rel_err(ws, lambda w: SlicedWeight.from_float(w, (2, 2, 2, 2), 128, zero_grid="base").dequant(4))
+    assert finest <= 1.05 * rtn8
+    # the old base-grid rule really clips (so chapter 2's comparison of the two rules is a real one)
+    assert base > 2 * rtn8
+
+
+def test_base_rule_clips_some_bundled_weights_at_every_precision(tiny_llama):
+    w = _proj_weights(tiny_llama, 1)[0]
+    for zero_grid, expect_clipped in (("base", True), ("finest", False)):
+        sw = SlicedWeight.from_float(w, (2, 2, 2, 2), 128, zero_grid=zero_grid)
+        s8 = sw.scale.repeat_interleave(128, 1).double() / 64
+        clipped = (w.double() - sw.dequant(4, torch.float64)).abs() > s8 / 2 * (1 + 1e-5)
+        assert bool(clipped.any()) == expect_clipped, zero_grid
+
+
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from(SLICES), gs=st.sampled_from([8, 16]))
 def test_error_bound_inside_clip_range(seed, bits, gs):
+    # with the base-grid rule, the bound holds inside the range its 2^b1 cells cover
     w = _weight(seed, 5, 2 * gs)
-    sw = SlicedWeight.from_float(w, bits, gs)
+    sw = SlicedWeight.from_float(w, bits, gs, zero_grid="base")
     s = sw.scale.repeat_interleave(gs, 1).double()
-    z = sw.zero.repeat_interleave(gs, 1).double()
+    z = zero_at(sw.zero, bits, 1).repeat_interleave(gs, 1).double()
     # inside the base range covered by the 2^b1 cells: [-z s, (2^b1 - z) s)
     inside = (w >= -z * s) & (w < (2 ** bits[0] - z) * s)
     cum = cumulative_bits(bits)
@@ -81,13 +148,18 @@ def test_clipped_weights_stay_clipped_at_every_precision():
     # the known tension: a value clipped by the base range is never recovered
     w = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 10.0]])
     xmin, xmax = torch.tensor([[-1.0]]), torch.tensor([[2.0]])  # 10.0 lies outside
-    sw = SlicedWeight.from_float(w, (2, 2, 2, 2), 8, xmin=xmin, xmax=xmax)
-    s, z = sw.scale.item(), sw.zero.item()
-    assert (s, z) == (0.75, 1.0)  # z = round(1/0.75): the covered range [-0.75, 2.25) misses -1.0 too
+    sw = SlicedWeight.from_float(w, (2, 2, 2, 2), 8, xmin=xmin, xmax=xmax, zero_grid="base")
+    s, z = sw.scale.item(), zero_at(sw.zero, (2, 2, 2, 2), 1).item()
+    assert (s, z) == (0.75, 1.0)  # z_1 = round(1/0.75): the covered range [-0.75, 2.25) misses -1.0 too
     for k in range(1, 5):
         w_k = sw.dequant(k)[0]
         assert w_k[-1] < 2.25 and w_k[0] > -0.75  # both clipped values saturate at the range edge
         assert (w_k[1:7] - w[0, 1:7]).abs().max() <= s / 4 ** (k - 1) / 2 + 1e-6
+    # the finest-grid rule covers the whole range [-1, 2]: only 10.0, outside it, is clipped
+    sw = SlicedWeight.from_float(w, (2, 2, 2, 2), 8, xmin=xmin, xmax=xmax)
+    for k in range(1, 5):
+        s_k = sw.scale.item() / 4 ** (k - 1)
+        assert (sw.dequant(k)[0, :7] - w[0, :7]).abs().max() <= s_k / 2 * (1 + 1e-5)
 
 
 def test_memory_one_checkpoint_vs_separate():
@@ -103,7 +175,7 @@ def test_memory_one_checkpoint_vs_separate():
 def test_ste_gradients_reach_scale():
     w = _weight(1, 4, 32)
     xmin, xmax = w.view(4, 1, 32).amin(-1).requires_grad_(), w.view(4, 1, 32).amax(-1).requires_grad_()
-    s, z = floor_scale_zero(xmin, xmax, 2)
+    s, z = floor_scale_zero(xmin, xmax, (2, 2))
     out = sum(slice_deltas(w, s, z, (2, 2), 32, ste=True))
     ((out - w) ** 2).sum().backward()
     assert xmin.grad is not None and torch.isfinite(xmin.grad).all() and xmin.grad.abs().sum() > 0
