@@ -1,12 +1,14 @@
 """The bundled tiny Llama, load_model, and the reproducible training script."""
 
+import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from mbq_ref.zoo import ModelError, load_model
-from mbq_ref.zoo.train_tiny import TinyConfig, train
+from mbq_ref.zoo.train_tiny import TinyConfig, _lr_at, train
 
 
 def test_bundled_model_is_a_real_llama(tiny_llama):
@@ -37,24 +39,39 @@ def test_unknown_model_offline_is_a_clear_error(monkeypatch):
 
 
 def _small_cfg(**kw):
-    base = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=32, seqlen=16, batch_size=2, train_tokens=16 * 2 * 4,
-                warmup_steps=1, save_every=2)
-    base.update(kw)
-    return TinyConfig(**base)
+    return replace(TinyConfig.tiny(), **kw)
 
 
 TEXTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20,
          "In the beginning was the Word, and the Word was with God. " * 20]
 
 
-def test_training_is_resumable_bit_for_bit(tmp_path):
-    full = train(_small_cfg(), tmp_path / "full", texts=TEXTS)
+def test_default_config_is_the_committed_recipe():
+    cfg = TinyConfig()
+    assert cfg == TinyConfig.paper()
+    assert (cfg.batch_size, cfg.seqlen, cfg.steps, cfg.warmup_steps) == (64, 512, 915, 100)
+    assert cfg.min_lr == pytest.approx(0.1 * cfg.lr)
+    lrs = [_lr_at(s, cfg) for s in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(cfg.lr / 100) and max(lrs) <= cfg.lr
+    assert lrs[-1] == pytest.approx(cfg.min_lr, rel=0.01)  # cosine decay to 10 % of the peak
+
+
+def test_training_is_resumable_bit_for_bit_and_logs_validation(tmp_path):
+    full = train(_small_cfg(), tmp_path / "full", texts=TEXTS, val_texts=TEXTS, device="cpu")
     # interrupted after 2 of 4 steps (the state is saved every 2), then resumed
-    train(_small_cfg(train_tokens=16 * 2 * 4), tmp_path / "cut", texts=TEXTS, stop_after=2)
-    resumed = train(_small_cfg(), tmp_path / "cut", resume=True, texts=TEXTS)
+    train(_small_cfg(), tmp_path / "cut", texts=TEXTS, val_texts=TEXTS, stop_after=2, device="cpu")
+    resumed = train(_small_cfg(), tmp_path / "cut", resume=True, texts=TEXTS, val_texts=TEXTS, device="cpu")
     assert full["loss_curve"] == resumed["loss_curve"]
+    assert [v["step"] for v in full["validation_ppl"]] == [2, 4]  # every eval_every steps
+    assert full["validation_ppl"] == resumed["validation_ppl"]
+    assert all(math.isfinite(v["val_ppl"]) and v["val_ppl"] > 1 for v in full["validation_ppl"])
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match="no CUDA device"):
+        train(_small_cfg(), tmp_path / "x", texts=TEXTS, val_texts=TEXTS, device="cuda")
