@@ -1,0 +1,63 @@
+"""docs/results_chN.md: written only by scripts/write_results.py, checked (not written) by the chapters."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mbq_ref import results
+from mbq_ref.results import CHAPTERS, ResultsMismatch, compare, generated_by, record
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("n", sorted(CHAPTERS))
+def test_results_file_names_its_command_and_parses(n):
+    text = (ROOT / "docs" / f"results_ch{n}.md").read_text()
+    assert generated_by(n) in text, f"docs/results_ch{n}.md was not written by `python scripts/write_results.py {n}`"
+    assert "| " in text and compare(text, text) == []
+    assert (ROOT / CHAPTERS[n]).is_file()
+
+
+@pytest.mark.parametrize("n", sorted(CHAPTERS))
+def test_chapter_checks_instead_of_writing(n):
+    code = (ROOT / CHAPTERS[n]).read_text()
+    assert f"record({n}," in code and "results_ch" not in code.replace(f"docs/results_ch{n}.md", "")
+    assert ".write_text(" not in code
+
+
+TEXT = "| LWC 2-bit | **118.50** | 77.94 |\nFull precision: 70.90. 1.16% clipped, torch 2.13.0+cpu.\n"
+
+
+def test_compare_tolerates_noise_but_not_changes():
+    assert compare(TEXT, TEXT) == []
+    assert compare(TEXT.replace("118.50", "119.10"), TEXT) == []  # 0.5 %: run-to-run noise
+    assert compare(TEXT.replace("torch 2.13.0+cpu", "torch 2.11.0+cu130"), TEXT) == []  # provenance only
+    assert compare(TEXT.replace("118.50", "124.80"), TEXT)  # 5 %: a different result
+    assert compare(TEXT.replace("1.16%", "1.30%"), TEXT)  # small numbers: 0.01 absolute
+    assert compare(TEXT.replace("LWC", "RTN"), TEXT)  # words must match
+    assert compare(TEXT + "extra line\n", TEXT)
+
+
+def test_record_checks_by_default_and_writes_only_when_asked(tmp_path, monkeypatch):
+    target = tmp_path / "results_ch2.md"
+    monkeypatch.setattr(results, "results_path", lambda n: target)
+    monkeypatch.delenv(results.WRITE_ENV, raising=False)
+    with pytest.raises(ResultsMismatch, match="missing.*write_results.py 2"):
+        record(2, TEXT)
+    assert not target.exists()
+    monkeypatch.setenv(results.WRITE_ENV, "1")
+    record(2, TEXT)
+    assert target.read_text() == TEXT
+    monkeypatch.delenv(results.WRITE_ENV)
+    record(2, TEXT.replace("77.94", "77.95"))  # within tolerance: passes, file untouched
+    assert target.read_text() == TEXT
+    with pytest.raises(ResultsMismatch, match=r"chapter 2 no longer matches .*write_results.py 2") as exc:
+        record(2, TEXT.replace("77.94", "90.00"))
+    assert "\n" not in str(exc.value) and target.read_text() == TEXT
+
+
+def test_write_script_refuses_unknown_chapter():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_results.py"), "9"], capture_output=True, text=True)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
