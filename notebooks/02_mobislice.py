@@ -29,8 +29,9 @@
 # What you will learn:
 # 1. the recursion on a handful of numbers, and a picture of the nested grids;
 # 2. three claims checked numerically on the real model: nesting (lower precision = top
-#    bits), the error bound `s_k / 2` inside the clip range, and the memory saving of one
-#    many-in-one checkpoint (8 bits/weight) over four separate ones (20 bits/weight);
+#    bits), the error bound `s_k / 2` for every weight in the clip range, and the memory
+#    saving of one many-in-one checkpoint (8 bits/weight) over four separate ones
+#    (20 bits/weight) — and why the zero point must be rounded on the *finest* grid;
 # 3. how MoBiSlice compares with the any-precision alternatives — independent RTN per
 #    bit-width and MSB truncation of an 8-bit RTN code (MatQuant-style) — in
 #    reconstruction error and perplexity;
@@ -38,13 +39,12 @@
 #    for 2 bits is bad for 8 bits;
 # 5. what calibrating the base slice (Alg. 1, Stage 1) does at each slice count.
 #
-# Runtime: about 1 minute on 2 CPU cores.
+# Runtime: about 2 minutes on 2 CPU cores.
 
 # %%
 import copy
 import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -53,6 +53,7 @@ import torch
 import mbq_ref
 from mbq_ref.baselines import (
     baseline_perplexities,
+    baseline_weights,
     clip_tension,
     memory_accounting,
     reconstruction_errors,
@@ -65,6 +66,7 @@ from mbq_ref.mobilinear import MoBiLinear
 from mbq_ref.mobiquant import MoBiConfig, mobi_layers, set_slices
 from mbq_ref.mobislice import SlicedWeight, cumulative_bits, dequant_codes, nested_code, slice_codes
 from mbq_ref.perplexity import perplexity
+from mbq_ref.results import generated_by, record
 from mbq_ref.zoo import load_model
 
 T0 = time.time()
@@ -80,30 +82,33 @@ print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__, "| widths", 
 # %% [markdown]
 # ## 1. Recursive residual slicing, by hand
 #
-# One group of weights shares a scale `s` and an integer zero point `z` (App. B: "the first
-# slice uses the calibrated scale and zero point"). With `2^b1 = 4` cells covering the
-# range, `s = (x_max − x_min) / 4`, `z = round(−x_min / s)`. Then
+# One group of weights shares a scale `s` and a zero point (App. B: "the first slice uses the
+# calibrated scale and zero point"). The base slice reads the zero point as `z_1`; we store it
+# on the finest (8-bit) grid as the integer `z_E = z_1 · 4^3`, so `z_1` itself may be a
+# fraction like 85/64 (section 2 shows why). Then
 #
-# * **base slice** (floor, mid-rise): `q_1 = clamp(⌊W/s⌋ + z, 0, 3)`, `Ŵ_1 = s (q_1 − z + ½)`;
+# * **base slice** (floor, mid-rise): `q_1 = clamp(⌊W/s + z_1⌋, 0, 3)`, `Ŵ_1 = s (q_1 − z_1 + ½)`;
 # * **residual slice e > 1**: the step shrinks by `2^{b_e}` (`s_e = s_{e−1} / 4`), the zero
 #   point is the fixed mid-code 2, and the slice quantizes what is left:
 #   `q_e = clamp(⌊(W − Ŵ_{e−1}) / s_e⌋ + 2, 0, 3)`, `Ŵ_e = Ŵ_{e−1} + s_e (q_e − 2 + ½)`.
 #
 # The `+½` puts each reconstruction in the middle of its cell, so the residual after slice
 # `e−1` lies in `[−s_{e−1}/2, s_{e−1}/2)` — exactly the interval the 4 cells of the next
-# slice tile. Eight weights, chosen so that `s = 0.5` and `z = 1`:
+# slice tile. Eight weights, with `s = 0.5` and `z_1 = 1` (`z_E = 64`) picked by hand so the
+# numbers stay short (how `s` and `z_E` follow from a group's range is section 2's topic):
 
 # %%
 w_toy = torch.tensor([[-0.5, -0.21, 0.0, 0.13, 0.42, 0.77, 1.08, 1.5]], dtype=torch.float64)
-s_toy = (w_toy.max() - w_toy.min()) / 4  # 2^b1 cells over [x_min, x_max]
-z_toy = torch.round(-w_toy.min() / s_toy)
-print(f"s = {s_toy.item()}, z = {z_toy.item():.0f}, covered range [{-z_toy.item() * s_toy.item()}, "
-      f"{(4 - z_toy.item()) * s_toy.item()})")
+s_toy = torch.tensor(0.5, dtype=torch.float64)
+z_toy = torch.tensor(1.0, dtype=torch.float64)  # base zero point z_1
+zE_toy = z_toy * 4**3  # stored zero point, on the 8-bit grid
+print(f"s = {s_toy.item()}, z_1 = {z_toy.item():.0f} (z_E = {zE_toy.item():.0f}), covered range "
+      f"[{-z_toy.item() * s_toy.item()}, {(4 - z_toy.item()) * s_toy.item()})")
 
 
 def slice_by_hand(w, s, z, bits=SLICES):
-    """The recursion above, one slice at a time (teaching version of mobislice.slice_codes)."""
-    q = torch.clamp(torch.floor(w / s) + z, 0, 2 ** bits[0] - 1)  # base code q_1
+    """The recursion above, one slice at a time (teaching version of mobislice.slice_codes); z is z_1."""
+    q = torch.clamp(torch.floor(w / s + z), 0, 2 ** bits[0] - 1)  # base code q_1
     w_hat, code, s_e = s * (q - z + 0.5), q.clone(), s
     codes, recons = [q], [w_hat]
     for b in bits[1:]:
@@ -133,13 +138,13 @@ for i in range(w_toy.shape[1]):
 # The package version (`mbq_ref.mobislice`) computes the same codes, and rebuilds every
 # precision from the stored byte alone by **shift-and-add**:
 # `Ŵ_k = s_k (Q_k − z_k + ½)` with `Q_k = Q_4 >> (8 − 2k)`, `s_k = s / 4^{k−1}`,
-# `z_k = z · 4^{k−1}` (Sec. 4.3: one shared scale, no per-precision parameters).
+# `z_k = z_E / 4^{4−k}` (Sec. 4.3: one shared scale and zero point, no per-precision parameters).
 
 # %%
-pkg_codes = slice_codes(w_toy, s_toy.view(1, 1), z_toy.view(1, 1), SLICES, group_size=8)
+pkg_codes = slice_codes(w_toy, s_toy.view(1, 1), zE_toy.view(1, 1), SLICES, group_size=8)
 assert torch.equal(pkg_codes.long(), Q.long()), "hand recursion and mobislice.slice_codes disagree"
 for k in range(1, 5):
-    w_k = dequant_codes(pkg_codes, s_toy.view(1, 1), z_toy.view(1, 1), SLICES, k, 8, torch.float64)
+    w_k = dequant_codes(pkg_codes, s_toy.view(1, 1), zE_toy.view(1, 1), SLICES, k, 8, torch.float64)
     assert torch.allclose(w_k, recons[k - 1], rtol=0, atol=1e-12), f"shift-and-add differs from the recursion at k={k}"
     s_k = s_toy / 4 ** (k - 1)
     assert ((w_toy - w_k).abs() <= s_k / 2 + 1e-12).all()
@@ -156,7 +161,7 @@ print("hand recursion == package codes; shift-and-add == recursion at k = 1..4; 
 # happen to align (15 = 5 · 3), but even there the 2-bit code is `round(q_4 / 5)`, not a shift.
 
 # %%
-lo, hi = -z_toy.item() * s_toy.item(), (4 - z_toy.item()) * s_toy.item()
+lo, hi = -z_toy.item() * s_toy.item(), (4 - z_toy.item()) * s_toy.item()  # the 4 base cells
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [3, 2]})
 ax = axes[0]
 for k in range(1, 4):
@@ -207,50 +212,87 @@ print(f"{len(weights)} projections, {sum(w.numel() for w in weights.values()) / 
       f"shapes {sorted({tuple(w.shape) for w in weights.values()})}")
 
 # %% [markdown]
-# **Nesting and the error bound.** Slice every matrix once (uncalibrated: the base range is
-# each group's min/max). For every layer check that the `k−1`-slice code is the `k`-slice
-# code shifted right by 2 bits, and that every weight inside the base range is within `s_k/2`
-# of its reconstruction.
+# **Nesting and the error bound.** Slice every matrix once (uncalibrated: the range is each
+# group's min/max). The scale and zero point follow from the range on the **finest** grid
+# (`mobislice.floor_scale_zero`, the default `zero_grid="finest"`):
+#
+# $$s_8 = \frac{x_{max} - x_{min}}{2^8 - 1}, \qquad z_E = \left\lceil \frac{-x_{min}}{s_8} \right\rceil,
+# \qquad s = 4^3 s_8 .$$
+#
+# Then `W / s_8 + z_E` lies in `[0, 256)` for every weight of the group — at `x_min` it is
+# `⌈u⌉ − u ∈ [0, 1)`, at `x_max` it is below `255 + 1` — so no weight is clipped at any
+# precision. For every layer check that the `k−1`-slice code is the `k`-slice code shifted
+# right by 2 bits, and that **every** weight is within `s_k/2` of its reconstruction.
 
 # %%
 sliced = {n: SlicedWeight.from_float(w, SLICES, GROUP) for n, w in weights.items()}
-n_inside = n_total = 0
-worst = [0.0] * 4  # max |W - Ŵ_k| / (s_k / 2) over weights inside the base range
+worst = [0.0] * 4  # max |W - Ŵ_k| / (s_k / 2) over all weights
 for name, sw in sliced.items():
     w = weights[name]
     for k in range(2, 5):
         assert torch.equal(nested_code(sw.codes, SLICES, k - 1), nested_code(sw.codes, SLICES, k) >> 2), name
     s = sw.scale.repeat_interleave(GROUP, 1)  # [N, K]
-    z = sw.zero.repeat_interleave(GROUP, 1)
-    inside = (w >= -z * s) & (w < (4 - z) * s)  # the 4 base cells [-z s, (4 - z) s)
-    n_inside, n_total = n_inside + int(inside.sum()), n_total + w.numel()
     for k in range(1, 5):
-        ratio = (w - sw.dequant(k)).abs()[inside] / (s[inside] / 4 ** (k - 1) / 2)
+        ratio = (w - sw.dequant(k)).abs() / (s / 4 ** (k - 1) / 2)
         worst[k - 1] = max(worst[k - 1], ratio.max().item())
 print("nesting Q_{k-1} == Q_k >> 2 holds in all", len(sliced), "layers")
-print("max |W - Ŵ_k| / (s_k/2) inside the range, k = 1..4:", [f"{r:.4f}" for r in worst])
-print(f"weights inside the base range: {100 * n_inside / n_total:.2f}%")
-assert all(r <= 1 + 1e-5 for r in worst), "error bound s_k/2 violated inside the clip range"
+print("max |W - Ŵ_k| / (s_k/2) over all weights, k = 1..4:", [f"{r:.4f}" for r in worst])
+assert all(r <= 1 + 1e-5 for r in worst), "error bound s_k/2 violated: some weight is clipped"
 
 # %% [markdown]
-# Not every weight is inside the base range, although the range is the group's min/max:
-# the zero point is an **integer on the 2-bit grid**, so rounding it shifts the 4 cells by up
-# to half a cell (`s/2 = range/8`), and whatever falls off one end is clipped — at *every*
-# precision, since residual codes saturate. How much of the error at 8 bits is that?
+# ### Where to round the zero point
+# A first version of this package (and a natural reading of App. B) rounded the zero point
+# on the **2-bit grid** instead: `s = (x_max − x_min) / 4`, `z_1 = round(−x_min / s)`. It is
+# still available as `zero_grid="base"`. Rounding `z_1` shifts the 4 base cells by up to half
+# a cell (`s/2 = range/8`), and whatever falls off one end of the group is clipped — at
+# *every* precision, since the residual codes saturate. Below, both rules on the same 28
+# matrices: the share of weights with `|W − Ŵ_8| > s_8/2` (clipped), the share of the 8-bit
+# squared error they carry, and the relative error `‖W − Ŵ‖_F / ‖W‖_F` (pooled over all
+# matrices) next to independent RTN at each width.
 
 # %%
-sq_in = sq_out = 0.0
-for name, sw in sliced.items():
-    w = weights[name]
-    s = sw.scale.repeat_interleave(GROUP, 1)
-    z = sw.zero.repeat_interleave(GROUP, 1)
-    inside = (w >= -z * s) & (w < (4 - z) * s)
-    e2 = (w.double() - sw.dequant(4, torch.float64)) ** 2
-    sq_in, sq_out = sq_in + e2[inside].sum().item(), sq_out + e2[~inside].sum().item()
-share_clipped = sq_out / (sq_in + sq_out)
-print(f"8-bit squared error from the {100 * (1 - n_inside / n_total):.2f}% clipped weights: "
-      f"{100 * share_clipped:.1f}% of the total")
-assert share_clipped > 0.5, "expected the clipped weights to dominate the 8-bit error"
+def zero_rule_stats(zero_grid):
+    """Clipped fraction, clipped share of the 8-bit squared error and pooled relative error per width."""
+    n_clip = n_all = 0
+    sq_clip = sq_all = 0.0
+    num = dict.fromkeys(WIDTHS, 0.0)
+    den = 0.0
+    for w in weights.values():
+        sw = SlicedWeight.from_float(w, SLICES, GROUP, zero_grid=zero_grid)
+        s8 = sw.scale.repeat_interleave(GROUP, 1).double() / 4**3
+        for k, b in enumerate(WIDTHS, start=1):
+            num[b] += float(((w.double() - sw.dequant(k, torch.float64)) ** 2).sum())
+        e8 = (w.double() - sw.dequant(4, torch.float64)).abs()
+        clipped = e8 > s8 / 2 * (1 + 1e-5)
+        n_clip, n_all = n_clip + int(clipped.sum()), n_all + w.numel()
+        sq_clip, sq_all = sq_clip + float((e8[clipped] ** 2).sum()), sq_all + float((e8**2).sum())
+        den += float((w.double() ** 2).sum())
+    return {"clipped": n_clip / n_all, "share": sq_clip / sq_all, "err": {b: (num[b] / den) ** 0.5 for b in WIDTHS}}
+
+
+rules = {"finest": zero_rule_stats("finest"), "base": zero_rule_stats("base")}
+rtn_num = dict.fromkeys(WIDTHS, 0.0)
+for w in weights.values():
+    for b, w_hat in baseline_weights(w, "rtn", WIDTHS, GROUP).items():
+        rtn_num[b] += float(((w.double() - w_hat.double()) ** 2).sum())
+rtn_pooled = {b: (rtn_num[b] / sum(float((w.double() ** 2).sum()) for w in weights.values())) ** 0.5 for b in WIDTHS}
+print(f"{'rule':26s}{'clipped':>9s}{'8-bit err share':>17s}" + "".join(f"{b:>9d}b" for b in WIDTHS))
+for name, r in rules.items():
+    print(f"{'zero_grid=' + repr(name):26s}{100 * r['clipped']:8.2f}%{100 * r['share']:16.1f}%"
+          + "".join(f"{r['err'][b]:10.4f}" for b in WIDTHS))
+print(f"{'RTN, one grid per width':26s}{'':26s}" + "".join(f"{rtn_pooled[b]:10.4f}" for b in WIDTHS))
+share_clipped = rules["base"]["share"]
+assert rules["finest"]["clipped"] == 0 and rules["base"]["clipped"] > 0
+assert share_clipped > 0.5, "expected the clipped weights to dominate the 8-bit error of the base-grid rule"
+assert rules["finest"]["err"][8] <= 1.05 * rtn_pooled[8]  # finest grid: as good as RTN at 8 bits
+
+# %% [markdown]
+# With the zero point on the 2-bit grid about one weight in a hundred is clipped, yet those
+# weights carry most of the 8-bit error, which ends up several times RTN's (the assertions
+# above check the direction, the table gives the sizes). On the finest grid nothing is
+# clipped, the 8-bit error matches RTN, and the 2- and 4-bit errors are lower too: the base
+# cells are no longer shifted off the range. The rest of this chapter, and the package, use
+# the finest grid; old checkpoints (format version 1, zero point on the 2-bit grid) are refused.
 
 # %% [markdown]
 # **Memory.** One many-in-one checkpoint stores 8 code bits per weight plus one fp16 scale and
@@ -339,8 +381,11 @@ plt.show()
 # * At **2 bits** the mid-rise grids (`mobislice`, `msb` mid) have four levels *inside* the
 #   range, while RTN spends two of its four levels on the range ends, where few weights live.
 # * At **8 bits** independent RTN and MSB truncation coincide exactly (the 8-bit code *is* the
-#   RTN code). Uncalibrated MoBiSlice keeps a floor under its error: the weights clipped by the
-#   rounded 2-bit zero point (section 2) stay clipped however many slices are read.
+#   RTN code). Uncalibrated MoBiSlice, with its zero point on the finest grid, clips no weight
+#   and comes close to them (with the zero point rounded on the 2-bit grid it kept a floor
+#   under its error, section 2). Its code is then one floor on the 8-bit grid, so its readings
+#   are MSB truncation with centred read-back of a *floor* (not round-to-nearest) 8-bit code:
+#   compare the `mobislice` and `msb` rows.
 # * Reading truncated codes without re-centring (`msb (edge)`) biases every weight by about
 #   half a coarse step; MatQuant's rounding (`msb (round)`) avoids the bias but clips the top cell.
 # * Reconstruction error is a proxy: the method with the lowest error need not have the
@@ -475,12 +520,11 @@ assert all(calib_err[a] > calib_err[b] for a, b in zip(WIDTHS, WIDTHS[1:]))
 
 # %% [markdown]
 # ## 6. Results file
-# The tables above are written to `docs/results_ch2.md` by this cell (never by hand).
+# The tables above are summarized in `docs/results_ch2.md`. Running this chapter only *checks*
+# them against that committed file (`mbq_ref.results.record`: same words, every number within
+# 2 % or 0.01); `python scripts/write_results.py 2` rewrites it.
 
 # %%
-ROOT = Path(mbq_ref.__file__).resolve().parent.parent
-
-
 def md_table(header, rows):
     """A markdown table from a header list and rows of already formatted cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -491,7 +535,8 @@ bits_hdr = [f"{b} bit" for b in WIDTHS]
 sections = [
     "# Chapter 2 results: MoBiSlice vs any-precision baselines",
     "",
-    "Generated by `notebooks/02_mobislice.ipynb` — do not edit by hand. "
+    generated_by(2),
+    "",
     f"Model `data/tiny-llama` (28 projections, {mem.n_weights:,} quantized weights), group size {GROUP}, "
     f"slices {'/'.join(map(str, SLICES))}, torch {torch.__version__}.",
     "",
@@ -528,12 +573,16 @@ sections = [
     "",
     f"Learned clip factors: mean σ(β) = {lo.mean():.3f}, mean σ(γ) = {hi.mean():.3f}.",
     "",
-    f"Uncalibrated MoBiSlice: {100 * (1 - n_inside / n_total):.2f}% of the weights fall outside the base range "
-    f"(integer 2-bit zero point); they carry {100 * share_clipped:.1f}% of the squared error at 8 bits.",
+    "## Zero point on the finest grid vs on the 2-bit grid (uncalibrated, pooled relative error)",
+    "",
+    md_table(["rule", "weights clipped", "share of the 8-bit squared error"] + bits_hdr,
+             [[f"zero_grid={name!r}", f"{100 * r['clipped']:.2f}%", f"{100 * r['share']:.1f}%"]
+              + [f"{r['err'][b]:.4f}" for b in WIDTHS] for name, r in rules.items()]
+             + [["RTN, one grid per width", "", ""] + [f"{rtn_pooled[b]:.4f}" for b in WIDTHS]]),
     "",
 ]
-(ROOT / "docs" / "results_ch2.md").write_text("\n".join(sections))
 print("\n".join(sections))
+record(2, "\n".join(sections))
 print(f"chapter ran in {time.time() - T0:.0f} s")
 
 # %% [markdown]
