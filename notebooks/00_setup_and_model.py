@@ -98,7 +98,8 @@ plt.show()
 # %% [markdown]
 # ## What the model writes
 # Greedy continuations of a prompt from each domain (the model has ~5M parameters and saw
-# ~3M tokens, so expect plausible style rather than sense).
+# 30M tokens, about 10 passes over its 2.9M-token training stream, so expect plausible style
+# rather than sense).
 
 # %%
 prompts = {"austen": "It was a fine morning, and Anne", "bible": "In the beginning", "shakespeare": "KING HENRY. My lord,"}
