@@ -239,7 +239,7 @@ class _Weights:
         self.K, self.N, self.group_size, self.slice_bits = K, N, group_size, tuple(slice_bits)
         self.codes = rng.integers(0, 2 ** sum(slice_bits), (N, K), dtype=np.uint8)
         self.scale = (rng.random((N, G)) * 0.02 + 0.002).astype(np.float32)
-        self.zero = rng.integers(0, 2 ** slice_bits[0], (N, G)).astype(np.int32)
+        self.zero = rng.integers(0, 2 ** sum(slice_bits), (N, G)).astype(np.int32)  # z_E, finest grid
         self.packed = pack_mobislice(self.codes, self.scale, self.zero, slice_bits, group_size).to_device()
         self.ref_device = ref_device
         self.W = {}  # k -> float32 W_k on ref_device (torch), filled lazily

@@ -71,7 +71,9 @@ SB = (2, 2, 2, 2)  # MoBiSlice slices: B_k = 2, 4, 6, 8 bits
 #
 # Chapter 2 stores one 8-bit integer `Q_E` per weight; precision `k` uses its top `B_k` bits,
 # `Q_k = Q_E >> (8 - B_k)`, and dequantizes with one scale and zero point per group:
-# `Ŵ_k = s_k (Q_k - z_k + 1/2)`, `s_k = s / 2^(B_k-2)`, `z_k = z · 2^(B_k-2)`.
+# `Ŵ_k = s_k (Q_k - z_k + 1/2)`, `s_k = s / 2^(B_k-2)`, `z_k = z_E / 2^(8-B_k)`. The stored zero
+# point `z_E` is an integer on the finest (8-bit) grid, so `z_k` is a dyadic fraction, exact in
+# float32.
 #
 # If the codes were stored as bytes, reading 2 of the 8 bits would still move the whole byte.
 # **Bit-major** storage splits the codes into 8 one-bit *planes* and packs each plane 32
@@ -199,14 +201,14 @@ for v in (1, 2, 3):
 # %% [markdown]
 # MoBiQuant itself keeps activations in fp16, so AND + popcount needs quantized activations on
 # the other side too. `binary_linear` does that as an *option*: 8-bit per-token activations
-# times the first `B_k` weight planes, with the mid-rise `+1/2` kept integer by doubling
-# (`Q_k - z_k + 1/2 = (2 Q_k - (2 z_k - 1)) / 2`). It equals the float computation on the
-# dequantized activations:
+# times the first `B_k` weight planes, with the fractional `z_k` and the mid-rise `+1/2` kept
+# integer by one power of two `D = 2^(9-B_k)` (`Q_k - z_k + 1/2 = (D Q_k - (2 z_E - D/2)) / D`).
+# It equals the float computation on the dequantized activations:
 
 # %%
 codes_w = rng.integers(0, 256, (N_b, K_b), dtype=np.uint8)
 scale_w = (rng.random((N_b, K_b // g_b)) * 0.05 + 0.01).astype(np.float32)
-zero_w = rng.integers(0, 4, (N_b, K_b // g_b)).astype(np.int32)
+zero_w = rng.integers(0, 256, (N_b, K_b // g_b)).astype(np.int32)  # z_E on the 8-bit grid
 w_b = pk.pack_mobislice(codes_w, scale_w, zero_w, SB, g_b)
 x_b = rng.standard_normal((T_b, K_b)).astype(np.float32)
 y_bin = bm.binary_linear(x_b, w_b, k=2)
@@ -227,7 +229,7 @@ print("binary_linear (A8, W at 4 bits) == dequantized float matmul; max |diff| =
 #
 # | use | planes | scale | zero |
 # |---|---|---|---|
-# | precision `k` | `[0, B_k)` | `s / 2^(B_k-2)` | `z · 2^(B_k-2)` |
+# | precision `k` | `[0, B_k)` | `s / 2^(B_k-2)` | `z_E / 2^(8-B_k)` |
 # | residual slice `e` | `[B_{e-1}, B_e)` | `s / 2^(B_e-2)` | `2^(b_e-1)` (fixed mid-code) |
 #
 # The ladder of versions (all in `cuda_numba/slice_gemm.py`):
@@ -246,7 +248,7 @@ print("binary_linear (A8, W at 4 bits) == dequantized float matmul; max |diff| =
 T_s, N_s, K_s, g_s = 3, 9, 96, 32
 codes_s = rng.integers(0, 256, (N_s, K_s), dtype=np.uint8)
 scale_s = (rng.random((N_s, K_s // g_s)) * 0.05 + 0.01).astype(np.float32)
-zero_s = rng.integers(0, 4, (N_s, K_s // g_s)).astype(np.int32)
+zero_s = rng.integers(0, 256, (N_s, K_s // g_s)).astype(np.int32)  # z_E on the 8-bit grid
 w_s = pk.pack_mobislice(codes_s, scale_s, zero_s, SB, g_s)
 x_s = rng.standard_normal((T_s, K_s)).astype(np.float16)
 rows = []
