@@ -497,7 +497,8 @@ def _launch_gemm3(args, tseg, N, block=None, stream=0):
     gemm_kernel3[(cdiv(N, TILE3), cdiv(tseg, TILE3)), (TILE, TILE), stream](*args)
 
 
-# (kind, version) -> launcher; "gemv" v1 and "gemm" v1 are the same naive kernel
+# (kind, version) -> launcher; "gemv" v1 and "gemm" v1 are the same naive kernel. GEMV v4+ (look-up
+# tables, split-K) live in slice_gemv.py and are found by _launcher.
 LAUNCHERS = {
     ("gemv", 1): _launch1,
     ("gemv", 2): _launch_gemv2,
@@ -508,12 +509,24 @@ LAUNCHERS = {
 }
 
 
+def _launcher(kind: str, version: int):
+    """The launcher of kernel (kind, version); GEMV v4+ come from :mod:`cuda_numba.slice_gemv`."""
+    if (kind, version) in LAUNCHERS:
+        return LAUNCHERS[(kind, version)]
+    if kind == "gemv":
+        from . import slice_gemv  # imported lazily: it imports this module's reference
+
+        if version in slice_gemv.LAUNCHERS:
+            return slice_gemv.LAUNCHERS[version]
+    raise ValueError(f"unknown {kind} version {version}")
+
+
 def _run_segment(kind, version, dx, t0, tseg, dw: PackedWeight, lo, hi, smul, zmul, zadd, dout, block=None, stream=0):
     """Launch kernel (kind, version) on sorted tokens [t0, t0 + tseg) and planes [lo, hi)."""
     if tseg <= 0:
         return
     gw = dw.planes.shape[2] if dw.n_groups == 1 else dw.group_size // WORD_BITS
-    launch = LAUNCHERS[(kind, version)]
+    launch = _launcher(kind, version)
     step = MAX_T if (kind == "gemv" and version > 1) else tseg  # GEMV v2/v3: 8 tokens per launch
     for s in range(t0, t0 + tseg, step):
         n_tok = min(step, t0 + tseg - s)
@@ -557,8 +570,7 @@ def _scratch(shape):
 def _uniform(kind, x, w, k, version, block, out):
     if not 1 <= k <= len(w.slice_bits):
         raise ValueError(f"k={k} outside 1..{len(w.slice_bits)}")
-    if (kind, version) not in LAUNCHERS:
-        raise ValueError(f"unknown {kind} version {version}")
+    _launcher(kind, version)  # raises ValueError for an unknown version
     on_device, dx, dw = _prepare(x, w)
     T = dx.shape[0]
     dout = output_array(out, (T, w.N), dx.dtype)
@@ -639,8 +651,7 @@ def slice_linear(
     """
     if method not in ("grouped", "streams"):
         raise ValueError(f"unknown method {method!r}")
-    if (kind, version) not in LAUNCHERS:
-        raise ValueError(f"unknown {kind} version {version}")
+    _launcher(kind, version)  # raises ValueError for an unknown version
     on_device, dx, dw = _prepare(x, w)
     T, K = dx.shape
     E = len(w.slice_bits)
