@@ -68,6 +68,9 @@ def _signatures():
             o2 = arr(odt, 2)
             sigs.append((f"slice_gemv.gemv_kernel4[x={xdt}, out={odt}]", sv.gemv_kernel4, seg + (o2,)))
             sigs.append((f"slice_gemv.gemv_kernel5[x={xdt}, out={odt}]", sv.gemv_kernel5, seg + (o2, f32_3, i32_1)))
+            for kt in (i64_1, i32_1):  # routed k_t: int64 from NumPy/torch, int32 from the host path
+                sig6 = (x2, i64, i64, kt, i32_1, u32_3, f32_2, i32_2, i64, o2, f32_3, i32_1)
+                sigs.append((f"slice_gemv.gemv_kernel6[x={xdt}, out={odt}, k_t={kt.dtype}]", sv.gemv_kernel6, sig6))
         sigs.append((f"slice_gemm.gather_rows_kernel[{xdt}]", sg.gather_rows_kernel, (x2, i64_1, x2)))
         sigs.append(
             (f"slice_gemm.combine_scatter_kernel[{xdt}]", sg.combine_scatter_kernel, (f32_3, i64_1, i64_1, x2))

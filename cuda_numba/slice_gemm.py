@@ -58,10 +58,12 @@ from ._common import cdiv, finish, is_device_array, output_array, to_device, to_
 from .packing import MAX_BITS, WORD_BITS, PackedWeight, check_groups, n_words
 
 __all__ = [
+    "CASES",
     "MAX_T",
     "dequant_codes",
     "dequant_residual",
     "route_permutation",
+    "run_kernels",
     "slice_gemm",
     "slice_gemv",
     "slice_linear",
@@ -596,6 +598,37 @@ def slice_gemm(x, w: PackedWeight, k: int, version: int = 2, block=None, out=Non
     return _uniform("gemm", x, w, k, version, block, out)
 
 
+# Benchmarkable cases of slice_linear: name -> (method, kind, version). The bench (and anyone
+# timing the kernels) uses this list and run_kernels, not the private helpers below.
+CASES = {
+    **{f"{kind}{v}": ("grouped", kind, v) for kind in ("gemv", "gemm") for v in (1, 2, 3)},
+    "gemv4": ("grouped", "gemv", 4),
+    "gemv5": ("grouped", "gemv", 5),
+    "streams-gemv2": ("streams", "gemv", 2),
+    "streams-gemv5": ("streams", "gemv", 5),
+    "streams-gemm2": ("streams", "gemm", 2),
+    "streams-gemm3": ("streams", "gemm", 3),
+    "fused-gemv6": ("fused", "gemv", 6),
+}
+
+
+def run_kernels(method, kind, version, dxs, w: PackedWeight, k_t, ybuf=None, streams=None, out=None, dk=None):
+    """Only the compute kernels of one ``slice_linear`` call, for timing (inputs prepared beforehand).
+
+    grouped / streams: ``dxs`` are the activations already sorted by ``route_permutation(k_t)``,
+    results go to ``ybuf`` float32 [E, T, N] (per slice for streams); fused: ``dxs`` is x
+    unsorted, ``dk`` k_t on the device and the result goes to ``out``.
+    """
+    if method == "fused":
+        from .slice_gemv import gemv_routed
+
+        return gemv_routed(dxs, w, dk if dk is not None else k_t, out=out)
+    _, starts = route_permutation(k_t, len(w.slice_bits))
+    if method == "streams":
+        return _run_streams(kind, version, dxs, w, starts, ybuf, None, streams)
+    return _run_grouped(kind, version, dxs, w, starts, ybuf, None)
+
+
 def _run_grouped(kind, version, dxs, dw, starts, ybuf, block):
     for k in range(1, len(dw.slice_bits) + 1):  # one launch per precision segment, B_k planes each
         t0, t1 = int(starts[k - 1]), int(starts[k])
@@ -647,10 +680,22 @@ def slice_linear(
       suffix of tokens with k_t >= e on stream e-1 (each slice's planes are read once);
 
     and a scatter kernel sums the partials and applies the inverse permutation.
+
+    * ``method="fused"`` (decode, ``kind="gemv"``, ``version=6``): no sort at all; one launch
+      per 8 tokens in which each token reads its own ``B_{k_t}`` planes
+      (:func:`cuda_numba.slice_gemv.gemv_routed`). k_t may be a device array (not checked, clamped
+      to 1..E); nothing goes back to the host, and nothing is allocated per call when x and
+      ``out`` are on the device.
     Returns y [T, N] in x's dtype (NumPy for host x; ``out`` written in place if given).
     """
-    if method not in ("grouped", "streams"):
+    if method not in ("grouped", "streams", "fused"):
         raise ValueError(f"unknown method {method!r}")
+    if method == "fused":
+        if (kind, version) != ("gemv", 6):
+            raise ValueError('method="fused" runs GEMV v6 only: pass kind="gemv", version=6')
+        from .slice_gemv import gemv_routed
+
+        return gemv_routed(x, w, k_t, block=block, out=out)
     _launcher(kind, version)  # raises ValueError for an unknown version
     on_device, dx, dw = _prepare(x, w)
     T, K = dx.shape

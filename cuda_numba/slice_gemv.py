@@ -40,6 +40,14 @@ version=4|5)`` runs them):
    row block sums the ``S`` partials and writes the output (and resets the counter, so the
    preallocated workspace needs no clearing). One launch, no second reduction kernel.
 
+6. v5 + **per-token precision in one launch** (the decode call path, ``slice_linear(...,
+   method="fused")``): the routed ``k_t`` stays on the device and each token's Horner sum
+   stops at its own ``B_{k_t}`` planes, with its own ``s_k, z_k``; the block loads the planes
+   of the largest precision among its tokens once. No sort, gather or scatter, no host round
+   trip, no allocation per call (workspace and output buffers cached by shape): one kernel
+   launch per 8 tokens, which is all a decode step's 30 us budget has room for (a Numba
+   launch from Python costs ~20 us on the 11-29 H200).
+
 Reference: :func:`slice_gemv_ref` (= ``slice_linear_ref`` with one k). Dispatcher:
 :func:`gemv` (``version=4`` or ``5``). Launchers match ``slice_gemm.LAUNCHERS``' signature.
 """
@@ -53,7 +61,7 @@ from numba import cuda, float32, int32, uint32
 from ._common import cdiv
 from .packing import MAX_BITS, WORD_BITS, PackedWeight
 
-__all__ = ["GEMV_VERSIONS", "LAUNCHERS", "MAX_T", "gemv", "gemv_geometry", "slice_gemv_ref"]
+__all__ = ["GEMV_VERSIONS", "LAUNCHERS", "MAX_T", "gemv", "gemv_geometry", "gemv_routed", "slice_gemv_ref", "splits"]
 
 MAX_T = 8  # tokens per launch (as slice_gemm.MAX_T)
 TAB_ROWS = 32  # tables in shared memory: tseg * (4 * WC) <= 32 tables of 256 float32 = 32 KB
@@ -63,7 +71,7 @@ XSUM_LEN = TAB_ROWS // 4  # sum x per (token, word slot): tseg * WC <= 8
 ACC_LEN = RPT * MAX_T  # partial sums per thread: (row slot, token)
 _SIM = bool(numba.config.ENABLE_CUDASIM)
 NTHREADS = 16 if _SIM else 256  # threads per block (WC * RB)
-GEMV_VERSIONS = (4, 5)
+GEMV_VERSIONS = (4, 5, 6)
 
 
 def slice_gemv_ref(x, codes, scale, zero, slice_bits, k: int, group_size: int):
@@ -256,6 +264,93 @@ def gemv_kernel5(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
             count[cuda.blockIdx.x] = 0  # ready for the next launch
 
 
+@cuda.jit(device=True)
+def _chunk_rows_routed(planes, bk, scale, zero, gw, tab, xsum, tseg, tnb, tsm, tzm, nbmax, wc, w, tx, nrow0, rb, acc):
+    """v6's _chunk_rows: token t reads planes [0, tnb[t]) with s_k = s tsm[t], z_k = z_E tzm[t]."""
+    N, W = planes.shape[1], planes.shape[2]
+    if w >= W:
+        return
+    a = cuda.local.array(MAX_BITS, uint32)
+    g = w // gw
+    for i in range(RPT):
+        n = nrow0 + i * rb
+        if n < N:
+            for p in range(nbmax):  # the planes of the largest precision, loaded once for all tokens
+                a[p] = uint32(planes[p, n, w])
+            s = float32(scale[n, g])
+            z = float32(zero[n, g])
+            for t in range(tseg):
+                xq = _lookup(a, tnb[t], tab, t * 4 * wc + 4 * tx)
+                acc[i * MAX_T + t] += s * tsm[t] * (xq - (z * tzm[t] - float32(0.5)) * xsum[t * wc + tx])
+
+
+@cuda.jit
+def gemv_kernel6(x, t0, tseg, kt, bk, planes, scale, zero, gw, out, part, count):
+    """v6: v5 with per-token precision k_t (device array); bk int32 [E + 1] = (0, B_1, ..., B_E).
+
+    k_t outside 1..E is clamped (a device-side check would need a host round trip).
+    """
+    tab = cuda.shared.array((TAB_ROWS, TAB_LEN), float32)
+    nib = cuda.shared.array((TAB_ROWS, 32), float32)
+    xsum = cuda.shared.array(XSUM_LEN, float32)
+    red = cuda.shared.array((NTHREADS, 8), float32)
+    last = cuda.shared.array(1, int32)
+    K = x.shape[1]
+    N, W = planes.shape[1], planes.shape[2]
+    E = bk.shape[0] - 1
+    S = cuda.gridDim.y
+    wc, rb = cuda.blockDim.x, cuda.blockDim.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    tid, nthr = ty * wc + tx, wc * rb
+    nrow0 = cuda.blockIdx.x * rb * RPT + ty
+    tnb = cuda.local.array(MAX_T, int32)  # per token: planes read, scale and zero multipliers
+    tsm = cuda.local.array(MAX_T, float32)
+    tzm = cuda.local.array(MAX_T, float32)
+    nbmax = 0
+    for t in range(tseg):
+        k = min(max(int32(kt[t0 + t]), 1), E)
+        tnb[t] = bk[k]
+        tsm[t] = float32(1.0) / float32(1 << (bk[k] - bk[1]))  # s_k = s / 2^(B_k - b_1)
+        tzm[t] = float32(1.0) / float32(1 << (bk[E] - bk[k]))  # z_k = z_E / 2^(B_E - B_k)
+        nbmax = max(nbmax, bk[k])
+    acc = cuda.local.array(ACC_LEN, float32)
+    for e in range(ACC_LEN):
+        acc[e] = float32(0.0)
+    n_chunks = (W + wc - 1) // wc
+    per = (n_chunks + S - 1) // S
+    for c in range(cuda.blockIdx.y * per, min((cuda.blockIdx.y + 1) * per, n_chunks)):
+        c0 = c * wc
+        _build_tables(x, t0, tseg, c0, K, wc, tab, nib, xsum, tid, nthr)
+        _chunk_rows_routed(
+            planes, bk, scale, zero, gw, tab, xsum, tseg, tnb, tsm, tzm, nbmax, wc, c0 + tx, tx, nrow0, rb, acc
+        )
+        cuda.syncthreads()
+    for i in range(RPT):
+        n = nrow0 + i * rb
+        for t in range(tseg):
+            s = _block_sum(acc, red, i, t, tx, ty, wc)
+            if tx == 0 and n < N:
+                part[cuda.blockIdx.y, t, n] = s
+    cuda.threadfence()
+    cuda.syncthreads()
+    if tid == 0:
+        done = cuda.atomic.add(count, cuda.blockIdx.x, 1)
+        last[0] = 1 if done == S - 1 else 0
+    cuda.syncthreads()
+    if last[0] == 1:
+        for e in range(tid, RPT * rb * tseg, nthr):
+            r = e // tseg
+            t = e % tseg
+            n = cuda.blockIdx.x * rb * RPT + r
+            if n < N:
+                s = float32(0.0)
+                for y in range(S):
+                    s += part[y, t, n]
+                out[t0 + t, n] = s
+        if tid == 0:
+            count[cuda.blockIdx.x] = 0
+
+
 # ---------------------------------------------------------------------------------------
 # Launchers (signature of slice_gemm.LAUNCHERS) and workspaces
 
@@ -272,13 +367,16 @@ def _workspace(S, N, nrb, stream):
     return _WORKSPACES[key]
 
 
+_SM_COUNT = []  # the current device's multiprocessor count, read once
+
+
 def _n_sm() -> int:
-    if _SIM:
-        return 2
-    try:
-        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
-    except Exception:  # noqa: BLE001
-        return 132
+    if not _SM_COUNT:
+        try:
+            _SM_COUNT.append(2 if _SIM else int(cuda.get_current_device().MULTIPROCESSOR_COUNT))
+        except Exception:  # noqa: BLE001
+            _SM_COUNT.append(132)
+    return _SM_COUNT[0]
 
 
 def splits(N: int, W: int, tseg: int, nthreads: int = NTHREADS) -> int:
@@ -307,17 +405,98 @@ LAUNCHERS = {4: _launch_gemv4, 5: _launch_gemv5}
 
 
 def gemv(x, w: PackedWeight, k: int, version: int = 5, block=None, out=None):
-    """Decode GEMV ``y = x @ W_k^T`` with look-up tables (v4) and split-K (v5).
+    """Decode GEMV ``y = x @ W_k^T`` with look-up tables (v4), split-K (v5), the routed kernel (v6).
 
     x [T, K] fp16/fp32 (processed 8 tokens per launch), ``w`` a PackedWeight, k in 1..E;
     ``block`` = threads per block (a power of two <= 256). Same contract as
     :func:`cuda_numba.slice_gemm.slice_gemv`, which this calls.
     """
-    if version not in LAUNCHERS:
-        raise ValueError(f"unknown LUT GEMV version {version}; have {sorted(LAUNCHERS)}")
+    if version not in GEMV_VERSIONS:
+        raise ValueError(f"unknown LUT GEMV version {version}; have {list(GEMV_VERSIONS)}")
     if block is not None and (block & (block - 1) or not 1 <= block <= NTHREADS):
         raise ValueError(f"block must be a power of two <= {NTHREADS}")
+    if not 1 <= k <= len(w.slice_bits):
+        raise ValueError(f"k={k} outside 1..{len(w.slice_bits)}")
+    if version == 6:  # the routed kernel with every token at precision k
+        return gemv_routed(x, w, np.full(x.shape[0], k, np.int32), block=block, out=out)
     from .slice_gemm import slice_gemv
 
     return slice_gemv(x, w, k, version=version, block=block, out=out)
 
+
+_BK = {}  # slice_bits -> device int32 [E + 1] = (0, B_1, ..., B_E)
+
+
+def _bk(slice_bits) -> object:
+    key = tuple(int(b) for b in slice_bits)
+    if key not in _BK:
+        _BK[key] = cuda.to_device(np.concatenate([[0], np.cumsum(key)]).astype(np.int32))
+    return _BK[key]
+
+
+def _new_output(dx, shape, dtype):
+    """Output buffer without a Numba allocation when x is a CUDA torch tensor (torch's caching allocator)."""
+    if getattr(dx, "is_cuda", False):
+        import torch
+
+        return torch.empty(shape, dtype=dx.dtype, device=dx.device)
+    return cuda.device_array(shape, dtype=dtype)
+
+
+def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
+    """Mixed-precision decode ``y[t] = x[t] @ W_{k_t}^T`` in one launch per 8 tokens (GEMV v6).
+
+    x [T, K] fp16/fp32 (NumPy, Numba device array or CUDA torch tensor), ``w`` a PackedWeight
+    (device arrays are used as they are), k_t int [T] in 1..E (host or device; device k_t is
+    not checked, out-of-range values are clamped). Returns y [T, N] in x's dtype: NumPy for
+    host x, a CUDA torch tensor for torch x, else a Numba device array; ``out`` (device or
+    host) is written in place. No host round trip and no Numba allocation when x, k_t and
+    ``out`` are on the device (workspaces are cached by shape).
+    """
+    from ._common import finish, is_device_array, output_array, to_device
+
+    nthr = block or NTHREADS
+    if nthr & (nthr - 1) or not 1 <= nthr <= NTHREADS:
+        raise ValueError(f"block must be a power of two <= {NTHREADS}")
+    on_device = is_device_array(x)
+    torch_x = getattr(x, "is_cuda", False)
+    dx = to_device(x)
+    if dx.dtype not in (np.float16, np.float32):
+        raise ValueError(f"x must be float16 or float32, got {dx.dtype}")
+    T, K = dx.shape
+    if K != w.K:
+        raise ValueError(f"x has K={K}, weight has K={w.K}")
+    E = len(w.slice_bits)
+    if is_device_array(k_t):
+        dk = to_device(k_t)
+        if dk.shape != (T,):
+            raise ValueError(f"k_t has shape {tuple(dk.shape)} for {T} tokens")
+    else:
+        kh = np.asarray(k_t, dtype=np.int32)
+        kh = np.full(T, int(kh), np.int32) if kh.ndim == 0 else kh.reshape(-1)
+        if kh.shape != (T,):
+            raise ValueError(f"k_t has {kh.size} entries for {T} tokens")
+        if kh.size and (kh.min() < 1 or kh.max() > E):
+            raise ValueError(f"k_t must be in 1..{E}")
+        dk = cuda.to_device(np.ascontiguousarray(kh), stream=stream)
+    dw = w.to_device()
+    gw = dw.planes.shape[2] if dw.n_groups == 1 else dw.group_size // WORD_BITS
+    res = None
+    if out is None and torch_x:
+        res = _new_output(x, (T, w.N), dx.dtype)
+        dout = cuda.as_cuda_array(res)
+    else:
+        dout = output_array(out, (T, w.N), dx.dtype)
+    W = dw.planes.shape[2]
+    for s0 in range(0, T, MAX_T):
+        tseg = min(MAX_T, T - s0)
+        wc, rb, rows = gemv_geometry(tseg, nthr)
+        S = splits(w.N, W, tseg, nthr)
+        nrb = cdiv(w.N, rows)
+        part, count = _workspace(S, w.N, nrb, stream)
+        gemv_kernel6[(nrb, S), (wc, rb), stream](
+            dx, s0, tseg, dk, _bk(w.slice_bits), dw.planes, dw.scale, dw.zero, gw, dout, part, count
+        )
+    if res is not None:
+        return res
+    return finish(dout, out, on_device)

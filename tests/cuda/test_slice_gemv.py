@@ -87,3 +87,58 @@ def test_errors(rng):
         sv.gemv(x, w, 1, block=6)
     with pytest.raises(ValueError):
         slice_linear(x, w, [1], kind="gemv", version=9)
+
+
+# ---- v6: per-token precision in one launch (slice_linear(method="fused")), the decode call path
+
+
+@pytest.mark.parametrize("T", [1, 4, 11])
+def test_fused_routed_gemv_matches_reference(rng, T):
+    """Host inputs; T = 11 runs two launches (8 + 3 tokens); every precision present for T >= 4."""
+    N, K = 17, 160
+    x, codes, scale, zero, w = _setup(rng, T, N, K)
+    k_t = rng.permutation(np.resize(np.array([1, 2, 3, 4]), T)) if T >= 4 else rng.integers(1, 5, T)
+    y = slice_linear(x, w, k_t, method="fused", kind="gemv", version=6, out=poisoned((T, N), np.float16))
+    assert_close(y, slice_linear_ref(x, codes, scale, zero, SB, k_t, 32).numpy(), np.float16)
+
+
+def test_fused_uniform_precision_is_version_6(rng):
+    x, codes, scale, zero, w = _setup(rng, 2, 9, 64, dtype=np.float32)
+    y = sv.gemv(x, w, 3, version=6, out=poisoned((2, 9), np.float32))
+    assert_close(y, sv.slice_gemv_ref(x, codes, scale, zero, SB, 3, 32).numpy(), np.float32)
+
+
+def test_fused_device_path_has_no_round_trip_or_allocation(rng, monkeypatch):
+    """Device x, k_t (int64, as a router would produce) and out: after a first call (which caches
+    the workspace), a call moves nothing between host and device and allocates nothing."""
+    from numba import cuda
+
+    T, N, K = 3, 13, 96
+    x, codes, scale, zero, w = _setup(rng, T, N, K, slice_bits=(3, 3, 2))
+    k_t = np.array([3, 1, 2])
+    dw = w.to_device()
+    dx, dk = cuda.to_device(x), cuda.to_device(k_t.astype(np.int64))
+    dout = cuda.to_device(poisoned((T, N), np.float16))
+    slice_linear(dx, dw, dk, method="fused", kind="gemv", version=6, out=dout)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host round trip or allocation in the device call path")
+
+    dout2 = cuda.to_device(poisoned((T, N), np.float16))
+    for name in ("to_device", "device_array", "device_array_like", "pinned_array"):
+        monkeypatch.setattr(cuda, name, forbidden)
+    monkeypatch.setattr(type(dx), "copy_to_host", forbidden)
+    y = slice_linear(dx, dw, dk, method="fused", kind="gemv", version=6, out=dout2)
+    monkeypatch.undo()
+    assert y is dout2
+    assert_close(y.copy_to_host(), slice_linear_ref(x, codes, scale, zero, (3, 3, 2), k_t, 32).numpy(), np.float16)
+
+
+def test_fused_errors(rng):
+    x, *_, w = _setup(rng, 2, 5, 64, dtype=np.float32)
+    with pytest.raises(ValueError):
+        slice_linear(x, w, [1, 5], method="fused", kind="gemv", version=6)
+    with pytest.raises(ValueError):
+        slice_linear(x, w, [1, 2], method="fused", kind="gemv", version=5)
+    with pytest.raises(ValueError):
+        slice_linear(x, w, [1, 2, 3], method="fused", kind="gemv", version=6)
