@@ -47,7 +47,11 @@ def test_binary_matmul_large(rng, version):
         ("grouped", "gemm", 1),
         ("grouped", "gemm", 2),
         ("grouped", "gemm", 3),
+        ("grouped", "gemv", 4),
+        ("grouped", "gemv", 5),
+        ("fused", "gemv", 6),
         ("streams", "gemv", 2),
+        ("streams", "gemv", 5),
         ("streams", "gemm", 2),
         ("streams", "gemm", 3),
     ],
@@ -83,3 +87,18 @@ def test_bench_smoke(tmp_path):
     )
     assert rc == 0
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 14336)])
+def test_lut_gemv_split_k_large(rng, N, K):
+    """GEMV v5/v6 with many K-splits and row blocks at decode shapes; twice (counters reset)."""
+    from cuda_numba.slice_gemv import gemv
+
+    g = 128
+    codes, scale, zero = mobislice_weight(rng, N, K, g)
+    w = pack_mobislice(codes, scale, zero, SB, g).to_device()
+    x = rng.standard_normal((1, K)).astype(np.float16)
+    for k in (1, 2, 4):
+        ref = slice_linear_ref(x, codes, scale, zero, SB, k, g).float().numpy()
+        for version in (5, 6, 5):
+            assert_close(gemv(x, w, k, version=version, out=poisoned((1, N), np.float16)), ref, np.float16)
