@@ -176,6 +176,41 @@ def _block_sum(acc, red, i, t, tx, ty, wc):
     return s
 
 
+@cuda.jit(device=True)
+def _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, tx, ty, tid, nthr):
+    """Split-K epilogue: write this block's partials, and if it is the last of its row block, sum all S.
+
+    part float32 [S, MAX_T, N], count int32 [row blocks] (0 on entry and again on exit), last a
+    shared int32 [1]. The fence makes the partials visible before the block counts itself done.
+    """
+    N = part.shape[2]
+    S = cuda.gridDim.y
+    for i in range(RPT):
+        n = nrow0 + i * rb
+        for t in range(tseg):
+            s = _block_sum(acc, red, i, t, tx, ty, wc)
+            if tx == 0 and n < N:
+                part[cuda.blockIdx.y, t, n] = s
+    cuda.threadfence()  # partials visible to the block that finishes last
+    cuda.syncthreads()
+    if tid == 0:
+        done = cuda.atomic.add(count, cuda.blockIdx.x, 1)
+        last[0] = 1 if done == S - 1 else 0
+    cuda.syncthreads()
+    if last[0] == 1:
+        for e in range(tid, RPT * rb * tseg, nthr):  # this row block's outputs
+            r = e // tseg
+            t = e % tseg
+            n = cuda.blockIdx.x * rb * RPT + r
+            if n < N:
+                s = float32(0.0)
+                for y in range(S):
+                    s += part[y, t, n]
+                out[t0 + t, n] = s
+        if tid == 0:
+            count[cuda.blockIdx.x] = 0  # ready for the next launch
+
+
 # ---------------------------------------------------------------------------------------
 # Kernels
 
@@ -194,7 +229,7 @@ def gemv_kernel4(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
     tid, nthr = ty * wc + tx, wc * rb
     nrow0 = cuda.blockIdx.x * rb * RPT + ty
     acc = cuda.local.array(ACC_LEN, float32)
-    for e in range(RPT * MAX_T):
+    for e in range(ACC_LEN):
         acc[e] = float32(0.0)
     for c0 in range(0, W, wc):
         _build_tables(x, t0, tseg, c0, K, wc, tab, nib, xsum, tid, nthr)
@@ -222,14 +257,14 @@ def gemv_kernel5(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
     red = cuda.shared.array((NTHREADS, 8), float32)
     last = cuda.shared.array(1, int32)
     K = x.shape[1]
-    N, W = planes.shape[1], planes.shape[2]
+    W = planes.shape[2]
     S = cuda.gridDim.y
     wc, rb = cuda.blockDim.x, cuda.blockDim.y
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     tid, nthr = ty * wc + tx, wc * rb
     nrow0 = cuda.blockIdx.x * rb * RPT + ty
     acc = cuda.local.array(ACC_LEN, float32)
-    for e in range(RPT * MAX_T):
+    for e in range(ACC_LEN):
         acc[e] = float32(0.0)
     n_chunks = (W + wc - 1) // wc
     per = (n_chunks + S - 1) // S  # chunks per split
@@ -238,34 +273,11 @@ def gemv_kernel5(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
         _build_tables(x, t0, tseg, c0, K, wc, tab, nib, xsum, tid, nthr)
         _chunk_rows(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, tab, xsum, tseg, wc, c0 + tx, tx, nrow0, rb, acc)
         cuda.syncthreads()
-    for i in range(RPT):
-        n = nrow0 + i * rb
-        for t in range(tseg):
-            s = _block_sum(acc, red, i, t, tx, ty, wc)
-            if tx == 0 and n < N:
-                part[cuda.blockIdx.y, t, n] = s
-    cuda.threadfence()  # partials visible to the block that finishes last
-    cuda.syncthreads()
-    if tid == 0:
-        done = cuda.atomic.add(count, cuda.blockIdx.x, 1)
-        last[0] = 1 if done == S - 1 else 0
-    cuda.syncthreads()
-    if last[0] == 1:
-        for e in range(tid, RPT * rb * tseg, nthr):  # this row block's outputs
-            r = e // tseg
-            t = e % tseg
-            n = cuda.blockIdx.x * rb * RPT + r
-            if n < N:
-                s = float32(0.0)
-                for y in range(S):
-                    s += part[y, t, n]
-                out[t0 + t, n] = s
-        if tid == 0:
-            count[cuda.blockIdx.x] = 0  # ready for the next launch
+    _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, tx, ty, tid, nthr)
 
 
 @cuda.jit(device=True)
-def _chunk_rows_routed(planes, bk, scale, zero, gw, tab, xsum, tseg, tnb, tsm, tzm, nbmax, wc, w, tx, nrow0, rb, acc):
+def _chunk_rows_routed(planes, scale, zero, gw, tab, xsum, tseg, tnb, tsm, tzm, nbmax, wc, w, tx, nrow0, rb, acc):
     """v6's _chunk_rows: token t reads planes [0, tnb[t]) with s_k = s tsm[t], z_k = z_E tzm[t]."""
     N, W = planes.shape[1], planes.shape[2]
     if w >= W:
@@ -296,7 +308,7 @@ def gemv_kernel6(x, t0, tseg, kt, bk, planes, scale, zero, gw, out, part, count)
     red = cuda.shared.array((NTHREADS, 8), float32)
     last = cuda.shared.array(1, int32)
     K = x.shape[1]
-    N, W = planes.shape[1], planes.shape[2]
+    W = planes.shape[2]
     E = bk.shape[0] - 1
     S = cuda.gridDim.y
     wc, rb = cuda.blockDim.x, cuda.blockDim.y
@@ -322,33 +334,10 @@ def gemv_kernel6(x, t0, tseg, kt, bk, planes, scale, zero, gw, out, part, count)
         c0 = c * wc
         _build_tables(x, t0, tseg, c0, K, wc, tab, nib, xsum, tid, nthr)
         _chunk_rows_routed(
-            planes, bk, scale, zero, gw, tab, xsum, tseg, tnb, tsm, tzm, nbmax, wc, c0 + tx, tx, nrow0, rb, acc
+            planes, scale, zero, gw, tab, xsum, tseg, tnb, tsm, tzm, nbmax, wc, c0 + tx, tx, nrow0, rb, acc
         )
         cuda.syncthreads()
-    for i in range(RPT):
-        n = nrow0 + i * rb
-        for t in range(tseg):
-            s = _block_sum(acc, red, i, t, tx, ty, wc)
-            if tx == 0 and n < N:
-                part[cuda.blockIdx.y, t, n] = s
-    cuda.threadfence()
-    cuda.syncthreads()
-    if tid == 0:
-        done = cuda.atomic.add(count, cuda.blockIdx.x, 1)
-        last[0] = 1 if done == S - 1 else 0
-    cuda.syncthreads()
-    if last[0] == 1:
-        for e in range(tid, RPT * rb * tseg, nthr):
-            r = e // tseg
-            t = e % tseg
-            n = cuda.blockIdx.x * rb * RPT + r
-            if n < N:
-                s = float32(0.0)
-                for y in range(S):
-                    s += part[y, t, n]
-                out[t0 + t, n] = s
-        if tid == 0:
-            count[cuda.blockIdx.x] = 0
+    _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, tx, ty, tid, nthr)
 
 
 # ---------------------------------------------------------------------------------------
