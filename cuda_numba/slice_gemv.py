@@ -423,12 +423,12 @@ def _bk(slice_bits) -> object:
     return _BK[key]
 
 
-def _new_output(dx, shape, dtype):
+def _new_output(x, shape, dtype):
     """Output buffer without a Numba allocation when x is a CUDA torch tensor (torch's caching allocator)."""
-    if getattr(dx, "is_cuda", False):
+    if getattr(x, "is_cuda", False):
         import torch
 
-        return torch.empty(shape, dtype=dx.dtype, device=dx.device)
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
     return cuda.device_array(shape, dtype=dtype)
 
 

@@ -58,8 +58,10 @@ def _zero_E(sw, codes: torch.Tensor) -> torch.Tensor:
 class PackedMoBiLinear(nn.Module):
     """MoBiLinear inference from bit-planes (see the module docstring); build with :meth:`from_mobilinear`."""
 
-    # one routing implementation: MoBiLinear's, on the same attributes
+    # one routing implementation: MoBiLinear's, on the same attributes (tau / tau_logit, fixed_k,
+    # token_slices, router), so mobiquant's set_slices / set_threshold settings apply unchanged
     route = MoBiLinear.route
+    tau = MoBiLinear.tau
     check_k = MoBiLinear.check_k
     _check_input = MoBiLinear._check_input
 
@@ -106,6 +108,10 @@ class PackedMoBiLinear(nn.Module):
             layer.name,
         )
 
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = {}  # .to() / .half() / .cuda() give the buffers new storage: drop the views
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def num_slices(self) -> int:
         return len(self.slice_bits)
@@ -134,11 +140,12 @@ class PackedMoBiLinear(nn.Module):
 
             from cuda_numba.packing import PackedWeight
 
+            s32 = self.scale.float().contiguous()  # float32 even after model.half(); cached below
             if device.type == "cuda":
                 planes = cuda.as_cuda_array(self.planes).view(np.uint32)
-                scale, zero = cuda.as_cuda_array(self.scale), cuda.as_cuda_array(self.zero)
+                scale, zero = cuda.as_cuda_array(s32), cuda.as_cuda_array(self.zero)
             else:
-                planes, scale, zero = self.planes.numpy().view(np.uint32), self.scale.numpy(), self.zero.numpy()
+                planes, scale, zero = self.planes.numpy().view(np.uint32), s32.numpy(), self.zero.numpy()
             self._packed[key] = PackedWeight(planes, scale, zero, self.slice_bits, self.group_size, self.in_features)
         return self._packed[key]
 

@@ -92,6 +92,20 @@ def test_memory_report(models):
     assert report["torch_bytes_per_weight"] > 20  # fp32 weight + float64 slice deltas in the torch path
 
 
+def test_routing_settings_are_shared(models):
+    """Settings MoBiLinear exposes (tau, fixed_k) route a packed layer the same way."""
+    ref, packed, _ = models
+    layer_ref, layer = ref.model.layers[0].mlp.up_proj, packed.model.layers[0].mlp.up_proj
+    x = torch.randn(7, layer.in_features, generator=torch.Generator().manual_seed(4))
+    for tau in (0.2, 0.9):
+        layer_ref.tau = layer.tau = tau
+        assert torch.equal(layer.route(x), layer_ref.route(x))
+    layer.fixed_k = 2
+    assert layer.route(x).tolist() == [2] * 7
+    layer.fixed_k = None
+    layer_ref.tau = layer.tau = 0.5
+
+
 def test_pack_model_errors():
     with pytest.raises(MoBiError):
         pack_model(random_llama("llama", hidden=64, layers=1, vocab=64))
