@@ -181,7 +181,9 @@ def _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, t
     """Split-K epilogue: write this block's partials, and if it is the last of its row block, sum all S.
 
     part float32 [S, MAX_T, N], count int32 [row blocks] (0 on entry and again on exit), last a
-    shared int32 [1]. The fence makes the partials visible before the block counts itself done.
+    shared int32 [1]. The fence makes the partials visible before the block counts itself done;
+    the last block reads them with atomic adds of 0 (L2, coherent across SMs; the CUDA guide's
+    version of this pattern uses ``volatile`` loads, which Numba does not have).
     """
     N = part.shape[2]
     S = cuda.gridDim.y
@@ -204,8 +206,8 @@ def _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, t
             n = cuda.blockIdx.x * rb * RPT + r
             if n < N:
                 s = float32(0.0)
-                for y in range(S):
-                    s += part[y, t, n]
+                for y in range(S):  # read through an atomic: served by L2, never by a stale L1 line
+                    s += cuda.atomic.add(part, (y, t, n), float32(0.0))
                 out[t0 + t, n] = s
         if tid == 0:
             count[cuda.blockIdx.x] = 0  # ready for the next launch
