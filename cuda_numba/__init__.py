@@ -7,14 +7,16 @@ launchers ``*_v1..N`` and one dispatcher taking ``version=``.
 * ``packing``       -- MoBiSlice codes ``uint8 [N, K]`` -> bit-planes ``uint32 [8, N, ceil(K/32)]``
 * ``binary_matmul`` -- integer activations x bit-plane weights by AND + popcount
 * ``slice_gemm``    -- fp16/fp32 activations x the first ``k`` slices (GEMV, grouped GEMM, streams)
+* ``slice_gemv``    -- decode GEMV from look-up tables of activation sums (v4-v6; v6 = per-token k, one launch)
 * ``bench``         -- ``python -m cuda_numba.bench`` (real GPU), ``--sim`` for a simulator demo
+* ``e2e``           -- ``python -m cuda_numba.e2e``: decode tok/s and memory, fp16 vs ``mbq_ref.packed``
 
 Without a GPU the kernels run in Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set by
 the repository's ``conftest.py``); it must be set before ``numba.cuda`` is first imported.
 ``mbq_ref`` never imports this package at import time.
 """
 
-__all__ = ["bench", "binary_matmul", "packing", "real_gpu_available", "slice_gemm"]
+__all__ = ["bench", "binary_matmul", "e2e", "packing", "real_gpu_available", "slice_gemm", "slice_gemv"]
 
 
 def real_gpu_available() -> bool:

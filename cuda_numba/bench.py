@@ -14,8 +14,10 @@ each repetition. Effective GB/s counts the packed-weight bytes a method must rea
 planes of every precision/slice it launches, plus scales and zero points), compared with
 fp16 weights (2 bytes each) and with the HBM roofline ``bytes / peak bandwidth``.
 
-Kernel names: ``gemv1-3``, ``gemm1-3`` (``slice_linear(method="grouped")``), ``streams-gemv2``,
-``streams-gemm2``, ``streams-gemm3`` (``method="streams"``), ``bmm1-3`` (integer AND+popcount,
+Kernel names (``slice_gemm.CASES``): ``gemv1-5``, ``gemm1-3`` (``slice_linear(method="grouped")``;
+gemv4-5 are the look-up-table GEMVs of ``slice_gemv.py``), ``streams-gemv2``, ``streams-gemv5``,
+``streams-gemm2``, ``streams-gemm3`` (``method="streams"``), ``fused-gemv6`` (``method="fused"``:
+one launch, k_t on the device, output preallocated: the decode call path), ``bmm1-3`` (integer AND+popcount,
 8-bit activations pre-quantized and packed, all tokens at the precision nearest the
 average), ``pack1-2`` (offline packing, once per shape), ``fp16`` (``x @ W^T`` in torch).
 
@@ -44,7 +46,8 @@ DEFAULT_SHAPES = "4096x4096,4096x11008,4096x14336,14336x4096"
 DEFAULT_TOKENS = "1,8,64,512,2048"
 DEFAULT_BITS = "2,3,4,6,8"
 ALL_KERNELS = (
-    "gemv1,gemv2,gemv3,gemm1,gemm2,gemm3,streams-gemv2,streams-gemm2,streams-gemm3,bmm1,bmm2,bmm3,pack1,pack2,fp16"
+    "gemv1,gemv2,gemv3,gemv4,gemv5,fused-gemv6,gemm1,gemm2,gemm3,streams-gemv2,streams-gemv5,streams-gemm2,"
+    "streams-gemm3,bmm1,bmm2,bmm3,pack1,pack2,fp16"
 )
 SIM_SHAPES = "96x37"
 SIM_TOKENS = "3"
@@ -73,11 +76,13 @@ class Kernel:
 
 
 def _kernel(name: str) -> Kernel:
+    from .slice_gemm import CASES
+
     if name == "fp16":
         return Kernel(name, "fp16")
-    m = re.fullmatch(r"(streams-)?(gemv|gemm)([123])", name)
-    if m:
-        return Kernel(name, "slice", m.group(2), int(m.group(3)), "streams" if m.group(1) else "grouped")
+    if name in CASES:
+        method, kind, version = CASES[name]
+        return Kernel(name, "slice", kind, version, method)
     m = re.fullmatch(r"(bmm|pack)([123])", name)
     if m and not (m.group(1) == "pack" and m.group(2) == "3"):
         return Kernel(name, m.group(1), version=int(m.group(2)))
@@ -212,6 +217,8 @@ def weight_bytes(kern: Kernel, w, k_t) -> int:
         return N * K  # uint8 codes read (planes written: the same number of bytes)
     if kern.family == "bmm":
         return w.bits_at(_bmm_k(k_t, w)) * plane + N * G * 4
+    if kern.method == "fused":  # one launch: the planes of the largest precision, read once
+        return w.bits_at(max(ks)) * plane + meta
     if kern.method == "streams":  # every needed slice's planes once
         return w.bits_at(max(ks)) * plane + meta * max(ks)
     return sum(w.bits_at(k) * plane + meta for k in ks)  # grouped: B_k planes per precision
@@ -239,7 +246,7 @@ class _Weights:
         self.K, self.N, self.group_size, self.slice_bits = K, N, group_size, tuple(slice_bits)
         self.codes = rng.integers(0, 2 ** sum(slice_bits), (N, K), dtype=np.uint8)
         self.scale = (rng.random((N, G)) * 0.02 + 0.002).astype(np.float32)
-        self.zero = rng.integers(0, 2 ** slice_bits[0], (N, G)).astype(np.int32)
+        self.zero = rng.integers(0, 2 ** sum(slice_bits), (N, G)).astype(np.int32)  # z_E, finest grid
         self.packed = pack_mobislice(self.codes, self.scale, self.zero, slice_bits, group_size).to_device()
         self.ref_device = ref_device
         self.W = {}  # k -> float32 W_k on ref_device (torch), filled lazily
@@ -316,21 +323,30 @@ class _Case:
         w, wt = self.w, self.wt
         if kern.family == "slice":
             streams = self.streams if kern.method == "streams" else None
+            T = self.x.shape[0]
+            if kern.method == "fused":  # decode path: k_t from the router already on the device
+                dk = cuda.to_device(np.asarray(self.k_t, np.int64))
+                dout = cuda.device_array((T, w.N), np.float16)
+
+                def call():
+                    return sg.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=6, out=dout)
+
+                def kernels_only():
+                    sg.run_kernels("fused", "gemv", 6, self.dx, w, self.k_t, out=dout, dk=dk)
+
+                return call, kernels_only, lambda y: _rel_check(y.copy_to_host(), self.slice_reference())
 
             def call():
                 return sg.slice_linear(
                     self.dx, w, self.k_t, method=kern.method, kind=kern.kind, version=kern.version, streams=streams
                 )
 
-            perm, starts = sg.route_permutation(self.k_t, len(wt.slice_bits))
+            perm, _ = sg.route_permutation(self.k_t, len(wt.slice_bits))
             dxs = cuda.to_device(np.ascontiguousarray(self.x[perm]))  # sorted once, outside the timing
-            ybuf = cuda.device_array((len(wt.slice_bits), self.x.shape[0], w.N), np.float32)
+            ybuf = cuda.device_array((len(wt.slice_bits), T, w.N), np.float32)
 
             def kernels_only():
-                if kern.method == "streams":
-                    sg._run_streams(kern.kind, kern.version, dxs, w, starts, ybuf, None, self.streams)
-                else:
-                    sg._run_grouped(kern.kind, kern.version, dxs, w, starts, ybuf, None)
+                sg.run_kernels(kern.method, kern.kind, kern.version, dxs, w, self.k_t, ybuf, self.streams)
 
             return call, kernels_only, lambda y: _rel_check(y.copy_to_host(), self.slice_reference())
         if kern.family == "pack":

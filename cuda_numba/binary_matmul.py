@@ -26,10 +26,11 @@ themselves popcounts (``sum_k xq = sum_i 2^(bx-1-i) popc(X_i)``). Per weight gro
 ``binary_matmul`` returns these integers exactly (int64 [T, N]), checked against an int64
 NumPy matmul. ``binary_linear`` applies it to a MoBiSlice weight at precision k
 (``W_k = s_k (Q_k - z_k + 1/2)``, weights-only paper setting *plus* 8-bit per-token
-activations, an optional mode): with the doubled offset ``c = 2 z_k - 1`` everything
+activations, an optional mode). ``z_k = z_E / 2^(B_E - B_k)`` is a dyadic fraction; with
+``D = 2^(B_E - B_k + 1)`` and the integer offset ``c = D (z_k - 1/2) = 2 z_E - D/2`` everything
 stays integer,
 
-    y[t, n] = sx[t] * sum_g (s_k[n, g] / 2) * sum_{k in g} (xq - zx)(2 Q_k - c)
+    y[t, n] = sx[t] * sum_g (s_k[n, g] / D) * sum_{k in g} (xq - zx)(D Q_k - c)
 
 Versions (``binary_matmul(..., version=V)`` and ``binary_linear(..., version=V)``):
 
@@ -148,14 +149,14 @@ def binary_linear_ref(x, codes, scale, zero, slice_bits, k: int, group_size: int
     g = K if G == 1 else group_size
     BE, Bk, b1 = int(sum(slice_bits)), int(sum(slice_bits[:k])), int(slice_bits[0])
     Qk = codes.astype(np.int64) >> (BE - Bk)  # [N, K] top B_k bits
-    c = 2 * zero * 2 ** (Bk - b1) - 1  # doubled offset 2 z_k - 1, [N, G]
+    D = 2 ** (BE - Bk + 1)  # D z_k = 2 z_E is an integer
+    c = 2 * zero - D // 2  # integer offset D (z_k - 1/2), [N, G]
     X = xq.astype(np.int64) - zx[:, None].astype(np.int64)  # [T, K]
-    Wd = 2 * Qk - np.repeat(c, g, axis=1)[:, :K]  # [N, K] = 2 (Q_k - z_k + 1/2)
+    Wd = D * Qk - np.repeat(c, g, axis=1)[:, :K]  # [N, K] = D (Q_k - z_k + 1/2)
     y = np.zeros((X.shape[0], N), dtype=np.float64)
     for gi in range(G):
         sl = slice(gi * g, min((gi + 1) * g, K))
-        D = X[:, sl] @ Wd[:, sl].T  # exact int64 [T, N]
-        y += D * (scale[:, gi] / 2 ** (Bk - b1) / 2)[None, :]
+        y += (X[:, sl] @ Wd[:, sl].T) * (scale[:, gi] / 2 ** (Bk - b1) / D)[None, :]
     return y * sx.astype(np.float64)[:, None]
 
 
@@ -403,7 +404,7 @@ def binary_matmul(
 
 
 @cuda.jit
-def blinear_kernel1(xp, x_scale, x_zero, wp, nbw, w_scale, w_zero, K, group_words, smul, zmul, out):
+def blinear_kernel1(xp, x_scale, x_zero, wp, nbw, w_scale, w_zero, K, group_words, smul, dmul, out):
     """v1: thread per (n, t); reads the first nbw (= B_k) weight planes; float32 out [T, N]."""
     nbx, T, W = xp.shape
     N = wp.shape[1]
@@ -416,14 +417,14 @@ def blinear_kernel1(xp, x_scale, x_zero, wp, nbw, w_scale, w_zero, K, group_word
             w0 = g * group_words
             w1 = min(w0 + group_words, W)
             dot, sx, sw = _dot_and_sums(xp, nbx, t, wp, nbw, n, w0, w1)
-            c = 2 * int64(w_zero[n, g]) * int64(zmul) - 1  # 2 z_k - 1
-            d = 2 * dot - c * sx - 2 * zx * sw + zx * c * _group_count(K, g, group_words)
-            y += float32(w_scale[n, g]) * float32(smul) * float32(0.5) * float32(d)
+            c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2  # D (z_k - 1/2), D = dmul
+            d = int64(dmul) * dot - c * sx - int64(dmul) * zx * sw + zx * c * _group_count(K, g, group_words)
+            y += float32(w_scale[n, g]) * float32(smul) * float32(d)
         out[t, n] = float32(x_scale[t]) * y
 
 
 @cuda.jit
-def blinear_kernel2(xp, x_scale, x_zero, x_sums, wp, nbw, w_scale, w_zero, w_sums, K, group_words, smul, zmul, out):
+def blinear_kernel2(xp, x_scale, x_zero, x_sums, wp, nbw, w_scale, w_zero, w_sums, K, group_words, smul, dmul, out):
     """v2: thread per (n, t); precomputed per-group sums, words cached in registers."""
     nbx, T, W = xp.shape
     N = wp.shape[1]
@@ -436,9 +437,10 @@ def blinear_kernel2(xp, x_scale, x_zero, x_sums, wp, nbw, w_scale, w_zero, w_sum
             w0 = g * group_words
             w1 = min(w0 + group_words, W)
             dot = _dot_cached(xp, nbx, t, wp, nbw, n, w0, w1)
-            c = 2 * int64(w_zero[n, g]) * int64(zmul) - 1
-            d = 2 * dot - c * x_sums[t, g] - 2 * zx * w_sums[n, g] + zx * c * _group_count(K, g, group_words)
-            y += float32(w_scale[n, g]) * float32(smul) * float32(0.5) * float32(d)
+            c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2
+            d = int64(dmul) * dot - c * x_sums[t, g] - int64(dmul) * zx * w_sums[n, g]
+            d += zx * c * _group_count(K, g, group_words)
+            y += float32(w_scale[n, g]) * float32(smul) * float32(d)
         out[t, n] = float32(x_scale[t]) * y
 
 
@@ -464,14 +466,14 @@ def binary_linear(
     dxp = to_device(pack_bitplanes(xq, bits=act_bits), np.uint32)
     dxs, dxz = to_device(sx, np.float32), to_device(zx, np.int32)
     dwp = dw.planes  # the kernel reads planes [0, B_k) only
-    smul = np.float32(2.0 ** -(Bk - b1))  # s_k = s / 2^(B_k - b_1)
-    zmul = 2 ** (Bk - b1)  # z_k = z * 2^(B_k - b_1)
+    dmul = 2 ** (w.bits_at(len(w.slice_bits)) - Bk + 1)  # D: D z_k = 2 z_E, z_k = z_E / 2^(B_E - B_k)
+    smul = np.float32(2.0 ** -(Bk - b1) / dmul)  # s_k / D, s_k = s / 2^(B_k - b_1)
     dout = output_array(out, (T, w.N), np.float32)
     grid = (cdiv(w.N, block[0]), cdiv(T, block[1]))
     if version == 1:
-        blinear_kernel1[grid, block](dxp, dxs, dxz, dwp, Bk, dw.scale, dw.zero, K, gw, smul, zmul, dout)
+        blinear_kernel1[grid, block](dxp, dxs, dxz, dwp, Bk, dw.scale, dw.zero, K, gw, smul, dmul, dout)
     else:
         dxsum = _sums(dxp, act_bits, gw, G)
         dwsum = _sums(dwp, Bk, gw, G)
-        blinear_kernel2[grid, block](dxp, dxs, dxz, dxsum, dwp, Bk, dw.scale, dw.zero, dwsum, K, gw, smul, zmul, dout)
+        blinear_kernel2[grid, block](dxp, dxs, dxz, dxsum, dwp, Bk, dw.scale, dw.zero, dwsum, K, gw, smul, dmul, dout)
     return finish(dout, out, False)

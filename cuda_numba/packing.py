@@ -267,9 +267,10 @@ class PackedWeight:
 
     planes  uint32 [B_E, N, W]   bit-planes of Q_E, MSB first (see module docstring)
     scale   float32 [N, G]       base-slice scale ``s`` per group of ``group_size`` inputs
-    zero    int32 [N, G]         base-slice integer zero point ``z``
+    zero    int32 [N, G]         integer zero point ``z_E`` on the finest (B_E-bit) grid
     Precision k dequantizes to ``s_k (Q_k - z_k + 1/2)``, ``s_k = s / 2^(B_k-b_1)``,
-    ``z_k = z 2^(B_k-b_1)``. Arrays are NumPy or Numba device arrays (``.to_device()``).
+    ``z_k = z_E / 2^(B_E-B_k)`` (a dyadic fraction, exact in float32). Arrays are NumPy or
+    Numba device arrays (``.to_device()``).
     """
 
     planes: object
@@ -331,7 +332,7 @@ def check_groups(K: int, group_size: int, n_groups: int) -> None:
 def pack_mobislice(
     codes, scale, zero, slice_bits=(2, 2, 2, 2), group_size: int = 128, version: int = 2
 ) -> PackedWeight:
-    """Pack MoBiSlice ``codes uint8 [N, K]`` (Q_E), ``scale [N, K/g]``, ``zero [N, K/g]`` into a :class:`PackedWeight`."""
+    """Pack MoBiSlice ``codes uint8 [N, K]`` (Q_E), ``scale [N, K/g]``, ``zero [N, K/g]`` (z_E) into a :class:`PackedWeight`."""
     codes_h = to_host(codes)
     N, K = codes_h.shape
     scale_h = np.ascontiguousarray(to_host(scale), dtype=np.float32)

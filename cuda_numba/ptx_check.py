@@ -6,6 +6,11 @@ types the dispatchers pass (``cuda.compile_ptx``, NVVM only; no driver needed) a
 one line per kernel. It needs NVVM/NVRTC (``pip install nvidia-cuda-nvcc-cu12
 nvidia-cuda-nvrtc-cu12`` or a CUDA toolkit) and must run with ``NUMBA_ENABLE_CUDASIM=0``.
 Exit code 0: all compiled; 1: a kernel failed; 2: no compiler available / simulator on.
+
+``--lower-only`` stops before NVVM: Numba types each kernel and lowers it to LLVM IR
+(``numba.cuda.compiler.compile_cuda``), which needs no CUDA library at all and still catches
+the typing errors the simulator cannot see (e.g. a shared-array shape that is not a
+compile-time constant).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ def _signatures():
     from . import binary_matmul as bm
     from . import packing as pk
     from . import slice_gemm as sg
+    from . import slice_gemv as sv
 
     def arr(dtype, ndim):
         return nt.Array(dtype, ndim, "C")
@@ -54,10 +60,17 @@ def _signatures():
     ]
     for xdt in (nt.float16, nt.float32):
         x2 = arr(xdt, 2)
-        seg = (x2, i64, i64, u32_3, i64, i64, f32_2, i32_2, nt.float32, i64, i64, i64)
+        seg = (x2, i64, i64, u32_3, i64, i64, f32_2, i32_2, nt.float32, nt.float32, i64, i64)  # smul, zmul f32
         for name in ("slice_kernel1", "gemv_kernel2", "gemv_kernel3", "gemm_kernel2", "gemm_kernel3"):
             for odt in (nt.float32,) if xdt == nt.float32 else (nt.float16, nt.float32):
                 sigs.append((f"slice_gemm.{name}[x={xdt}, out={odt}]", getattr(sg, name), seg + (arr(odt, 2),)))
+        for odt in (nt.float32,) if xdt == nt.float32 else (nt.float16, nt.float32):
+            o2 = arr(odt, 2)
+            sigs.append((f"slice_gemv.gemv_kernel4[x={xdt}, out={odt}]", sv.gemv_kernel4, seg + (o2,)))
+            sigs.append((f"slice_gemv.gemv_kernel5[x={xdt}, out={odt}]", sv.gemv_kernel5, seg + (o2, f32_3, i32_1)))
+            for kt in (i64_1, i32_1):  # routed k_t: int64 from NumPy/torch, int32 from the host path
+                sig6 = (x2, i64, i64, kt, i32_1, u32_3, f32_2, i32_2, i64, o2, f32_3, i32_1)
+                sigs.append((f"slice_gemv.gemv_kernel6[x={xdt}, out={odt}, k_t={kt.dtype}]", sv.gemv_kernel6, sig6))
         sigs.append((f"slice_gemm.gather_rows_kernel[{xdt}]", sg.gather_rows_kernel, (x2, i64_1, x2)))
         sigs.append(
             (f"slice_gemm.combine_scatter_kernel[{xdt}]", sg.combine_scatter_kernel, (f32_3, i64_1, i64_1, x2))
@@ -68,6 +81,7 @@ def _signatures():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cuda_numba.ptx_check", description=__doc__.splitlines()[0])
     ap.add_argument("--cc", default="8.0", help="compute capability to target (default 8.0, A100)")
+    ap.add_argument("--lower-only", action="store_true", help="type and lower to LLVM IR only (no NVVM needed)")
     args = ap.parse_args(argv)
     import numba
     from numba import cuda
@@ -87,6 +101,13 @@ def main(argv=None) -> int:
     failed = 0
     for i, (name, kernel, sig) in enumerate(_signatures()):
         try:
+            if args.lower_only:
+                from numba.core import types
+                from numba.cuda import compiler
+
+                compiler.compile_cuda(kernel.py_func, types.void, sig, cc=cc)
+                print(f"ok   {name}: typed and lowered to LLVM IR")
+                continue
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
         except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1
             if i == 0 and "not found" in str(exc).lower() or "Failure finding" in str(exc):

@@ -4,19 +4,21 @@ The paper's weight-only setting (activations stay fp16): output ``y[t] = x[t] @ 
 where token t was routed to precision ``k_t`` (MoBiRoute, Sec. 4.2) and
 
     W_k = s_k (Q_k - z_k + 1/2),  Q_k = top B_k bits of Q_E,
-    s_k = s / 2^(B_k - b_1),      z_k = z * 2^(B_k - b_1)            (docs/design.md)
+    s_k = s / 2^(B_k - b_1),      z_k = z_E / 2^(B_E - B_k)          (docs/design.md)
 
-Weights arrive as a :class:`~cuda_numba.packing.PackedWeight` (``planes uint32 [B_E, N, W]``,
-MSB plane first, ``scale float32 [N, G]``, ``zero int32 [N, G]``). A kernel reading planes
+``z_E`` is an integer zero point on the finest (B_E-bit) grid; ``z_k`` is a dyadic fraction,
+exact in float32. Weights arrive as a :class:`~cuda_numba.packing.PackedWeight`
+(``planes uint32 [B_E, N, W]``, MSB plane first, ``scale float32 [N, G]``, ``zero int32 [N, G]``
+holding z_E). A kernel reading planes
 ``[lo, hi)`` rebuilds the integer of those bits by shift-and-add, per element j of a word:
 
     word of plane lo   ..1..   ->  q = 1
     word of plane lo+1 ..0..   ->  q = (q << 1) | 0 = 0b10
     word of plane lo+2 ..1..   ->  q = (q << 1) | 1 = 0b101      (and so on up to hi)
 
-and dequantizes ``w = s * smul * (q - (z * zmul + zadd) + 1/2)``. Two uses of one kernel:
+and dequantizes ``w = s * smul * (q - (z_E * zmul + zadd) + 1/2)``. Two uses of one kernel:
 
-* prefix, precision k: planes ``[0, B_k)``, ``smul = 2^-(B_k-b_1)``, ``zmul = 2^(B_k-b_1)``, ``zadd = 0``;
+* prefix, precision k: planes ``[0, B_k)``, ``smul = 2^-(B_k-b_1)``, ``zmul = 2^-(B_E-B_k)``, ``zadd = 0``;
 * residual slice e > 1 (design.md: ``dW_e = s_e (q_e - 2^(b_e-1) + 1/2)``): planes
   ``[B_{e-1}, B_e)``, ``smul = 2^-(B_e-b_1)``, ``zmul = 0``, ``zadd = 2^(b_e-1)``;
   ``W_k = W_1 + dW_2 + ... + dW_k`` exactly.
@@ -56,10 +58,12 @@ from ._common import cdiv, finish, is_device_array, output_array, to_device, to_
 from .packing import MAX_BITS, WORD_BITS, PackedWeight, check_groups, n_words
 
 __all__ = [
+    "CASES",
     "MAX_T",
     "dequant_codes",
     "dequant_residual",
     "route_permutation",
+    "run_kernels",
     "slice_gemm",
     "slice_gemv",
     "slice_linear",
@@ -95,8 +99,9 @@ def dequant_codes(codes, scale, zero, slice_bits, k: int, group_size: int) -> to
     """``W_k = s_k (Q_k - z_k + 1/2)`` from MoBiSlice codes (Sec. 4.1, design.md) -> float32 [N, K].
 
     codes uint8 [N, K] (Q_E, ``B_E = sum(slice_bits)`` bits), scale float [N, G], zero int
-    [N, G], one (s, z) per group of ``group_size`` inputs (G = 1: per row). Precision k
-    reads ``Q_k = Q_E >> (B_E - B_k)``; ``s_k = s / 2^(B_k - b_1)``, ``z_k = z 2^(B_k - b_1)``.
+    [N, G] (z_E, on the B_E-bit grid), one (s, z_E) per group of ``group_size`` inputs (G = 1:
+    per row). Precision k reads ``Q_k = Q_E >> (B_E - B_k)``; ``s_k = s / 2^(B_k - b_1)``,
+    ``z_k = z_E / 2^(B_E - B_k)`` (a dyadic fraction: exact in float32).
     Torch inputs stay on their device (the benchmark dequantizes on the GPU).
     """
     codes, scale, zero = _tensor(codes, torch.int64), _tensor(scale, torch.float32), _tensor(zero, torch.int64)
@@ -108,8 +113,8 @@ def dequant_codes(codes, scale, zero, slice_bits, k: int, group_size: int) -> to
     g = _group_len(K, scale.shape[1], group_size)
     Qk = codes >> (BE - Bk)  # [N, K]
     s_k = (scale / 2.0 ** (Bk - b1)).repeat_interleave(g, dim=1)[:, :K]  # [N, K]
-    z_k = (zero * 2 ** (Bk - b1)).repeat_interleave(g, dim=1)[:, :K]  # [N, K]
-    return s_k * ((Qk - z_k).to(torch.float32) + 0.5)
+    z_k = (zero.to(torch.float32) / 2.0 ** (BE - Bk)).repeat_interleave(g, dim=1)[:, :K]  # [N, K]
+    return s_k * ((Qk.to(torch.float32) - z_k) + 0.5)
 
 
 def dequant_residual(codes, scale, slice_bits, e: int, group_size: int) -> torch.Tensor:
@@ -192,9 +197,12 @@ def _rebuild(a, nb, j):
 
 @cuda.jit(device=True)
 def _group_params(scale, zero, n, g, smul, zmul, zadd):
-    """(s * smul, z * zmul + zadd - 1/2): the effective scale and offset of group g of row n."""
+    """(s * smul, z_E * zmul + zadd - 1/2): the effective scale and offset of group g of row n.
+
+    zmul is a power of two (2^-(B_E-B_k)) or 0, so ``z_E * zmul`` is exact in float32.
+    """
     s_eff = float32(scale[n, g]) * float32(smul)
-    z_eff = float32(int64(zero[n, g]) * int64(zmul) + int64(zadd)) - float32(0.5)
+    z_eff = float32(zero[n, g]) * float32(zmul) + float32(zadd) - float32(0.5)
     return s_eff, z_eff
 
 
@@ -491,7 +499,8 @@ def _launch_gemm3(args, tseg, N, block=None, stream=0):
     gemm_kernel3[(cdiv(N, TILE3), cdiv(tseg, TILE3)), (TILE, TILE), stream](*args)
 
 
-# (kind, version) -> launcher; "gemv" v1 and "gemm" v1 are the same naive kernel
+# (kind, version) -> launcher; "gemv" v1 and "gemm" v1 are the same naive kernel. GEMV v4+ (look-up
+# tables, split-K) live in slice_gemv.py and are found by _launcher.
 LAUNCHERS = {
     ("gemv", 1): _launch1,
     ("gemv", 2): _launch_gemv2,
@@ -502,29 +511,41 @@ LAUNCHERS = {
 }
 
 
+def _launcher(kind: str, version: int):
+    """The launcher of kernel (kind, version); GEMV v4+ come from :mod:`cuda_numba.slice_gemv`."""
+    if (kind, version) in LAUNCHERS:
+        return LAUNCHERS[(kind, version)]
+    if kind == "gemv":
+        from . import slice_gemv  # imported lazily: it imports this module's reference
+
+        if version in slice_gemv.LAUNCHERS:
+            return slice_gemv.LAUNCHERS[version]
+    raise ValueError(f"unknown {kind} version {version}")
+
+
 def _run_segment(kind, version, dx, t0, tseg, dw: PackedWeight, lo, hi, smul, zmul, zadd, dout, block=None, stream=0):
     """Launch kernel (kind, version) on sorted tokens [t0, t0 + tseg) and planes [lo, hi)."""
     if tseg <= 0:
         return
     gw = dw.planes.shape[2] if dw.n_groups == 1 else dw.group_size // WORD_BITS
-    launch = LAUNCHERS[(kind, version)]
+    launch = _launcher(kind, version)
     step = MAX_T if (kind == "gemv" and version > 1) else tseg  # GEMV v2/v3: 8 tokens per launch
     for s in range(t0, t0 + tseg, step):
         n_tok = min(step, t0 + tseg - s)
-        args = (dx, s, n_tok, dw.planes, lo, hi, dw.scale, dw.zero, np.float32(smul), zmul, zadd, gw, dout)
+        args = (dx, s, n_tok, dw.planes, lo, hi, dw.scale, dw.zero, np.float32(smul), np.float32(zmul), zadd, gw, dout)
         launch(args, n_tok, dw.N, block, stream)
 
 
 def _prefix_params(w: PackedWeight, k: int):
-    """(lo, hi, smul, zmul, zadd) for precision k: planes [0, B_k), s_k, z_k."""
-    Bk, b1 = w.bits_at(k), int(w.slice_bits[0])
-    return 0, Bk, 2.0 ** -(Bk - b1), 2 ** (Bk - b1), 0
+    """(lo, hi, smul, zmul, zadd) for precision k: planes [0, B_k), s_k, z_k = z_E 2^-(B_E-B_k)."""
+    Bk, b1, BE = w.bits_at(k), int(w.slice_bits[0]), w.bits_at(len(w.slice_bits))
+    return 0, Bk, 2.0 ** -(Bk - b1), 2.0 ** -(BE - Bk), 0
 
 
 def _residual_params(w: PackedWeight, e: int):
     """(lo, hi, smul, zmul, zadd) for residual slice e >= 2: planes [B_{e-1}, B_e), s_e, 2^(b_e-1)."""
     lo, hi, b1, be = w.bits_at(e - 1), w.bits_at(e), int(w.slice_bits[0]), int(w.slice_bits[e - 1])
-    return lo, hi, 2.0 ** -(hi - b1), 0, 2 ** (be - 1)
+    return lo, hi, 2.0 ** -(hi - b1), 0.0, 2 ** (be - 1)
 
 
 def _prepare(x, w: PackedWeight):
@@ -551,8 +572,7 @@ def _scratch(shape):
 def _uniform(kind, x, w, k, version, block, out):
     if not 1 <= k <= len(w.slice_bits):
         raise ValueError(f"k={k} outside 1..{len(w.slice_bits)}")
-    if (kind, version) not in LAUNCHERS:
-        raise ValueError(f"unknown {kind} version {version}")
+    _launcher(kind, version)  # raises ValueError for an unknown version
     on_device, dx, dw = _prepare(x, w)
     T = dx.shape[0]
     dout = output_array(out, (T, w.N), dx.dtype)
@@ -576,6 +596,37 @@ def slice_gemm(x, w: PackedWeight, k: int, version: int = 2, block=None, out=Non
     Same contract as :func:`slice_gemv`; versions 1 (naive), 2 (smem tiles), 3 (register tiles).
     """
     return _uniform("gemm", x, w, k, version, block, out)
+
+
+# Benchmarkable cases of slice_linear: name -> (method, kind, version). The bench (and anyone
+# timing the kernels) uses this list and run_kernels, not the private helpers below.
+CASES = {
+    **{f"{kind}{v}": ("grouped", kind, v) for kind in ("gemv", "gemm") for v in (1, 2, 3)},
+    "gemv4": ("grouped", "gemv", 4),
+    "gemv5": ("grouped", "gemv", 5),
+    "streams-gemv2": ("streams", "gemv", 2),
+    "streams-gemv5": ("streams", "gemv", 5),
+    "streams-gemm2": ("streams", "gemm", 2),
+    "streams-gemm3": ("streams", "gemm", 3),
+    "fused-gemv6": ("fused", "gemv", 6),
+}
+
+
+def run_kernels(method, kind, version, dxs, w: PackedWeight, k_t, ybuf=None, streams=None, out=None, dk=None):
+    """Only the compute kernels of one ``slice_linear`` call, for timing (inputs prepared beforehand).
+
+    grouped / streams: ``dxs`` are the activations already sorted by ``route_permutation(k_t)``,
+    results go to ``ybuf`` float32 [E, T, N] (per slice for streams); fused: ``dxs`` is x
+    unsorted, ``dk`` k_t on the device and the result goes to ``out``.
+    """
+    if method == "fused":
+        from .slice_gemv import gemv_routed
+
+        return gemv_routed(dxs, w, dk if dk is not None else k_t, out=out)
+    _, starts = route_permutation(k_t, len(w.slice_bits))
+    if method == "streams":
+        return _run_streams(kind, version, dxs, w, starts, ybuf, None, streams)
+    return _run_grouped(kind, version, dxs, w, starts, ybuf, None)
 
 
 def _run_grouped(kind, version, dxs, dw, starts, ybuf, block):
@@ -629,12 +680,23 @@ def slice_linear(
       suffix of tokens with k_t >= e on stream e-1 (each slice's planes are read once);
 
     and a scatter kernel sums the partials and applies the inverse permutation.
+
+    * ``method="fused"`` (decode, ``kind="gemv"``, ``version=6``): no sort at all; one launch
+      per 8 tokens in which each token reads its own ``B_{k_t}`` planes
+      (:func:`cuda_numba.slice_gemv.gemv_routed`). k_t may be a device array (not checked, clamped
+      to 1..E); nothing goes back to the host, and nothing is allocated per call when x and
+      ``out`` are on the device.
     Returns y [T, N] in x's dtype (NumPy for host x; ``out`` written in place if given).
     """
-    if method not in ("grouped", "streams"):
+    if method not in ("grouped", "streams", "fused"):
         raise ValueError(f"unknown method {method!r}")
-    if (kind, version) not in LAUNCHERS:
-        raise ValueError(f"unknown {kind} version {version}")
+    if method == "fused":
+        if (kind, version) != ("gemv", 6):
+            raise ValueError('method="fused" runs GEMV v6 only: pass kind="gemv", version=6')
+        from .slice_gemv import gemv_routed
+
+        return gemv_routed(x, w, k_t, block=block, out=out)
+    _launcher(kind, version)  # raises ValueError for an unknown version
     on_device, dx, dw = _prepare(x, w)
     T, K = dx.shape
     E = len(w.slice_bits)

@@ -60,6 +60,7 @@ from cuda_numba import _common
 from cuda_numba import binary_matmul as bm
 from cuda_numba import packing as pk
 from cuda_numba import slice_gemm as sg
+from cuda_numba import slice_gemv as sv
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 print("CUDA simulator:", SIM, "| real GPU:", _common.real_gpu_available())
@@ -71,7 +72,9 @@ SB = (2, 2, 2, 2)  # MoBiSlice slices: B_k = 2, 4, 6, 8 bits
 #
 # Chapter 2 stores one 8-bit integer `Q_E` per weight; precision `k` uses its top `B_k` bits,
 # `Q_k = Q_E >> (8 - B_k)`, and dequantizes with one scale and zero point per group:
-# `Ŵ_k = s_k (Q_k - z_k + 1/2)`, `s_k = s / 2^(B_k-2)`, `z_k = z · 2^(B_k-2)`.
+# `Ŵ_k = s_k (Q_k - z_k + 1/2)`, `s_k = s / 2^(B_k-2)`, `z_k = z_E / 2^(8-B_k)`. The stored zero
+# point `z_E` is an integer on the finest (8-bit) grid, so `z_k` is a dyadic fraction, exact in
+# float32.
 #
 # If the codes were stored as bytes, reading 2 of the 8 bits would still move the whole byte.
 # **Bit-major** storage splits the codes into 8 one-bit *planes* and packs each plane 32
@@ -199,14 +202,14 @@ for v in (1, 2, 3):
 # %% [markdown]
 # MoBiQuant itself keeps activations in fp16, so AND + popcount needs quantized activations on
 # the other side too. `binary_linear` does that as an *option*: 8-bit per-token activations
-# times the first `B_k` weight planes, with the mid-rise `+1/2` kept integer by doubling
-# (`Q_k - z_k + 1/2 = (2 Q_k - (2 z_k - 1)) / 2`). It equals the float computation on the
-# dequantized activations:
+# times the first `B_k` weight planes, with the fractional `z_k` and the mid-rise `+1/2` kept
+# integer by one power of two `D = 2^(9-B_k)` (`Q_k - z_k + 1/2 = (D Q_k - (2 z_E - D/2)) / D`).
+# It equals the float computation on the dequantized activations:
 
 # %%
 codes_w = rng.integers(0, 256, (N_b, K_b), dtype=np.uint8)
 scale_w = (rng.random((N_b, K_b // g_b)) * 0.05 + 0.01).astype(np.float32)
-zero_w = rng.integers(0, 4, (N_b, K_b // g_b)).astype(np.int32)
+zero_w = rng.integers(0, 256, (N_b, K_b // g_b)).astype(np.int32)  # z_E on the 8-bit grid
 w_b = pk.pack_mobislice(codes_w, scale_w, zero_w, SB, g_b)
 x_b = rng.standard_normal((T_b, K_b)).astype(np.float32)
 y_bin = bm.binary_linear(x_b, w_b, k=2)
@@ -227,7 +230,7 @@ print("binary_linear (A8, W at 4 bits) == dequantized float matmul; max |diff| =
 #
 # | use | planes | scale | zero |
 # |---|---|---|---|
-# | precision `k` | `[0, B_k)` | `s / 2^(B_k-2)` | `z · 2^(B_k-2)` |
+# | precision `k` | `[0, B_k)` | `s / 2^(B_k-2)` | `z_E / 2^(8-B_k)` |
 # | residual slice `e` | `[B_{e-1}, B_e)` | `s / 2^(B_e-2)` | `2^(b_e-1)` (fixed mid-code) |
 #
 # The ladder of versions (all in `cuda_numba/slice_gemm.py`):
@@ -246,7 +249,7 @@ print("binary_linear (A8, W at 4 bits) == dequantized float matmul; max |diff| =
 T_s, N_s, K_s, g_s = 3, 9, 96, 32
 codes_s = rng.integers(0, 256, (N_s, K_s), dtype=np.uint8)
 scale_s = (rng.random((N_s, K_s // g_s)) * 0.05 + 0.01).astype(np.float32)
-zero_s = rng.integers(0, 4, (N_s, K_s // g_s)).astype(np.int32)
+zero_s = rng.integers(0, 256, (N_s, K_s // g_s)).astype(np.int32)  # z_E on the 8-bit grid
 w_s = pk.pack_mobislice(codes_s, scale_s, zero_s, SB, g_s)
 x_s = rng.standard_normal((T_s, K_s)).astype(np.float16)
 rows = []
@@ -338,6 +341,48 @@ for k in (1, 2, 3, 4):
     print(f"k={k} ({2 * k} bits): {(2 * k * plane_bytes + meta_bytes) / 2**20:6.1f} MiB")
 
 # %% [markdown]
+# ## 4b. Decode without rebuilding `Q`: look-up tables of activation sums (GEMV v4–v6)
+#
+# The shift-and-add kernels spend ~30 instructions per weight rebuilding `Q_k` (the 11-29 H200
+# run in `benchmarks/results/` found GEMV v2/v3 bound by instructions, at the same time for 2, 4
+# and 8 bits). Linearity removes the rebuild: with bits `bit_pj` of plane `p` (MSB first),
+#
+# `Σ_j x_j Q_j = Σ_p 2^(nb-1-p) Σ_j x_j bit_pj`,
+#
+# and one plane byte covers 8 activations. Build, once per block, a 256-entry table per 8
+# activations, `tab[v] = Σ_i x_i · bit_i(v)`; then each plane byte is **one table read**, and a
+# 32-weight word at `nb` planes costs `4·nb` reads plus `nb` shift-adds — work and bytes both
+# fall with the bits read (`cuda_numba/slice_gemv.py`; Any-Precision LLM and LUT-GEMM use
+# tables the same way). v5 adds split-K (more blocks than rows allow), v6 lets every token
+# stop at its own `B_{k_t}` planes in the same launch, so a routed decode step needs no sort,
+# gather or scatter (`slice_linear(..., method="fused")`). In NumPy, for one word:
+
+# %%
+x8 = rng.standard_normal(32).astype(np.float32)  # 32 activations of one K-word
+q8 = rng.integers(0, 256, 32)  # their 8-bit codes
+planes8 = pk.pack_bitplanes_ref(q8[None, :].astype(np.uint8))[:, 0, 0]  # 8 plane words, MSB first
+bits8 = (np.arange(256)[:, None] >> np.arange(8)) & 1  # [v, i]: bit i of byte value v
+tables = np.stack([bits8 @ x8[8 * b : 8 * b + 8] for b in range(4)])  # [4 bytes, 256]
+acc = 0.0
+for word in planes8:  # Horner over planes: acc = 2 acc + (4 table reads)
+    acc = 2 * acc + sum(tables[b, (int(word) >> (8 * b)) & 255] for b in range(4))
+assert np.isclose(acc, float(x8 @ q8), rtol=1e-5, atol=1e-4)
+print(f"table look-ups: {acc:.5f}   direct x·q: {float(x8 @ q8):.5f}   (4 reads per plane, 32 reads in all)")
+
+# %%
+for v in (4, 5, 6):
+    y = sv.gemv(x_s, w_s, 3, version=v, out=np.full((T_s, N_s), np.nan, np.float16))
+    ref = sg.slice_linear_ref(x_s, codes_s, scale_s, zero_s, SB, 3, g_s).float().numpy()
+    err = float(np.abs(y.astype(np.float32) - ref).max())
+    assert not np.isnan(y).any() and err <= 4e-3 * max(1.0, np.abs(ref).max())
+    print(f"GEMV v{v} (look-up tables{', split-K' if v > 4 else ''}{', per-token k' if v == 6 else ''}): "
+          f"max |err| = {err:.1e}")
+y = sg.slice_linear(x_m, w_s, k_m, method="fused", kind="gemv", version=6, out=np.full((T_m, N_s), np.nan, np.float16))
+err = float(np.abs(y.astype(np.float32) - ref_m).max())
+assert not np.isnan(y).any() and err <= 4e-3 * max(1.0, np.abs(ref_m).max())
+print(f"slice_linear method=fused (one launch, k_t = {k_m.tolist()}): max |err| = {err:.1e}")
+
+# %% [markdown]
 # ## 5. On a GPU
 #
 # The simulator proves the kernels compute the right numbers; only a GPU can say whether
@@ -382,6 +427,9 @@ for path in reports:
 #   become row/column sums, themselves popcounts. `binary_matmul` is exact.
 # * With **fp16 activations** the kernels rebuild `Q_k` by shift-and-add from the planes they
 #   read and apply the shared scale once per group; the same kernel computes a residual slice.
+# * **Look-up tables** of activation sums (GEMV v4–v6) replace the per-weight rebuild by four
+#   table reads per plane word; v6 also serves each token at its own precision in one launch,
+#   so a routed decode step needs no sort at all. Their GPU times are still to be measured.
 # * **Routing** is handled by a stable sort by `k_t` (contiguous segments, inverse permutation
 #   after): one launch per precision (*grouped*), or the base slice for all tokens plus one
 #   residual launch per slice on its own stream (*streams*).
@@ -398,6 +446,7 @@ for path in reports:
 # 2. **Signed weights.** Replace the zero-point correction in `binary_matmul` by two's-complement
 #    planes (the MSB plane weighs `-2^(b-1)`) and check the identity with
 #    `popcount_matmul_ref` on random signed inputs.
-# 3. **Bit-serial GEMV.** Write a GEMV v4 that never rebuilds `Q`: for each plane `p` it sums
-#    the activations whose bit is set and adds `2^(B_k-1-p)` times that sum (Sec. 4.3's
-#    "shift-add at bit-plane level"). Which version reads less and computes more?
+# 3. **Bit-serial GEMV without tables.** Write a GEMV that never rebuilds `Q` and keeps no
+#    tables: for each plane `p` it sums the activations whose bit is set and adds
+#    `2^(B_k-1-p)` times that sum (Sec. 4.3's "shift-add at bit-plane level"). Count its
+#    instructions per weight against v3 (shift-and-add) and v4 (look-up tables).

@@ -29,11 +29,15 @@ def poisoned(shape, dtype):
 
 
 def mobislice_weight(rng, N, K, group_size, slice_bits=(2, 2, 2, 2)):
-    """Random MoBiSlice tensors: codes uint8 [N, K] (Q_E), scale float32 [N, G], zero int32 [N, G]."""
+    """Random MoBiSlice tensors: codes uint8 [N, K] (Q_E), scale float32 [N, G], zero int32 [N, G] (z_E).
+
+    z_E is an integer on the finest (B_E-bit) grid, drawn from [0, 2^B_E): at coarser precisions
+    ``z_k = z_E / 2^(B_E - B_k)`` is then a fraction (odd z_E -> z_1 has all B_E - b_1 fraction bits).
+    """
     G = 1 if group_size >= K else K // group_size
     codes = rng.integers(0, 2 ** sum(slice_bits), (N, K), dtype=np.uint8)
     scale = (rng.random((N, G)) * 0.05 + 0.005).astype(np.float32)
-    zero = rng.integers(-1, 2 ** slice_bits[0] + 1, (N, G)).astype(np.int32)  # incl. out-of-range zeros
+    zero = rng.integers(0, 2 ** sum(slice_bits), (N, G)).astype(np.int32)
     return codes, scale, zero
 
 

@@ -102,3 +102,17 @@ def test_gpu_path_bookkeeping_dry_run(monkeypatch, tmp_path, capsys):
     assert g["weight_bytes"] == (2 + 4) * 11 * 2 * 4 + 2 * 11 * 2 * 8
     assert g["gbs_effective"] == pytest.approx(g["weight_bytes"] / 2e-3 / 1e9)
     assert g["frac_of_roofline"] == pytest.approx(g["weight_bytes"] / 1e12 * 1e3 / 2.0)
+
+
+def test_every_slice_case_runs_call_and_kernels_only():
+    """Each case the bench times: the full call and the kernels-only runner both agree with the reference."""
+    from cuda_numba import slice_gemm as sg
+
+    weights = bench._Weights(64, 11, 32, (2, 2, 2, 2), seed=3, ref_device="cpu")
+    k_t = bench.token_mix(3, 5, (2, 2, 2, 2), seed=3)
+    case = bench._Case(weights, 3, k_t, seed=3)
+    for name in ("gemv2", "gemv4", "gemv5", "streams-gemv5", "fused-gemv6"):
+        call, kernels_only, check = case.runner(bench._kernel(name))
+        assert check(call())[0], name
+        kernels_only()  # runs without error; its output is checked through the call
+    assert set(sg.CASES) >= {"gemv4", "gemv5", "fused-gemv6"}

@@ -42,12 +42,29 @@ def test_dequant_residual_sum_equals_prefix(rng):
         torch.testing.assert_close(W, dequant_codes(codes, scale, zero, SB, k, 32), rtol=0, atol=1e-6)
 
 
-def test_dequant_known_answer():
-    # design.md example: s = 1, z = 2, codes q_1 = 2, q_2 = 3 -> Q_2 = 0b1011 = 11, W_2 = 0.875
+@pytest.mark.parametrize("z_E,w1,w2", [(8, 0.5, 0.875), (9, 0.25, 0.625)])
+def test_dequant_known_answer(z_E, w1, w2):
+    # design.md example: s = 1, codes q_1 = 2, q_2 = 3 -> Q_2 = 0b1011 = 11, slices (2, 2), B_E = 4.
+    # z_E = 8: z_1 = 8/4 = 2, W_1 = 1 (2 - 2 + 1/2) = 0.5, W_2 = 1/4 (11 - 8 + 1/2) = 0.875;
+    # z_E = 9: z_1 = 9/4 (a fraction), W_1 = 2 - 2.25 + 0.5 = 0.25, W_2 = 1/4 (11 - 9 + 1/2) = 0.625.
     codes = np.array([[0b1011]], dtype=np.uint8)
-    W = dequant_codes(codes, np.ones((1, 1), np.float32), np.array([[2]]), (2, 2), 2, 1)
-    assert W.item() == 0.875
-    assert dequant_codes(codes, np.ones((1, 1), np.float32), np.array([[2]]), (2, 2), 1, 1).item() == 0.5
+    one, z = np.ones((1, 1), np.float32), np.array([[z_E]])
+    assert dequant_codes(codes, one, z, (2, 2), 2, 1).item() == w2
+    assert dequant_codes(codes, one, z, (2, 2), 1, 1).item() == w1
+
+
+def _package_zero_E(sw):
+    """The package's zero point as z_E (finest grid).
+
+    mbq_ref.mobislice moves from a base-grid zero ``z`` to ``z_E`` in the same issue (12), on
+    another branch; until both are merged accept either: the old ``z`` is ``z_E / 2^(B_E - b_1)``.
+    The check below still compares every precision k.
+    """
+    codes, scale, zero = sw.codes.numpy(), sw.scale.numpy(), sw.zero.numpy()
+    E = len(sw.slice_bits)
+    if torch.equal(dequant_codes(codes, scale, zero, sw.slice_bits, E, sw.group_size), sw.dequant(E)):
+        return zero
+    return zero * 2 ** (sum(sw.slice_bits) - sw.slice_bits[0])
 
 
 def test_dequant_matches_mbq_ref_mobislice(rng):
@@ -55,8 +72,9 @@ def test_dequant_matches_mbq_ref_mobislice(rng):
     mobislice = pytest.importorskip("mbq_ref.mobislice")
     w = torch.from_numpy(rng.standard_normal((7, 64)).astype(np.float32))
     sw = mobislice.SlicedWeight.from_float(w, SB, 32)
+    zero = _package_zero_E(sw)
     for k in (1, 2, 3, 4):
-        ours = dequant_codes(sw.codes.numpy(), sw.scale.numpy(), sw.zero.numpy(), SB, k, 32)
+        ours = dequant_codes(sw.codes.numpy(), sw.scale.numpy(), zero, SB, k, 32)
         assert torch.equal(ours, sw.dequant(k))
 
 
@@ -65,7 +83,7 @@ def test_kernels_on_mobislice_weights(rng):
     mobislice = pytest.importorskip("mbq_ref.mobislice")
     w = torch.from_numpy(rng.standard_normal((13, 64)).astype(np.float32))
     sw = mobislice.SlicedWeight.from_float(w, SB, 32)
-    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), sw.zero.numpy(), SB, 32)
+    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), _package_zero_E(sw), SB, 32)
     x = rng.standard_normal((2, 64)).astype(np.float32)
     k_t = np.array([4, 2])
     y = slice_linear(x, packed, k_t, kind="gemv", version=2)
@@ -195,6 +213,6 @@ def test_kernels_match_mobilinear(rng):
     x = rng.standard_normal((T, K)).astype(np.float32)
     with torch.no_grad():
         y_layer = layer(torch.from_numpy(x)).numpy()
-    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), sw.zero.numpy(), SB, 32)
+    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), _package_zero_E(sw), SB, 32)
     y = slice_linear(x, packed, k_t, method="streams", kind="gemv", version=2, out=poisoned((T, N), np.float32))
     assert_close(y, y_layer, np.float32)

@@ -1,0 +1,251 @@
+"""Packed MoBiLinear: bit-planes, scales and zero points only, served by the bit-plane kernels (Sec. 4.3).
+
+:class:`~mbq_ref.mobilinear.MoBiLinear` keeps the float weight and caches float slice
+deltas for its torch matmuls (the reference: 20-40 bytes per weight at inference).
+:class:`PackedMoBiLinear` keeps only what a deployment needs, per layer ``[N, K]``:
+
+    planes  int32 [B_E, N, ceil(K/32)]   bit-planes of the codes Q_E, MSB first (uint32 bit patterns)
+    scale   float32 [N, G]               base scale s per group of g inputs
+    zero    int32 [N, G]                 zero point z_E on the finest (B_E-bit) grid
+    bias, router                         unchanged (the router is a small MLP, Eq. 4)
+
+that is ``B_E + 64 / g`` bits per weight (8.5 for slices 2,2,2,2 and g = 128). Precision k
+reads the first ``B_k`` planes: ``Ŵ_k = s_k (Q_k - z_k + 1/2)``, ``s_k = s / 2^(B_k - b_1)``,
+``z_k = z_E / 2^(B_E - B_k)`` (``cuda_numba/slice_gemm.py``).
+
+Forward (``backend``): ``"kernels"`` runs :func:`cuda_numba.slice_gemm.slice_linear`
+(decode, T <= 8: the one-launch routed GEMV v6 with k_t kept on the device; more tokens:
+grouped GEMM v3), ``"torch"`` dequantizes ``Ŵ_k`` from the planes and multiplies in torch
+(the CPU reference), ``"auto"`` (default) = kernels for CUDA inputs, torch otherwise. Under
+Numba's CUDA simulator ``"kernels"`` also runs on CPU tensors (that is how the tests check it).
+Routing is :meth:`MoBiLinear.route` itself, so both layers route identically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .mobilinear import MoBiError, MoBiLinear
+from .mobiroute import BitStats, counts_to_bits
+
+__all__ = ["BACKENDS", "PackedMoBiLinear", "pack_model", "packed_layers"]
+
+BACKENDS = ("auto", "kernels", "torch")
+DECODE_MAX_T = 8  # up to this many tokens: the routed GEMV (one launch); more: grouped GEMM
+
+
+def _zero_E(sw, codes: torch.Tensor) -> torch.Tensor:
+    """Integer zero point on the finest grid, read off the sliced weight's own full-precision dequantization.
+
+    ``Ŵ_E = s_E (Q_E - z_E + 1/2)`` with ``s_E = s / 2^(B_E - b_1)`` gives ``z_E = Q_E + 1/2 - Ŵ_E / s_E``
+    at the first weight of each group (exact: small integers and powers of two), so this holds
+    whichever grid ``sw.zero`` itself is stored on.
+    """
+    E = len(sw.slice_bits)
+    N, K = codes.shape
+    g = sw.group_size
+    s_E = sw.scale.double() / 2.0 ** (sum(sw.slice_bits) - sw.slice_bits[0])  # [N, G]
+    W_E = sw.dequant(E, torch.float64)[:, ::g]  # [N, G] first weight of each group
+    z = codes[:, ::g].double() + 0.5 - W_E / s_E
+    zi = torch.round(z)
+    if (z - zi).abs().max() > 1e-6:
+        raise MoBiError("sliced weight's zero point is not an integer on the finest grid")
+    return zi.to(torch.int32)
+
+
+class PackedMoBiLinear(nn.Module):
+    """MoBiLinear inference from bit-planes (see the module docstring); build with :meth:`from_mobilinear`."""
+
+    # one routing implementation: MoBiLinear's, on the same attributes (tau / tau_logit, fixed_k,
+    # token_slices, router), so mobiquant's set_slices / set_threshold settings apply unchanged
+    route = MoBiLinear.route
+    tau = MoBiLinear.tau
+    check_k = MoBiLinear.check_k
+    _check_input = MoBiLinear._check_input
+
+    def __init__(self, planes, scale, zero, slice_bits, group_size, in_features, bias, router, tau_logit, name=None):
+        super().__init__()
+        self.name = name
+        self.slice_bits = tuple(int(b) for b in slice_bits)
+        self.group_size = int(group_size)
+        self.in_features, self.out_features = int(in_features), int(planes.shape[1])
+        self.register_buffer("planes", planes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.router = router
+        self.tau_logit = float(tau_logit)
+        self.fixed_k: int | None = None
+        self.token_slices = None
+        self.backend = "auto"
+        self.stats = BitStats(self.num_slices)
+        self._packed = {}  # device -> cuda_numba PackedWeight viewing the buffers (no copy)
+
+    @classmethod
+    @torch.no_grad()
+    def from_mobilinear(cls, layer: MoBiLinear) -> PackedMoBiLinear:
+        """Pack a frozen MoBiLinear (its codes, scales and zero points) into bit-planes; the layer is not changed."""
+        from cuda_numba.packing import pack_bitplanes_ref
+
+        sw = layer.sliced if layer.sliced is not None else layer.freeze()
+        codes = sw.codes.to(torch.int64).cpu()
+        if sw.group_size % 32 and sw.group_size != layer.in_features:
+            raise MoBiError(f"packed kernels need group_size % 32 == 0, got {sw.group_size} (layer {layer.name!r})")
+        planes = pack_bitplanes_ref(codes.numpy().astype(np.uint8), bits=sum(sw.slice_bits))  # uint32 [B_E, N, W]
+        dev = layer.weight.device
+        return cls(
+            torch.from_numpy(planes.view(np.int32)).to(dev),
+            sw.scale.detach().float().cpu().clone().to(dev),
+            _zero_E(sw, codes).to(dev),
+            sw.slice_bits,
+            sw.group_size,
+            layer.in_features,
+            layer.bias,
+            layer.router,
+            layer.tau_logit,
+            layer.name,
+        )
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = {}  # .to() / .half() / .cuda() give the buffers new storage: drop the views
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight: planes + scales + zero points (bias and router not counted)."""
+        return sum(t.numel() * t.element_size() for t in (self.planes, self.scale, self.zero))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.out_features * self.in_features)
+
+    @property
+    def avg_bits(self) -> float:
+        return self.stats.avg_bits
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    def _weight(self, device):
+        """cuda_numba PackedWeight viewing this layer's buffers on ``device`` (cached)."""
+        key = str(device)
+        if key not in self._packed:
+            from numba import cuda
+
+            from cuda_numba.packing import PackedWeight
+
+            s32 = self.scale.float().contiguous()  # float32 even after model.half(); cached below
+            if device.type == "cuda":
+                planes = cuda.as_cuda_array(self.planes).view(np.uint32)
+                scale, zero = cuda.as_cuda_array(s32), cuda.as_cuda_array(self.zero)
+            else:
+                planes, scale, zero = self.planes.numpy().view(np.uint32), s32.numpy(), self.zero.numpy()
+            self._packed[key] = PackedWeight(planes, scale, zero, self.slice_bits, self.group_size, self.in_features)
+        return self._packed[key]
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        if self.backend not in BACKENDS:
+            raise MoBiError(f"unknown backend {self.backend!r}; choose from {BACKENDS} (layer {self.name!r})")
+        if self.backend == "auto":
+            return x.is_cuda
+        return self.backend == "kernels"
+
+    def _kernels(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from cuda_numba.slice_gemm import slice_linear
+
+        w = self._weight(x2.device)
+        if x2.is_cuda:
+            xin, kin = x2.contiguous(), counts
+        else:  # the CUDA simulator: host arrays in, NumPy out
+            xin, kin = x2.contiguous().numpy(), counts.numpy()
+        if x2.shape[0] <= DECODE_MAX_T:
+            y = slice_linear(xin, w, kin, method="fused", kind="gemv", version=6)
+        else:
+            y = slice_linear(xin, w, kin if not x2.is_cuda else counts.cpu().numpy(), kind="gemm", version=3)
+        return torch.as_tensor(y, device=x2.device)
+
+    def _torch(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from cuda_numba.packing import unpack_bitplanes_ref
+        from cuda_numba.slice_gemm import slice_linear_ref
+
+        codes = unpack_bitplanes_ref(self.planes.cpu().numpy().view(np.uint32), self.in_features)
+        return slice_linear_ref(
+            x2, torch.from_numpy(codes).to(x2.device), self.scale, self.zero, self.slice_bits, counts.cpu().numpy(),
+            self.group_size,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]`` in x's dtype: ``y_t = x_t Ŵ_{k_t}^T + bias`` with k_t routed as MoBiLinear does."""
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        counts = self.route(x).reshape(-1)  # [T] long, on x's device
+        y = self._kernels(x2, counts) if self._use_kernels(x2) else self._torch(x2, counts)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        self.stats.update(counts, counts_to_bits(counts, self.slice_bits))
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, slice_bits={self.slice_bits}, "
+            f"group_size={self.group_size}, bits/weight={self.bits_per_weight:.2f}, backend={self.backend}"
+        )
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedMoBiLinear]:
+    """Every :class:`PackedMoBiLinear` of ``model`` by module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedMoBiLinear)}
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every tensor a layer holds for inference (parameters, buffers, cached slice deltas)."""
+    seen, total = set(), 0
+    tensors = list(module.parameters()) + list(module.buffers()) + list(getattr(module, "_deltas", None) or [])
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, backend: str = "auto") -> dict:
+    """Replace every MoBiLinear of ``model`` by a PackedMoBiLinear, in place; returns a memory report.
+
+    Report: ``layers``, ``weights`` (N x K summed), ``packed_bytes`` (planes + scales + zeros),
+    ``packed_bits_per_weight``, ``torch_bytes`` (what the MoBiLinear layers held: weight,
+    learnable clipping, cached float deltas, router, bias) and ``torch_bytes_per_weight``.
+    Routers are shared with the replaced layers (not copied). Raises MoBiError without MoBiLinear layers.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MoBiLinear)}
+    if not layers:
+        raise MoBiError("model has no MoBiLinear layers; call quantize_mobiquant first")
+    if backend not in BACKENDS:
+        raise MoBiError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    weights = packed = torch_bytes = 0
+    new = {}
+    for name, layer in layers.items():  # build all first: nothing is replaced if one layer fails
+        p = PackedMoBiLinear.from_mobilinear(layer)
+        p.fixed_k, p.token_slices, p.backend = layer.fixed_k, layer.token_slices, backend
+        new[name] = p
+        weights += layer.in_features * layer.out_features
+        packed += p.nbytes
+        torch_bytes += _tensor_bytes(layer)
+    for name, p in new.items():
+        model.set_submodule(name, p)
+    return {
+        "layers": len(new),
+        "weights": weights,
+        "packed_bytes": packed,
+        "packed_bits_per_weight": 8 * packed / weights,
+        "torch_bytes": torch_bytes,
+        "torch_bytes_per_weight": torch_bytes / weights,
+    }

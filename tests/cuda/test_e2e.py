@@ -1,0 +1,27 @@
+"""cuda_numba/e2e.py: argument checks and, in the simulator, one decode step of a tiny packed model."""
+
+import pytest
+from kernel_helpers import real_gpu
+
+from cuda_numba import e2e
+
+
+def test_bad_arguments_return_2(capsys):
+    assert e2e.main(["--models", "gpt5", "--sim"]) == 2
+    assert e2e.main(["--models", "tiny", "--sim", "--settings", "3"]) == 2  # 3 bits is not a slice boundary
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and all(line.startswith("cuda_numba.e2e: ") for line in out)
+
+
+@pytest.mark.skipif(real_gpu(), reason="a real GPU is present")
+def test_real_run_needs_a_gpu(capsys):
+    assert e2e.main(["--models", "tiny"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(real_gpu(), reason="simulator run")
+def test_sim_tiny_decode(capsys):
+    """Prefill 2 tokens and decode 1 through PackedMoBiLinear + routed GEMV v6 (simulated): finite logits."""
+    assert e2e.main(["--sim", "--models", "tiny", "--prompt", "2", "--new-tokens", "1", "--settings", "2,routed"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT performance numbers" in out and out.count("packed") == 2

@@ -1,0 +1,126 @@
+"""Packed MoBiLinear backend (mbq_ref/packed.py): the kernels (in the CUDA simulator) vs the torch MoBiLinear path."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_llama
+
+from mbq_ref.fakequant import quantizable_linears
+from mbq_ref.mobilinear import MoBiError, MoBiLinear
+from mbq_ref.packed import PackedMoBiLinear, pack_model, packed_layers
+
+SB = (2, 2, 2, 2)
+G = 32
+
+
+def _mobi_llama(seed=0):
+    """A random 1-layer Llama with every projection a frozen MoBiLinear whose router spreads tokens over 1..4 slices."""
+    model = random_llama("llama", hidden=64, layers=1, vocab=64, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for name, lin in quantizable_linears(model).items():
+        layer = MoBiLinear(lin, SB, group_size=G, name=name)
+        with torch.no_grad():  # a router that spreads tokens: large random output weights, no bias
+            layer.router.fc2.weight.copy_(torch.randn(layer.router.fc2.weight.shape, generator=gen) * 3)
+            layer.router.fc2.bias.zero_()
+        layer.freeze()
+        model.set_submodule(name, layer)
+    return model
+
+
+def _hists(model, cls):
+    return {n: m.stats.hist.clone() for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    ref = _mobi_llama()
+    packed = copy.deepcopy(ref)
+    report = pack_model(packed, backend="kernels")
+    return ref, packed, report
+
+
+def test_packed_model_matches_torch_path(models):
+    """Decode-sized input (6 tokens: the one-launch routed GEMV): same routing, same logits."""
+    ref, packed, _ = models
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    for m in list(packed_layers(packed).values()) + [m for m in ref.modules() if isinstance(m, MoBiLinear)]:
+        m.reset_stats()
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = packed(ids).logits
+    h_ref, h_packed = _hists(ref, MoBiLinear), _hists(packed, PackedMoBiLinear)
+    assert h_ref.keys() == h_packed.keys() and len(h_ref) == 7
+    for name in h_ref:
+        assert torch.equal(h_ref[name], h_packed[name]), name  # same tokens at the same slice counts
+    assert sum(int((h[:-1] > 0).any()) for h in h_ref.values()) >= 3  # routing really mixes precisions
+    torch.testing.assert_close(got, want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+def test_packed_torch_backend_is_the_reference(models):
+    ref, packed, _ = models
+    layer_ref = ref.model.layers[0].mlp.down_proj
+    layer = packed.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
+    layer.backend = "torch"
+    try:
+        torch.testing.assert_close(layer(x), layer_ref(x), rtol=1e-5, atol=1e-5)
+    finally:
+        layer.backend = "kernels"
+
+
+def test_packed_prefill_path(models):
+    """More than 8 tokens: the grouped GEMM path, token_slices override shared with MoBiLinear's routing."""
+    ref, packed, _ = models
+    layer_ref, layer = ref.model.layers[0].self_attn.q_proj, packed.model.layers[0].self_attn.q_proj
+    x = torch.randn(10, layer.in_features, generator=torch.Generator().manual_seed(3))
+    ks = torch.tensor([1, 2, 3, 4, 4, 3, 2, 1, 1, 4])
+    layer_ref.token_slices = layer.token_slices = ks
+    try:
+        torch.testing.assert_close(layer(x), layer_ref(x), rtol=1e-4, atol=1e-4)
+    finally:
+        layer_ref.token_slices = layer.token_slices = None
+
+
+def test_memory_report(models):
+    _, packed, report = models
+    assert report["layers"] == 7
+    # B_E = 8 bits of planes + (float32 scale + int32 zero) per group of 32 = 8 + 64/32 bits per weight
+    assert report["packed_bits_per_weight"] == pytest.approx(8 + 64 / G)
+    assert all(not hasattr(m, "weight") for m in packed_layers(packed).values())  # no float weight kept
+    assert report["torch_bytes_per_weight"] > 20  # fp32 weight + float64 slice deltas in the torch path
+
+
+def test_routing_settings_are_shared(models):
+    """Settings MoBiLinear exposes (tau, fixed_k) route a packed layer the same way."""
+    ref, packed, _ = models
+    layer_ref, layer = ref.model.layers[0].mlp.up_proj, packed.model.layers[0].mlp.up_proj
+    x = torch.randn(7, layer.in_features, generator=torch.Generator().manual_seed(4))
+    for tau in (0.2, 0.9):
+        layer_ref.tau = layer.tau = tau
+        assert torch.equal(layer.route(x), layer_ref.route(x))
+    layer.fixed_k = 2
+    assert layer.route(x).tolist() == [2] * 7
+    layer.fixed_k = None
+    layer_ref.tau = layer.tau = 0.5
+
+
+def test_pack_model_errors():
+    with pytest.raises(MoBiError):
+        pack_model(random_llama("llama", hidden=64, layers=1, vocab=64))
+    with pytest.raises(MoBiError):
+        pack_model(_mobi_llama(), backend="magic")
+
+
+def test_zero_point_is_on_the_finest_grid(models):
+    """The packed zero point reproduces the package's dequantization at every precision (any stored grid)."""
+    from cuda_numba.packing import unpack_bitplanes_ref
+    from cuda_numba.slice_gemm import dequant_codes
+
+    ref, packed, _ = models
+    layer_ref, layer = ref.model.layers[0].self_attn.o_proj, packed.model.layers[0].self_attn.o_proj
+    codes = unpack_bitplanes_ref(layer.planes.numpy().view(np.uint32), layer.in_features)
+    for k in range(1, 5):
+        ours = dequant_codes(codes, layer.scale, layer.zero, SB, k, G)
+        torch.testing.assert_close(ours, layer_ref.sliced.dequant(k), rtol=0, atol=0)
