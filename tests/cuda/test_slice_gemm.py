@@ -53,26 +53,12 @@ def test_dequant_known_answer(z_E, w1, w2):
     assert dequant_codes(codes, one, z, (2, 2), 1, 1).item() == w1
 
 
-def _package_zero_E(sw):
-    """The package's zero point as z_E (finest grid).
-
-    mbq_ref.mobislice moves from a base-grid zero ``z`` to ``z_E`` in the same issue (12), on
-    another branch; until both are merged accept either: the old ``z`` is ``z_E / 2^(B_E - b_1)``.
-    The check below still compares every precision k.
-    """
-    codes, scale, zero = sw.codes.numpy(), sw.scale.numpy(), sw.zero.numpy()
-    E = len(sw.slice_bits)
-    if torch.equal(dequant_codes(codes, scale, zero, sw.slice_bits, E, sw.group_size), sw.dequant(E)):
-        return zero
-    return zero * 2 ** (sum(sw.slice_bits) - sw.slice_bits[0])
-
-
 def test_dequant_matches_mbq_ref_mobislice(rng):
     """Our kernel reference dequantizes exactly like the package's MoBiSlice (same formula)."""
-    mobislice = pytest.importorskip("mbq_ref.mobislice")
+    from mbq_ref import mobislice
     w = torch.from_numpy(rng.standard_normal((7, 64)).astype(np.float32))
     sw = mobislice.SlicedWeight.from_float(w, SB, 32)
-    zero = _package_zero_E(sw)
+    zero = sw.zero.numpy()
     for k in (1, 2, 3, 4):
         ours = dequant_codes(sw.codes.numpy(), sw.scale.numpy(), zero, SB, k, 32)
         assert torch.equal(ours, sw.dequant(k))
@@ -80,10 +66,10 @@ def test_dequant_matches_mbq_ref_mobislice(rng):
 
 def test_kernels_on_mobislice_weights(rng):
     """End to end from a float weight: MoBiSlice codes -> bit-planes -> kernel == the package's W_k."""
-    mobislice = pytest.importorskip("mbq_ref.mobislice")
+    from mbq_ref import mobislice
     w = torch.from_numpy(rng.standard_normal((13, 64)).astype(np.float32))
     sw = mobislice.SlicedWeight.from_float(w, SB, 32)
-    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), _package_zero_E(sw), SB, 32)
+    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), sw.zero.numpy(), SB, 32)
     x = rng.standard_normal((2, 64)).astype(np.float32)
     k_t = np.array([4, 2])
     y = slice_linear(x, packed, k_t, kind="gemv", version=2)
@@ -201,7 +187,7 @@ def test_errors(rng):
 
 def test_kernels_match_mobilinear(rng):
     """The kernels compute what the package's MoBiLinear layer computes (Eq. 6), token by token."""
-    mobilinear = pytest.importorskip("mbq_ref.mobilinear")
+    from mbq_ref import mobilinear
     K, N, T = 64, 9, 4
     lin = torch.nn.Linear(K, N, bias=False)
     with torch.no_grad():
@@ -213,6 +199,6 @@ def test_kernels_match_mobilinear(rng):
     x = rng.standard_normal((T, K)).astype(np.float32)
     with torch.no_grad():
         y_layer = layer(torch.from_numpy(x)).numpy()
-    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), _package_zero_E(sw), SB, 32)
+    packed = pack_mobislice(sw.codes.numpy(), sw.scale.numpy(), sw.zero.numpy(), SB, 32)
     y = slice_linear(x, packed, k_t, method="streams", kind="gemv", version=2, out=poisoned((T, N), np.float32))
     assert_close(y, y_layer, np.float32)
