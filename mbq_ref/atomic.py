@@ -60,13 +60,14 @@ def _reason(exc: BaseException) -> str:
     return f"{text}; choose another location"
 
 
-def check_writable(path: str | os.PathLike) -> Path:
+def check_writable(path: str | os.PathLike, need_bytes: int = 0) -> Path:
     """Refuse an output ``path`` that cannot be written, before any expensive work; returns it as a ``Path``.
 
-    Checks that ``path`` is not a folder, that its folder exists or can be created
-    (no component is a file), and that a file can be created there (catches
-    read-only filesystems and missing permissions, which ``os.access`` misses for root).
-    Folders it creates are left in place (a later write needs them anyway).
+    Checks, without leaving anything behind: ``path`` is not a folder; its nearest
+    existing ancestor is a folder (no component of the path is a file); a file can
+    be created there (catches read-only filesystems and missing permissions, which
+    ``os.access`` misses when running as root); and, if ``need_bytes`` is given, that
+    the filesystem has that much free space.
 
     Raises:
         OutputError: with the reason and the fix.
@@ -74,13 +75,23 @@ def check_writable(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name such as {path / 'model.mbq.safetensors'}")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders below it are created when the file is written
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
         os.close(fd)
         os.unlink(probe)
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize if hasattr(os, "statvfs") else None
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {_reason(exc)}") from exc
+    if free is not None and need_bytes > free:
+        raise OutputError(
+            f"cannot write {path}: it needs about {need_bytes / 2**20:.1f} MiB but {folder} has "
+            f"{free / 2**20:.1f} MiB free; free some space or choose another location"
+        )
     return path
 
 
