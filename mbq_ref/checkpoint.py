@@ -463,7 +463,7 @@ def _check_meta(path: Path, meta: dict, fmt: str) -> None:
         _int_field(path, q.get("router_hidden"), "quantization.router_hidden", 1)
         want = "uint8" if cum[-1] <= 8 else "int32"
         if q.get("code_dtype") not in _CODE_DTYPES or (q["code_dtype"] == "uint8") != (want == "uint8"):
-            raise _bad(path, f"quantization.code_dtype {q.get('code_dtype')!r} cannot hold {cum[-1]}-bit codes")
+            raise _bad(path, f"quantization.code_dtype {q.get('code_dtype')!r} does not fit {cum[-1]}-bit codes (expected {want})")
         th = _dict_field(path, meta, "thresholds", "")
         targets, achieved = th.get("targets"), th.get("achieved", [])
         if not isinstance(targets, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in targets):
