@@ -402,9 +402,16 @@ def _check_config(path: Path, base: dict) -> None:
     if base.get("dtype") not in _DTYPE_NAMES:
         raise _bad(path, f"base_model.dtype must be one of {', '.join(_DTYPE_NAMES)}, got {base.get('dtype')!r}")
     cfg = _dict_field(path, base, "config", "base_model.")
+    if not isinstance(cfg.get("model_type", base.get("model_type")), str):
+        raise _bad(path, f"config model_type must be a string, got {cfg.get('model_type')!r}")
     for key, (lo, hi) in _CONFIG_INTS.items():
         if cfg.get(key) is not None:
             _int_field(path, cfg[key], f"config {key}", lo, hi)
+    # keys outside the config hash (how the model was loaded) still reach the model: check their types
+    for key in _VOLATILE_CONFIG_KEYS & set(cfg):
+        flag = key in ("use_cache", "output_attentions", "output_hidden_states", "return_dict")
+        if not (isinstance(cfg[key], bool) if flag else (cfg[key] is None or isinstance(cfg[key], str))):
+            raise _bad(path, f"config {key} must be {'true or false' if flag else 'a string'}, got {cfg[key]!r}")
     act = cfg.get("hidden_act", "silu")
     if not isinstance(act, str) or act not in ACT2FN:
         raise _bad(path, f"config hidden_act {act!r} is not an activation transformers knows")
@@ -439,7 +446,7 @@ def _check_layers(path: Path, q: dict, group_size: int) -> None:
         del n
         if k % group_size:
             raise _bad(path, f"group_size {group_size} does not divide the input dimension {k} of layer {name}")
-        if not isinstance(info.get("bias", False), bool):
+        if not isinstance(info.get("bias"), bool):
             raise _bad(path, f"layer {name}: bias must be true or false, got {info.get('bias')!r}")
 
 
@@ -452,6 +459,8 @@ def _check_meta(path: Path, meta: dict, fmt: str) -> None:
     if fmt == STATIC_FORMAT:
         _int_field(path, q.get("bits"), "quantization.bits", 1, 8)
     else:
+        if q.get("method") != "mobiquant":
+            raise _bad(path, f"quantization.method must be 'mobiquant', got {q.get('method')!r}")
         sb = q.get("slice_bits")
         if not isinstance(sb, list) or not 2 <= len(sb) <= 16 or not all(_is_int(b) and 1 <= b <= 8 for b in sb):
             raise _bad(path, f"quantization.slice_bits must list 2..16 integers of 1..8 bits, got {sb!r}")
@@ -462,7 +471,7 @@ def _check_meta(path: Path, meta: dict, fmt: str) -> None:
             raise _bad(path, f"quantization.cumulative_bits {q.get('cumulative_bits')!r} disagrees with slice_bits {sb} (expected {cum})")
         _int_field(path, q.get("router_hidden"), "quantization.router_hidden", 1)
         want = "uint8" if cum[-1] <= 8 else "int32"
-        if q.get("code_dtype") not in _CODE_DTYPES or (q["code_dtype"] == "uint8") != (want == "uint8"):
+        if not isinstance(q.get("code_dtype"), str) or q["code_dtype"] not in _CODE_DTYPES or (q["code_dtype"] == "uint8") != (want == "uint8"):
             raise _bad(path, f"quantization.code_dtype {q.get('code_dtype')!r} does not fit {cum[-1]}-bit codes (expected {want})")
         th = _dict_field(path, meta, "thresholds", "")
         targets, achieved = th.get("targets"), th.get("achieved", [])
@@ -561,6 +570,9 @@ def _check_tensors(path: Path, meta: dict, tensors: dict[str, torch.Tensor], fmt
             _check_finite(path, "thresholds.tau_logit", u, allow_inf=True)
     fp = {key for key in tensors if key.startswith("fp.")}
     expected |= fp
+    for alias, target in meta.get("tied", {}).items():
+        if f"fp.{target}" not in tensors or f"fp.{alias}" in tensors:
+            raise _bad(path, f"tied tensor {alias} -> {target} does not match the stored tensors")
     for key in fp:
         _check_finite(path, key, tensors[key])
     extra = sorted(set(tensors) - expected)
@@ -841,7 +853,9 @@ def _build_skeleton(meta: dict) -> nn.Module:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     base = meta["base_model"]
-    cfg_dict = dict(base["config"])
+    # output switches are how a model was used, not what it computes (and outside the config hash): defaults
+    runtime = ("use_cache", "output_attentions", "output_hidden_states", "return_dict")
+    cfg_dict = {k: v for k, v in base["config"].items() if k not in runtime}
     model_type = cfg_dict.pop("model_type", base.get("model_type"))
     if model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"unknown model type {model_type!r} in the checkpoint; upgrade transformers")
@@ -956,7 +970,7 @@ def _load_validated(path: Path, fmt: str, expect_model) -> tuple[dict, dict, dic
     meta = _parse_meta(path, raw, fmt)
     _check_expected(path, meta, expect_model)
     for name, spec in index.items():
-        if spec.get("dtype") not in _DTYPES:
+        if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in _DTYPES:
             raise TamperedCheckpointError(f"{path}: tensor {name} has unsupported dtype {spec.get('dtype')!r}")
     try:
         tensors = load_file(str(path))
@@ -985,6 +999,8 @@ def _load_fp(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], qua
         )
     sd = model.state_dict()
     for alias, target in meta.get("tied", {}).items():
+        if alias not in sd or target not in sd or sd[alias].shape != sd[target].shape:
+            raise ModelMismatchError(f"{path}: tied tensor {alias} -> {target} does not exist in {meta['base_model']['architecture']}")
         # a tied pair is one Parameter in a freshly built model; copy only if it is not
         if sd[alias].data_ptr() != sd[target].data_ptr():
             with torch.no_grad():

@@ -622,3 +622,96 @@ def test_static_file_is_smaller_per_width(saved, tmp_path, quantized):
     with safe_open(str(saved), "pt") as f:
         mobi_codes = sum(f.get_tensor(k).numel() for k in f.keys() if k.endswith(".codes"))
     assert static_codes * 4 == mobi_codes
+
+
+# --- fuzzing the header: a load gives the original model or a CheckpointError, nothing else ------
+def _leaves(obj, prefix=()):
+    """Every field path of a JSON value (dict keys and list indices), containers included."""
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _leaves(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:4]):
+            out += _leaves(v, (*prefix, i))
+    return out
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from([0, 1, 2, 3, 7, 8, 64, 128, 256, 10**7])
+        | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8) | st.sampled_from(["2468", "abc", "silu", "F16", "\ud800"])
+    )  # fmt: skip
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6)
+
+
+def _edit_at(obj, path, value, delete):
+    *parents, last = path
+    for p in parents:
+        obj = obj[p]
+    if delete:
+        del obj[last]
+    else:
+        obj[last] = value
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(saved, quantized):
+    header, data = _split(saved)
+    meta = json.loads(header["__metadata__"]["mbq_meta"])
+    orig = load_checkpoint(saved, with_tokenizer=False)
+    paths = [("meta", *p) for p in _leaves(meta)] + [("index", *p) for p in _leaves({k: v for k, v in header.items() if k != "__metadata__"})]
+    paths += [("header", k) for k in header["__metadata__"]]
+    return header, data, meta, orig, _logits(orig.model, _x()), paths
+
+
+def test_fuzzed_header_loads_the_original_or_is_refused(fuzz_base, tmp_path_factory):
+    """Property: whatever single header field is replaced (by any JSON value) or deleted, with the metadata
+    hash recomputed, loading either raises a CheckpointError or gives a model that computes exactly what the
+    original computes, with the same quantization settings, config and threshold table."""
+    import copy
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mbq_ref.checkpoint import _config_dict, _meta_sha256
+
+    header, data, meta, orig, want_logits, paths = fuzz_base
+    folder = tmp_path_factory.mktemp("fuzz")
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(path=st.sampled_from(paths), value=_json_values(), delete=st.booleans())
+    def check(path, value, delete):
+        h, m = copy.deepcopy(header), copy.deepcopy(meta)
+        kind, *rest = path
+        if kind == "meta":
+            _edit_at(m, rest, value, delete)
+        elif kind == "index":
+            _edit_at(h, rest, value, delete)
+        else:
+            _edit_at(h["__metadata__"], rest, value if isinstance(value, str) else json.dumps(value), delete)
+        md = h.get("__metadata__")
+        if kind == "meta":
+            md["mbq_meta"] = json.dumps(m)
+        if kind != "header" or rest[0] != "meta_sha256":
+            md["meta_sha256"] = _meta_sha256(md.get("mbq_meta", ""), md.get("tokenizer", ""))
+        f = folder / "fuzzed.safetensors"
+        try:
+            f.write_bytes(_join(h, data))
+        except (TypeError, ValueError, UnicodeEncodeError):
+            return  # not representable as a file (e.g. a lone surrogate key json.dumps refuses)
+        try:
+            got = load_checkpoint(f, with_tokenizer=False)
+        except CheckpointError:
+            return
+        assert torch.equal(_logits(got.model, _x()), want_logits), f"{path} -> {value!r}: different model accepted"
+        for key in ("quantization",):
+            assert got.meta[key] == orig.meta[key], f"{path} -> {value!r}"
+        # keys that say how the model was loaded (not what it computes) are outside the config hash
+        assert _config_dict(got.meta["base_model"]["config"]) == _config_dict(orig.meta["base_model"]["config"]), f"{path} -> {value!r}"
+        assert torch.equal(got.table.targets, orig.table.targets) and torch.equal(got.table.tau_logit, orig.table.tau_logit)
+
+    check()
