@@ -26,7 +26,7 @@ Header metadata (``__metadata__``, strings only)::
     format          "mbq-ref/mobiquant"         refuses foreign safetensors files
     mbq_meta        JSON, see below
     tokenizer       JSON {file name: text} of the base model's tokenizer files (optional)
-    meta_sha256     SHA-256 of mbq_meta + "\\0" + tokenizer: refuses edited metadata
+    meta_sha256     SHA-256 of mbq_meta + "\\0" + tokenizer: refuses damaged or hand-edited metadata
 
 ``mbq_meta`` holds ``format_version``, the base model (id, architecture, the full
 HF config and its SHA-256 :func:`config_sha256`), the quantization settings
@@ -40,7 +40,11 @@ Windows), so an interrupted save or a full disk leaves the previous file intact.
 :func:`load_checkpoint` refuses, each with its own :class:`CheckpointError`
 subclass and a one-line message: truncated files, edited files (hash mismatch),
 other format versions, safetensors files that are not ours, and checkpoints made
-for another model than ``expect_model``.
+for another model than ``expect_model``. The hashes give integrity, not
+authenticity (whoever edits the file can recompute them), so every field is also
+cross-checked against the others and against the tensors (:func:`_check_meta`,
+:func:`_check_tensors`): a loaded file is at least self-consistent. A consistent
+forgery with in-range values is not detected (``docs/robustness.md``).
 """
 
 from __future__ import annotations
