@@ -290,14 +290,16 @@ def _cmd_info(args) -> int:
         print(json.dumps(meta, indent=1))
         return 0
     q, b = meta["quantization"], meta["base_model"]
-    print(f"{args.file}: mbq-ref MoBiQuant checkpoint, format version {meta['format_version']}, created {meta['created']}")
+    # informational fields (created, results) are not cross-checked: print them only as far as they are well-formed
+    print(f"{args.file}: mbq-ref MoBiQuant checkpoint, format version {meta['format_version']}, created {meta.get('created', '?')}")
     print(f"base model: {b['id']} ({b['architecture']}, {b['dtype']}, config sha256 {b['config_sha256'][:16]}...)")
     print(f"slices {q['slice_bits']} -> {q['cumulative_bits']} bits, group {q['group_size']}, "
           f"{len(q['layers'])} MoBiLinear layers, router hidden {q['router_hidden']}")  # fmt: skip
     targets = meta["thresholds"]["targets"]
     if targets:
         print(f"threshold table: {len(targets)} targets, {targets[0]:g}..{targets[-1]:g} bits")
-    for k, v in meta.get("results", {}).items():
+    results = meta.get("results")
+    for k, v in (results.items() if isinstance(results, dict) else ()):
         if not isinstance(v, (dict, list)):
             print(f"  {k}: {v}")
     return 0
