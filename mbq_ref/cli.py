@@ -108,6 +108,11 @@ def _bits_value(text: str) -> float:
     return v
 
 
+def _finite_or_none(v):
+    """``--json`` prints strict JSON: a NaN/inf number becomes null (``NaN`` is not JSON)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _check_bits(meta: dict, bits: float, flag: str = "--bits") -> None:
     cum = meta["quantization"]["cumulative_bits"]
     if not cum[0] <= bits <= cum[-1]:
@@ -231,7 +236,7 @@ def _cmd_eval(args) -> int:
         "switch_ms": round(1e3 * switch_s, 3),
     }
     if args.json:
-        print(json.dumps(row, allow_nan=False))
+        print(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False))
     else:
         print(
             f"{args.dataset} test, {res.n_windows} x {seqlen} tokens: PPL {res.ppl:.3f} at target {args.bits:g} bits "
