@@ -445,9 +445,8 @@ def _check_layers(path: Path, q: dict, group_size: int) -> None:
         shape = info.get("shape")
         if not isinstance(shape, list) or len(shape) != 2:
             raise _bad(path, f"layer {name}: shape must be [out, in], got {shape!r}")
-        n = _int_field(path, shape[0], f"layer {name} out_features", 1)
+        _int_field(path, shape[0], f"layer {name} out_features", 1)
         k = _int_field(path, shape[1], f"layer {name} in_features", 1)
-        del n
         if k % group_size:
             raise _bad(path, f"group_size {group_size} does not divide the input dimension {k} of layer {name}")
         if not isinstance(info.get("bias"), bool):
