@@ -27,7 +27,7 @@ Header metadata (``__metadata__``, strings only)::
     format          "mbq-ref/mobiquant"         refuses foreign safetensors files
     mbq_meta        JSON, see below
     tokenizer       JSON {file name: text} of the base model's tokenizer files (optional)
-    meta_sha256     SHA-256 of mbq_meta + "\\0" + tokenizer: refuses edited metadata
+    meta_sha256     SHA-256 of mbq_meta + "\\0" + tokenizer: refuses damaged or hand-edited metadata
 
 ``mbq_meta`` holds ``format_version``, the base model (id, architecture, the full
 HF config and its SHA-256 :func:`config_sha256`), the quantization settings
@@ -41,16 +41,23 @@ Windows), so an interrupted save or a full disk leaves the previous file intact.
 :func:`load_checkpoint` refuses, each with its own :class:`CheckpointError`
 subclass and a one-line message: truncated files, edited files (hash mismatch),
 other format versions, safetensors files that are not ours, and checkpoints made
-for another model than ``expect_model``.
+for another model than ``expect_model``. The hashes give integrity, not
+authenticity (whoever edits the file can recompute them), so every field is also
+cross-checked against the others and against the tensors (:func:`_check_meta`,
+:func:`_check_tensors`): a loaded file is at least self-consistent. A consistent
+forgery with in-range values is not detected (``docs/robustness.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -61,6 +68,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import OutputError, atomic_write
 from .errors import MBQError
 
 __all__ = [
@@ -73,6 +81,7 @@ __all__ = [
     "ForeignFileError",
     "VersionMismatchError",
     "ModelMismatchError",
+    "CheckpointWriteError",
     "Checkpoint",
     "ThresholdTable",
     "config_sha256",
@@ -245,31 +254,51 @@ def _read_header(path: Path, fmt: str = FORMAT) -> tuple[dict, dict, int]:
     Returns:
         ``(tensor_index, metadata, file_size)``; raises the matching :class:`CheckpointError`.
     """
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file; create one with `mbq quantize --model tiny-llama --out {path}`")
-    if not path.is_file():
+    try:
+        st = path.stat()  # follows symlinks; a loop or a dangling link fails here with its own errno
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{path} is a symbolic link loop (it points back to itself); fix or remove the link") from exc
+        if exc.errno == errno.ENOENT:
+            raise CheckpointError(
+                f"{path}: no such file; create one with `mbq quantize --model tiny-llama --out {path}`"
+            ) from exc
+        raise CheckpointError(f"cannot open {path} ({exc.strerror or exc}); check the path and its permissions") from exc
+    if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path} is not a file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise TruncatedCheckpointError(f"{path} has only {size} bytes, not even a safetensors header; re-create it")
-        (n,) = struct.unpack("<Q", head)  # safetensors: u64 little-endian header length, then JSON
-        if n == 0 or n > _MAX_HEADER:
-            raise ForeignFileError(f"{path} is not a safetensors file (header length field reads {n})")
-        if 8 + n > size:
-            raise TruncatedCheckpointError(
-                f"{path} is truncated: its header alone needs {8 + n} bytes but the file has {size}; "
-                "the copy or save was cut short, copy it again or re-run `mbq quantize`"
-            )
-        raw = f.read(n)
+    size = st.st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise TruncatedCheckpointError(f"{path} has only {size} bytes, not even a safetensors header; re-create it")
+            (n,) = struct.unpack("<Q", head)  # safetensors: u64 little-endian header length, then JSON
+            if n == 0 or n > _MAX_HEADER:
+                raise ForeignFileError(f"{path} is not a safetensors file (header length field reads {n})")
+            if 8 + n > size:
+                raise TruncatedCheckpointError(
+                    f"{path} is truncated: its header alone needs {8 + n} bytes but the file has {size}; "
+                    "the copy or save was cut short, copy it again or re-run `mbq quantize`"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read {path} ({exc.strerror or exc}); check its permissions (e.g. `chmod a+r {path}`)"
+        ) from exc
     try:
         header = json.loads(raw)
-    except ValueError as exc:
+    except ValueError as exc:  # includes UnicodeDecodeError
         raise ForeignFileError(f"{path} is not a safetensors file (its header is not JSON)") from exc
     if not isinstance(header, dict):
         raise ForeignFileError(f"{path} is not a safetensors file (its header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ForeignFileError(
+            f"{path}: the safetensors __metadata__ must map strings to strings, found {type(meta).__name__}; "
+            "not a file written by `mbq quantize`"
+        )
+    if any(not isinstance(v, dict) for v in header.values()):
+        raise TamperedCheckpointError(f"{path}: malformed tensor index in the header")
     if meta.get("format") != fmt:
         what = "MoBiQuant checkpoint" if fmt == FORMAT else "static per-bit checkpoint"
         found = f"its format is {meta['format']!r}" if meta.get("format") else "e.g. plain model weights"
@@ -299,14 +328,16 @@ def read_metadata(path: str | os.PathLike, fmt: str = FORMAT) -> dict:
     """
     path = Path(path)
     _, raw, _ = _read_header(path, fmt)
-    return _parse_meta(path, raw)
+    return _parse_meta(path, raw, fmt)
 
 
-def _parse_meta(path: Path, raw: dict) -> dict:
+def _parse_meta(path: Path, raw: dict, fmt: str = FORMAT) -> dict:
     try:
         meta = json.loads(raw["mbq_meta"])
     except (KeyError, ValueError) as exc:
         raise TamperedCheckpointError(f"{path}: the mbq_meta header entry is missing or not JSON") from exc
+    if not isinstance(meta, dict):
+        raise TamperedCheckpointError(f"{path}: the mbq_meta header entry is a JSON {type(meta).__name__}, not an object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         why = " (version 1 stored the MoBiSlice zero point on the base grid)" if version == 1 else ""
@@ -315,13 +346,253 @@ def _parse_meta(path: Path, raw: dict) -> dict:
             "re-create it with this version's `mbq quantize` (or install the mbq-ref that wrote it)"
         )
     want = raw.get("meta_sha256")
-    got = _meta_sha256(raw["mbq_meta"], raw.get("tokenizer", ""))
+    try:
+        got = _meta_sha256(raw["mbq_meta"], raw.get("tokenizer", ""))
+    except UnicodeEncodeError as exc:  # a lone surrogate (\ud800) is valid JSON but not text
+        raise TamperedCheckpointError(f"{path}: the header holds text that is not valid Unicode; re-create the checkpoint") from exc
     if want != got:
         raise TamperedCheckpointError(
             f"{path}: metadata SHA-256 mismatch (stored {str(want)[:12]}..., computed {got[:12]}...); "
             "the header was edited after saving, re-create the checkpoint"
         )
+    _check_meta(path, meta, fmt)
     return meta
+
+
+# --- cross-checks: every field against the others and against the tensors ----------------
+# The two hashes catch accidental damage (a flipped bit, a cut copy), but anyone who edits the
+# file can recompute them (docs/robustness.md). These checks make sure that whatever is loaded
+# is at least self-consistent: a field that disagrees with another field or with the tensors
+# it describes is refused instead of silently changing what the model computes.
+_CONFIG_INTS = {  # key: (lower bound, upper bound); far above any real Llama-family model
+    "vocab_size": (1, 2**20),
+    "hidden_size": (1, 2**16),
+    "intermediate_size": (1, 2**18),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "max_position_embeddings": (2, 2**24),
+    "head_dim": (1, 2**12),
+}
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+_CODE_DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
+
+
+def _bad(path: Path, what: str) -> TamperedCheckpointError:
+    return TamperedCheckpointError(f"{path}: {what}; the file was edited or written by a broken tool, re-create it with `mbq quantize`")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_field(path: Path, v, what: str, lo: int, hi: int | None = None) -> int:
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise _bad(path, f"{what} must be an integer {rng}, got {v!r}")
+    return v
+
+
+def _dict_field(path: Path, d: dict, key: str, where: str) -> dict:
+    v = d.get(key)
+    if not isinstance(v, dict):
+        raise _bad(path, f"{where}{key} must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+def _check_config(path: Path, base: dict) -> None:
+    """The stored HF config: known fields are integers in range, a known activation, a matching hash."""
+    from transformers.activations import ACT2FN
+
+    for key in ("id", "architecture", "config_sha256"):
+        if not isinstance(base.get(key), str):
+            raise _bad(path, f"base_model.{key} must be a string, got {base.get(key)!r}")
+    if base.get("dtype") not in _DTYPE_NAMES:
+        raise _bad(path, f"base_model.dtype must be one of {', '.join(_DTYPE_NAMES)}, got {base.get('dtype')!r}")
+    cfg = _dict_field(path, base, "config", "base_model.")
+    if not isinstance(cfg.get("model_type", base.get("model_type")), str):
+        raise _bad(path, f"config model_type must be a string, got {cfg.get('model_type')!r}")
+    for key, (lo, hi) in _CONFIG_INTS.items():
+        if cfg.get(key) is not None:
+            _int_field(path, cfg[key], f"config {key}", lo, hi)
+    # keys outside the config hash (how the model was loaded) still reach the model: check their types
+    for key in _VOLATILE_CONFIG_KEYS & set(cfg):
+        flag = key in ("use_cache", "output_attentions", "output_hidden_states", "return_dict")
+        if not (isinstance(cfg[key], bool) if flag else (cfg[key] is None or isinstance(cfg[key], str))):
+            raise _bad(path, f"config {key} must be {'true or false' if flag else 'a string'}, got {cfg[key]!r}")
+    act = cfg.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise _bad(path, f"config hidden_act {act!r} is not an activation transformers knows")
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise _bad(path, f"config num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    try:
+        got = config_sha256(cfg)
+    except (TypeError, ValueError) as exc:
+        raise _bad(path, f"the stored config cannot be hashed ({exc})") from exc
+    if got != base["config_sha256"]:
+        raise _bad(path, "base_model.config_sha256 does not match the stored config")
+
+
+def _check_layers(path: Path, q: dict, group_size: int) -> None:
+    layers = q.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise _bad(path, "quantization.layers must be a non-empty list")
+    seen = set()
+    for info in layers:
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"]:
+            raise _bad(path, f"quantization.layers entry {info!r} has no name")
+        name = info["name"]
+        if name in seen:
+            raise _bad(path, f"layer {name} is listed twice")
+        seen.add(name)
+        shape = info.get("shape")
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise _bad(path, f"layer {name}: shape must be [out, in], got {shape!r}")
+        _int_field(path, shape[0], f"layer {name} out_features", 1)
+        k = _int_field(path, shape[1], f"layer {name} in_features", 1)
+        if k % group_size:
+            raise _bad(path, f"group_size {group_size} does not divide the input dimension {k} of layer {name}")
+        if not isinstance(info.get("bias"), bool):
+            raise _bad(path, f"layer {name}: bias must be true or false, got {info.get('bias')!r}")
+
+
+def _check_meta(path: Path, meta: dict, fmt: str) -> None:
+    """Types, ranges and agreement of the metadata fields (the tensors come in :func:`_check_tensors`)."""
+    base = _dict_field(path, meta, "base_model", "")
+    _check_config(path, base)
+    q = _dict_field(path, meta, "quantization", "")
+    gs = _int_field(path, q.get("group_size"), "quantization.group_size", 1)
+    if fmt == STATIC_FORMAT:
+        _int_field(path, q.get("bits"), "quantization.bits", 1, 8)
+    else:
+        if q.get("method") != "mobiquant":
+            raise _bad(path, f"quantization.method must be 'mobiquant', got {q.get('method')!r}")
+        sb = q.get("slice_bits")
+        if not isinstance(sb, list) or not 2 <= len(sb) <= 16 or not all(_is_int(b) and 1 <= b <= 8 for b in sb):
+            raise _bad(path, f"quantization.slice_bits must list 2..16 integers of 1..8 bits, got {sb!r}")
+        if sum(sb) > 16:
+            raise _bad(path, f"quantization.slice_bits {sb} total more than 16 bits")
+        cum = [sum(sb[: i + 1]) for i in range(len(sb))]
+        if q.get("cumulative_bits") != cum or not all(_is_int(c) for c in q["cumulative_bits"]):
+            raise _bad(path, f"quantization.cumulative_bits {q.get('cumulative_bits')!r} disagrees with slice_bits {sb} (expected {cum})")
+        _int_field(path, q.get("router_hidden"), "quantization.router_hidden", 1)
+        want = "uint8" if cum[-1] <= 8 else "int32"
+        if not isinstance(q.get("code_dtype"), str) or q["code_dtype"] not in _CODE_DTYPES or (q["code_dtype"] == "uint8") != (want == "uint8"):
+            raise _bad(path, f"quantization.code_dtype {q.get('code_dtype')!r} does not fit {cum[-1]}-bit codes (expected {want})")
+        th = _dict_field(path, meta, "thresholds", "")
+        targets, achieved = th.get("targets"), th.get("achieved", [])
+        if not isinstance(targets, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in targets):
+            raise _bad(path, f"thresholds.targets must be a list of numbers, got {targets!r}")
+        if not all(math.isfinite(t) for t in targets) or any(b <= a for a, b in zip(targets, targets[1:])):
+            raise _bad(path, f"thresholds.targets must be finite and strictly increasing, got {targets}")
+        if not isinstance(achieved, list) or len(achieved) != len(targets) or not all(
+            a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in achieved
+        ):
+            raise _bad(path, "thresholds.achieved must list one number per target")
+    _check_layers(path, q, gs)
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise _bad(path, "tied must map tensor names to tensor names")
+    if not isinstance(meta.get("payload_sha256"), str):
+        raise _bad(path, "payload_sha256 is missing")
+
+
+def _check_finite(path: Path, name: str, t: torch.Tensor, allow_inf: bool = False) -> None:
+    if not t.is_floating_point() or not t.numel():
+        return
+    bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise _bad(path, f"tensor {name} holds {int(bad.sum())} {'NaN' if allow_inf else 'NaN/inf'} values")
+
+
+def _check_tensors(path: Path, meta: dict, tensors: dict[str, torch.Tensor], fmt: str) -> None:
+    """Every tensor against the metadata: names, dtypes, shapes, code range, finite values."""
+    q = meta["quantization"]
+    cfg = meta["base_model"]["config"]
+    gs = q["group_size"]
+    expected = set()
+    bits = q["bits"] if fmt == STATIC_FORMAT else sum(q["slice_bits"])
+    for info in q["layers"]:
+        name, (n, k) = info["name"], info["shape"]
+        p = f"q.{name}."
+        try:
+            codes, scale, zero = (tensors[p + t] for t in ("codes", "scale", "zero"))
+        except KeyError as exc:
+            raise TamperedCheckpointError(f"{path}: tensor {exc.args[0]!r} of layer {name} is missing") from exc
+        expected |= {p + "codes", p + "scale", p + "zero"}
+        if fmt == STATIC_FORMAT:
+            if codes.dtype != torch.uint8 or tuple(codes.shape) != ((n * k * bits + 7) // 8,):
+                raise _bad(path, f"layer {name}: packed codes have dtype {codes.dtype} and shape {tuple(codes.shape)}")
+        else:
+            if codes.dtype != _CODE_DTYPES[q["code_dtype"]] or tuple(codes.shape) != (n, k):
+                raise _bad(path, f"layer {name}: codes are {codes.dtype} {tuple(codes.shape)}, expected {q['code_dtype']} {(n, k)}")
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= 2**bits:
+                raise _bad(path, f"layer {name}: codes span {lo}..{hi}, outside 0..{2**bits - 1} for {bits}-bit slices {q['slice_bits']}")
+        for t, what in ((scale, "scale"), (zero, "zero")):
+            if tuple(t.shape) != (n, k // gs):
+                raise _bad(path, f"layer {name}: {what} has shape {tuple(t.shape)}, expected {(n, k // gs)}")
+        if not scale.is_floating_point():
+            raise _bad(path, f"layer {name}: scale has dtype {scale.dtype}")
+        _check_finite(path, p + "scale", scale)
+        if bool((scale <= 0).any()):
+            raise _bad(path, f"layer {name}: scale has values <= 0")
+        zf = zero.double()
+        _check_finite(path, p + "zero", zf)
+        if bool((zf != zf.round()).any()):
+            raise _bad(path, f"layer {name}: zero points are not integers")
+        if info.get("bias"):
+            expected.add(p + "bias")
+            if p + "bias" not in tensors or tuple(tensors[p + "bias"].shape) != (n,):
+                raise _bad(path, f"layer {name}: bias missing or not of shape ({n},)")
+            _check_finite(path, p + "bias", tensors[p + "bias"])
+        if fmt == STATIC_FORMAT:
+            continue
+        expected.add(p + "tau_logit")
+        if p + "tau_logit" not in tensors:
+            raise TamperedCheckpointError(f"{path}: tensor {p + 'tau_logit'!r} of layer {name} is missing")
+        tau = tensors[p + "tau_logit"]
+        if tau.numel() != 1:
+            raise _bad(path, f"layer {name}: tau_logit has shape {tuple(tau.shape)}")
+        _check_finite(path, p + "tau_logit", tau, allow_inf=True)
+        router = {key for key in tensors if key.startswith(p + "router.")}
+        expected |= router
+        fc1 = tensors.get(p + "router.fc1.weight")
+        if fc1 is not None and tuple(fc1.shape) != (q["router_hidden"], k):
+            raise _bad(path, f"layer {name}: router fc1 has shape {tuple(fc1.shape)}, expected {(q['router_hidden'], k)}")
+        for key in router:
+            _check_finite(path, key, tensors[key])
+    if fmt == FORMAT:
+        targets = meta["thresholds"]["targets"]
+        if targets:
+            expected |= {"thresholds.targets", "thresholds.tau_logit"}
+            t, u = tensors.get("thresholds.targets"), tensors.get("thresholds.tau_logit")
+            if t is None or u is None:
+                raise TamperedCheckpointError(f"{path}: the threshold table tensors are missing")
+            if t.dtype != torch.float64 or t.tolist() != [float(x) for x in targets]:
+                raise _bad(path, "thresholds.targets in the tensors disagree with the metadata")
+            if tuple(u.shape) != (len(targets), len(q["layers"])):
+                raise _bad(path, f"threshold table has shape {tuple(u.shape)}, expected {(len(targets), len(q['layers']))}")
+            _check_finite(path, "thresholds.tau_logit", u, allow_inf=True)
+    fp = {key for key in tensors if key.startswith("fp.")}
+    expected |= fp
+    for alias, target in meta.get("tied", {}).items():
+        if f"fp.{target}" not in tensors or f"fp.{alias}" in tensors:
+            raise _bad(path, f"tied tensor {alias} -> {target} does not match the stored tensors")
+    for key in fp:
+        _check_finite(path, key, tensors[key])
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise _bad(path, f"unexpected tensors {extra[:3]}")
+    # the config must describe the stored tensors (it decides how big a model is built)
+    emb = tensors.get("fp.model.embed_tokens.weight")
+    if emb is not None and (cfg.get("vocab_size"), cfg.get("hidden_size")) != tuple(emb.shape):
+        raise _bad(path, f"config vocab_size x hidden_size {cfg.get('vocab_size')} x {cfg.get('hidden_size')} "
+                         f"disagrees with the embedding {tuple(emb.shape)}")  # fmt: skip
+    blocks = {int(m.group(1)) for key in tensors for m in [re.search(r"\.layers\.(\d+)\.", key)] if m}
+    if blocks and blocks != set(range(cfg.get("num_hidden_layers", -1))):
+        raise _bad(path, f"config num_hidden_layers {cfg.get('num_hidden_layers')!r} disagrees with the {len(blocks)} stored blocks")
 
 
 # --- saving ------------------------------------------------------------------
@@ -412,36 +683,18 @@ def _threshold_tensors(thresholds, layer_names: list[str]) -> tuple[dict[str, to
     }, achieved
 
 
+class CheckpointWriteError(CheckpointError, OutputError):
+    """The checkpoint could not be written (full or read-only disk, a file in the way); nothing was changed."""
+
+
 def _atomic_write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``path`` via a temporary file in the same folder: fsync, then ``os.replace``."""
+    """Write ``path`` via a temporary file in the same folder: fsync, then ``os.replace`` (:mod:`mbq_ref.atomic`)."""
     from safetensors.torch import save_file
 
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    # same folder = same filesystem, so the final rename cannot degrade into a copy
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write {path} ({exc}); any previous file there is unchanged") from exc
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself (POSIX; not possible on Windows)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "checkpoint")
+    except OutputError as exc:
+        raise CheckpointWriteError(str(exc)) from exc
 
 
 def save_checkpoint(
@@ -607,19 +860,28 @@ def _build_skeleton(meta: dict) -> nn.Module:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     base = meta["base_model"]
-    cfg_dict = dict(base["config"])
+    # output switches are how a model was used, not what it computes (and outside the config hash): defaults
+    runtime = ("use_cache", "output_attentions", "output_hidden_states", "return_dict")
+    cfg_dict = {k: v for k, v in base["config"].items() if k not in runtime}
     model_type = cfg_dict.pop("model_type", base.get("model_type"))
     if model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"unknown model type {model_type!r} in the checkpoint; upgrade transformers")
-    cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
     dtype = getattr(torch, base.get("dtype", "float32"))
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         no_init_weights = contextlib.nullcontext
-    # random init of weights that are overwritten anyway costs minutes on an 8B model
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    try:
+        cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+        # random init of weights that are overwritten anyway costs minutes on an 8B model
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
+        # the fields we know were checked in _check_meta; transformers validates the rest
+        raise CheckpointError(
+            f"the model config stored in the checkpoint cannot build a {model_type} model "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); re-create it with `mbq quantize`"
+        ) from exc
     return model.eval()
 
 
@@ -676,18 +938,34 @@ def _set_frozen(layer, sw) -> None:
     layer._deltas = [full[0]] + [full[k] - full[k - 1] for k in range(1, sw.num_slices)]
 
 
-def _load_tokenizer(meta: dict, raw: dict):
+def _load_tokenizer(meta: dict, raw: dict, path: Path):
+    """The embedded tokenizer (else the base model's); a broken embedded one is a :class:`CheckpointError`."""
     files = raw.get("tokenizer")
     if files:
         from transformers import AutoTokenizer
 
+        try:
+            texts = json.loads(files)
+        except ValueError as exc:
+            raise _bad(path, "the embedded tokenizer is not JSON") from exc
+        if not isinstance(texts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in texts.items()):
+            raise _bad(path, "the embedded tokenizer must map file names to texts")
         with tempfile.TemporaryDirectory() as tmp:
-            for name, text in json.loads(files).items():
-                (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
-            return AutoTokenizer.from_pretrained(tmp)
-    from .zoo import load_tokenizer
+            try:
+                for name, text in texts.items():
+                    if Path(name).name in ("", ".", ".."):
+                        raise _bad(path, f"the embedded tokenizer has a bad file name {name!r}")
+                    (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
+                tok = AutoTokenizer.from_pretrained(tmp)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # tokenizers raise many types (ValueError, OSError, Rust exceptions)
+                raise _bad(path, f"the embedded tokenizer does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from exc
+    else:
+        from .zoo import load_tokenizer
 
-    return load_tokenizer(meta["base_model"]["id"])
+        tok = load_tokenizer(meta["base_model"]["id"])
+    return tok
 
 
 def _load_validated(path: Path, fmt: str, expect_model) -> tuple[dict, dict, dict[str, torch.Tensor]]:
@@ -696,10 +974,10 @@ def _load_validated(path: Path, fmt: str, expect_model) -> tuple[dict, dict, dic
     from safetensors.torch import load_file
 
     index, raw, _ = _read_header(path, fmt)
-    meta = _parse_meta(path, raw)
+    meta = _parse_meta(path, raw, fmt)
     _check_expected(path, meta, expect_model)
     for name, spec in index.items():
-        if spec.get("dtype") not in _DTYPES:
+        if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in _DTYPES:
             raise TamperedCheckpointError(f"{path}: tensor {name} has unsupported dtype {spec.get('dtype')!r}")
     try:
         tensors = load_file(str(path))
@@ -711,6 +989,7 @@ def _load_validated(path: Path, fmt: str, expect_model) -> tuple[dict, dict, dic
             f"{path}: tensor payload SHA-256 mismatch (stored {str(meta.get('payload_sha256'))[:12]}..., "
             f"computed {got[:12]}...); the file was modified or damaged after saving, re-create it"
         )
+    _check_tensors(path, meta, tensors, fmt)
     return meta, raw, tensors
 
 
@@ -727,6 +1006,8 @@ def _load_fp(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], qua
         )
     sd = model.state_dict()
     for alias, target in meta.get("tied", {}).items():
+        if alias not in sd or target not in sd or sd[alias].shape != sd[target].shape:
+            raise ModelMismatchError(f"{path}: tied tensor {alias} -> {target} does not exist in {meta['base_model']['architecture']}")
         # a tied pair is one Parameter in a freshly built model; copy only if it is not
         if sd[alias].data_ptr() != sd[target].data_ptr():
             with torch.no_grad():
@@ -764,7 +1045,7 @@ def load_checkpoint(path: str | os.PathLike, expect_model=None, with_tokenizer: 
         if logits.shape != (len(targets), len(quantized)):
             raise TamperedCheckpointError(f"{path}: threshold table has shape {tuple(logits.shape)}")
         table = ThresholdTable(targets, logits, quantized, list(meta["thresholds"].get("achieved", [])))
-    tok = _load_tokenizer(meta, raw) if with_tokenizer else None
+    tok = _load_tokenizer(meta, raw, path) if with_tokenizer else None
     return Checkpoint(model=model, meta=meta, path=path, tokenizer=tok, table=table)
 
 

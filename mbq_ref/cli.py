@@ -19,10 +19,12 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
+from .atomic import Terminated, terminate_as_interrupt
 from .errors import MBQError
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -30,6 +32,14 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 class UsageError(MBQError):
     """Bad input from the user: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        msg = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {msg} (see `{self.prog} --help`)\n")
 
 
 # --- shared helpers ----------------------------------------------------------
@@ -56,6 +66,38 @@ def _positive(kind):
     return parse
 
 
+def _int_range(lo: int, hi: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, an integer in {lo}..{hi}, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what}, an integer in {lo}..{hi}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _float_range(lo: float, hi: float, what: str, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if math.isnan(v) or not (lo < v if lo_open else lo <= v) or not v <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what} in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text!r}")
+        return v
+
+    return parse
+
+
+# seeds feed torch, numpy and Python generators; 0..2^32-1 is what all of them accept
+_seed = _int_range(0, 2**32 - 1, "a seed")
+#: the smallest threshold-table spacing: (8 - 2) / 0.05 = 120 rows, each fitted on the calibration windows
+MIN_TABLE_STEP = 0.05
+
+
 def _bits_value(text: str) -> float:
     try:
         v = float(text)
@@ -64,6 +106,11 @@ def _bits_value(text: str) -> float:
     if math.isnan(v) or math.isinf(v):
         raise argparse.ArgumentTypeError(f"expected a finite number of bits, got {text!r}")
     return v
+
+
+def _finite_or_none(v):
+    """``--json`` prints strict JSON: a NaN/inf number becomes null (``NaN`` is not JSON)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _check_bits(meta: dict, bits: float, flag: str = "--bits") -> None:
@@ -93,15 +140,14 @@ def _cmd_tour(args) -> int:
 def _cmd_quantize(args) -> int:
     import torch
 
+    from .atomic import check_writable
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .mobiquant import MoBiConfig
     from .tour import quantize_and_table, table_targets
     from .zoo import load_model
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'model.mbq.safetensors'}")
+    out = check_writable(args.out)  # before minutes of calibration: a folder, read-only or full disk, a file in the way
     cfg = MoBiConfig.paper() if args.preset == "paper" else MoBiConfig.tiny()
     calib = cfg.calib
     for key in ("nsamples", "seqlen", "epochs"):
@@ -117,6 +163,8 @@ def _cmd_quantize(args) -> int:
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype=dtype, with_tokenizer=True)
+    # at least one byte per weight (the codes; embeddings and norms are stored unquantized)
+    check_writable(out, need_bytes=sum(p.numel() for p in model.parameters()))
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and calib.seqlen > ctx:
         raise UsageError(f"--seqlen {calib.seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
@@ -188,7 +236,7 @@ def _cmd_eval(args) -> int:
         "switch_ms": round(1e3 * switch_s, 3),
     }
     if args.json:
-        print(json.dumps(row))
+        print(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False))
     else:
         print(
             f"{args.dataset} test, {res.n_windows} x {seqlen} tokens: PPL {res.ppl:.3f} at target {args.bits:g} bits "
@@ -202,6 +250,10 @@ def _cmd_generate(args) -> int:
     from .checkpoint import load_checkpoint, read_metadata
     from .generate import generate, parse_schedule
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach sys.argv as lone surrogates
+        raise UsageError("--prompt is not valid UTF-8 text; pass the prompt as UTF-8") from None
     schedule = parse_schedule(args.schedule)
     meta = read_metadata(args.file)
     _check_bits(meta, args.bits)
@@ -220,12 +272,15 @@ def _cmd_generate(args) -> int:
             "prompt": res.prompt, "prompt_tokens": res.prompt_tokens, "prompt_bits": res.prompt_bits,
             "text": res.text, "seconds": res.seconds,
             "tokens": [vars(s) for s in res.steps],
-        }))  # fmt: skip
+        }, allow_nan=False))  # fmt: skip
         return 0
     print(res.table())
     switches = [s for s in res.steps if s.switch_seconds > 0]
     sw = f"; {len(switches)} budget switch(es), {1e3 * sum(s.switch_seconds for s in switches):.2f} ms in total" if switches else ""
-    print(f"prompt: {res.prompt_tokens} tokens at {res.prompt_bits:.2f} bits measured{sw}; {res.seconds:.2f} s")
+    if res.prompt_bits is None:  # a one-token prompt has no prefill pass: its token is fed with the first new one
+        print(f"prompt: 1 token, no prefill pass{sw}; {res.seconds:.2f} s")
+    else:
+        print(f"prompt: {res.prompt_tokens} tokens at {res.prompt_bits:.2f} bits measured{sw}; {res.seconds:.2f} s")
     print("---")
     print(res.prompt + res.text)
     return 0
@@ -240,14 +295,16 @@ def _cmd_info(args) -> int:
         print(json.dumps(meta, indent=1))
         return 0
     q, b = meta["quantization"], meta["base_model"]
-    print(f"{args.file}: mbq-ref MoBiQuant checkpoint, format version {meta['format_version']}, created {meta['created']}")
+    # informational fields (created, results) are not cross-checked: print them only as far as they are well-formed
+    print(f"{args.file}: mbq-ref MoBiQuant checkpoint, format version {meta['format_version']}, created {meta.get('created', '?')}")
     print(f"base model: {b['id']} ({b['architecture']}, {b['dtype']}, config sha256 {b['config_sha256'][:16]}...)")
     print(f"slices {q['slice_bits']} -> {q['cumulative_bits']} bits, group {q['group_size']}, "
           f"{len(q['layers'])} MoBiLinear layers, router hidden {q['router_hidden']}")  # fmt: skip
     targets = meta["thresholds"]["targets"]
     if targets:
         print(f"threshold table: {len(targets)} targets, {targets[0]:g}..{targets[-1]:g} bits")
-    for k, v in meta.get("results", {}).items():
+    results = meta.get("results")
+    for k, v in (results.items() if isinstance(results, dict) else ()):
         if not isinstance(v, (dict, list)):
             print(f"  {k}: {v}")
     return 0
@@ -255,20 +312,28 @@ def _cmd_info(args) -> int:
 
 # --- mbq bench -------------------------------------------------------------------------
 def _cmd_bench(args) -> int:
+    argv = list(args.bench_args)
+    wants_sim = any(len(a.split("=")[0]) >= 4 and "--sim".startswith(a.split("=")[0]) for a in argv)
+    if not wants_sim and not {"-h", "--help"} & set(argv):
+        from cuda_numba._common import real_gpu_available
+
+        if not real_gpu_available():  # checked here so the message is our one line on stderr
+            raise UsageError("no CUDA GPU found (Numba sees none, or the CUDA simulator is on); run it on a GPU "
+                             "machine, or pass --sim for a simulator demo (not a performance number)")  # fmt: skip
     from cuda_numba.bench import main as bench_main  # lazy: mbq_ref must import without numba.cuda
 
-    return int(bench_main(list(args.bench_args), prog="mbq bench") or 0)
+    return int(bench_main(argv, prog="mbq bench") or 0)
 
 
 # --- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The ``mbq`` argument parser (one sub-command per task)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mbq",
         description="MoBiQuant reference implementation: quantize once, run at any average precision.",
         epilog="docs/cli.md documents every command and every report.json key. Exit codes: 0 ok, 2 bad input, 1 bug.",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     t = sub.add_parser("tour", help="the main job on the bundled data, end to end on CPU", description=(
@@ -291,10 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=_positive(int), default=None, help="tokens per calibration window (overrides the preset)")
     q.add_argument("--epochs", type=_positive(int), default=None, help="epochs per block and stage (overrides the preset)")
     q.add_argument("--train-bits", type=_bits_value, default=None, help="target bits of the budget loss (default 3.0)")
-    q.add_argument("--table-step", type=_positive(float), default=0.25, help="spacing of the threshold table in bits (default 0.25)")
+    q.add_argument("--table-step", type=_float_range(MIN_TABLE_STEP, 16.0, "a table step in bits"), default=0.25,
+                   help=f"spacing of the threshold table in bits, {MIN_TABLE_STEP}..16 (default 0.25)")
     q.add_argument("--threshold-windows", type=_positive(int), default=8,
                    help="calibration windows used to fit the threshold table (default 8)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler and the routers (default 0)")
+    q.add_argument("--seed", type=_seed, default=0, help="seed of the calibration sampler and the routers, 0..2^32-1 (default 0)")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     q.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="model weight dtype")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -306,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("file", help="checkpoint written by `mbq quantize` or `mbq tour`")
     e.add_argument("--bits", type=_bits_value, required=True, help="target average bits per weight, e.g. 3.0 (2..8 for slices 2,2,2,2)")
     e.add_argument("--dataset", default="austen", help="test split: austen|bible|shakespeare (bundled) or wikitext2|c4|ptb (hub)")
-    e.add_argument("--seqlen", type=_positive(int), default=None, help="window length (default: min(2048, model context))")
+    e.add_argument("--seqlen", type=_int_range(2, 2**24, "a window length"), default=None,
+                   help="window length, at least 2 (default: min(2048, model context))")
     e.add_argument("--max-windows", type=_positive(int), default=None, help="evaluate only the first N windows (default: all)")
     e.add_argument("--batch-size", type=_positive(int), default=1, help="windows per forward pass (default 1)")
     e.add_argument("--static", action="store_true", help="every token reads the same slices (--bits must be 2, 4, 6 or 8)")
@@ -325,9 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BITS:UNTIL,... e.g. 2:8,6:16 = 2 bits for new tokens 1-8, then 6 bits for 9-16")
     g.add_argument("--max-new-tokens", type=_positive(int), default=None,
                    help="tokens to generate (default: the schedule's last UNTIL, else 32)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--temperature", type=_float_range(0.0, 1e4, "a temperature"), default=0.0,
+                   help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=_int_range(0, 2**31 - 1, "a token count"), default=0,
+                   help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--seed", type=_seed, default=0, help="sampling seed, 0..2^32-1")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -357,12 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no temporary file is left
+            return int(args.func(args) or 0)
     except (MBQError, FileNotFoundError) as exc:
         # our errors carry "what is wrong + how to fix it"; anything else is a bug (exit 1, traceback)
         msg = " ".join(str(exc).split())
         print(f"mbq {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ exactly one input token (the previous one), whose routing is what we report.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class Generation:
 
     prompt: str
     prompt_tokens: int
-    prompt_bits: float  # measured over the prefill pass
+    prompt_bits: float | None  # measured over the prefill pass; None for a one-token prompt (no prefill)
     steps: list[TokenStep] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -141,6 +142,10 @@ def generate(
     schedule = schedule or []
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise GenerateError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise GenerateError(f"top_k must be an integer >= 0 (0 = all tokens), got {top_k!r}")
     # the tokenizer's own convention: Llama adds BOS, the bundled tiny tokenizer (trained without) adds nothing
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
@@ -158,7 +163,7 @@ def generate(
     current = bits_at(0, schedule, bits)
     set_bits(current)
     past = None
-    prompt_bits = float("nan")
+    prompt_bits = None
     if ids.shape[1] > 1:
         # prefill all but the last prompt token; the last one is fed alone so that the first new
         # token, like every later one, comes from a single-token forward with its own measured bits

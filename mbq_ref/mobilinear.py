@@ -308,8 +308,9 @@ class MoBiLinear(nn.Module):
             self.freeze()
         counts = self.route(x2.reshape(*lead, self.in_features)).reshape(-1)  # [T]
         deltas = [d.to(x2.device, x2.dtype) for d in self._deltas]
-        if deltas[0].data_ptr() != self._deltas[0].data_ptr():
+        if deltas[0].data_ptr() != self._deltas[0].data_ptr() and torch.finfo(x2.dtype).bits >= 32:
             self._deltas = deltas  # cache the cast for the next call
+        # (never cache a bf16/fp16 cast: it would replace the float32 readings for every later float32 call)
         y = sliced_matmul(x2, deltas, counts, self.bias)
         self.stats.update(counts, counts_to_bits(counts, self.slice_bits))
         return y

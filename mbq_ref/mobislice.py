@@ -86,8 +86,17 @@ class SliceError(MBQError):
 
 
 def check_slice_bits(slice_bits) -> tuple[int, ...]:
-    """Validate a slice list: each slice 1..8 bits, at most 16 bits in total."""
-    bits = tuple(int(b) for b in slice_bits)
+    """Validate a slice list: each slice a whole number of 1..8 bits, at most 16 bits in total."""
+    import numbers
+
+    try:
+        raw = tuple(slice_bits)
+    except TypeError:
+        raise SliceError(f"slice_bits must be a sequence of integers such as (2, 2, 2, 2), got {slice_bits!r}") from None
+    # 2.0 is accepted as 2; 2.7, True or "2" are refused rather than silently truncated
+    if not all(isinstance(b, numbers.Real) and not isinstance(b, bool) and float(b).is_integer() for b in raw):
+        raise SliceError(f"each slice needs a whole number of bits, got {raw}")
+    bits = tuple(int(b) for b in raw)
     if not bits:
         raise SliceError("slice_bits is empty; use e.g. (2, 2, 2, 2)")
     if any(b < 1 or b > 8 for b in bits):

@@ -75,6 +75,8 @@ def perplexity(
         max_windows: evaluate only the first windows (quick looks; ``None`` = all,
             the protocol used for every number in the README).
     """
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise EvalError(f"seqlen must be an integer >= 2 (a window predicts its tokens 2..seqlen), got {seqlen!r}")
     ctx = _context_length(model)
     if ctx is not None and seqlen > ctx:
         raise EvalError(f"seqlen {seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")

@@ -96,6 +96,15 @@ def check_weight(w: torch.Tensor, group_size: int | None, name: str | None = Non
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise QuantError(f"weight has {bad} NaN/inf entries{_where(name)}; quantization needs finite weights")
+    if w.is_floating_point() and w.numel():
+        # a group range max - min (and the scale from it) must stay finite in w's dtype and in float32
+        limit = min(torch.finfo(w.dtype).max, torch.finfo(torch.float32).max) / 2
+        peak = float(w.detach().abs().max())
+        if peak > limit:
+            raise QuantError(
+                f"weight magnitude {peak:.3g} is too large to quantize in {str(w.dtype).removeprefix('torch.')} "
+                f"(the group range would overflow; at most {limit:.3g}){_where(name)}; rescale the weights"
+            )
     return resolve_group_size(w.shape[1], group_size, name)
 
 
@@ -210,7 +219,10 @@ def rtn(w: torch.Tensor, bits: int, group_size: int | None = 128, name: str | No
     g = check_weight(w, group_size, name)
     check_bits(bits, name)
     wmin, wmax = group_minmax(w, g)
-    return fake_quant(w, wmin, wmax, bits, g)
+    out = fake_quant(w, wmin, wmax, bits, g)
+    if not torch.isfinite(out).all():  # a guard: check_weight already refuses what overflows
+        raise QuantError(f"quantized weight is not finite{_where(name)}; the weights are too large for their dtype")
+    return out
 
 
 class LearnableClip(nn.Module):

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import OutputError, atomic_write, atomic_write_text, check_writable
 from .data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from .perplexity import perplexity
 from .zoo import load_model
@@ -311,7 +312,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.set_title("Elastic precision: perplexity vs average bits")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "ppl_vs_bits.png", dpi=120)
+    _save_png(fig, out / "ppl_vs_bits.png")
     plt.close(fig)
     files.append("ppl_vs_bits.png")
 
@@ -325,7 +326,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.set_title("Static PTQ at a precision it was not calibrated for")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "mismatch.png", dpi=120)
+    _save_png(fig, out / "mismatch.png")
     plt.close(fig)
     files.append("mismatch.png")
 
@@ -340,7 +341,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.set_ylabel("bits per token (austen test)")
     ax.set_title("Per-layer precision at a 3-bit budget (one global τ)")
     fig.tight_layout()
-    fig.savefig(out / "layer_bits.png", dpi=120)
+    _save_png(fig, out / "layer_bits.png")
     plt.close(fig)
     files.append("layer_bits.png")
     return files
@@ -361,7 +362,7 @@ def _write_markdown(report: dict, path: Path) -> None:
     for name, r in report["fp"].items():
         lines.append(f"| {name} | {r['ppl']:.3f} | {r['windows']} x {TOUR_SEQLEN} |")
     if "static" not in report:
-        path.write_text("\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n", "report")
         return
     lines += ["", f"Quantized models below: first {st['eval_windows']} windows x {st['eval_seqlen']} tokens of each test "
               f"split (FP32 on the same windows: " + ", ".join(f"{d} {v:.3f}" for d, v in report["fp_eval"].items()) +
@@ -411,7 +412,7 @@ def _write_markdown(report: dict, path: Path) -> None:
             lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | {_fmt(r['rtn'])} | "
                          f"{_fmt(r['lwc'])} | {r['fp']:.3f} |")  # fmt: skip
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", "report")
 
 
 def _headline(report: dict) -> dict:
@@ -431,9 +432,12 @@ def _headline(report: dict) -> dict:
 
 
 def _save_json(report: dict, out: Path) -> None:
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, allow_nan=True) + "\n", "report")
+
+
+def _save_png(fig, path: Path) -> None:
+    """``fig.savefig`` through :func:`mbq_ref.atomic.atomic_write` (the temporary name has no .png: say the format)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "plot")
 
 
 def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: TourSettings | None = None) -> dict:
@@ -453,7 +457,13 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     from .mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, set_slices
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; the tour writes a folder of reports, give a folder path")
+    check_writable(out / "report.json")  # a read-only or full disk fails now, not after the whole run
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out} ({exc.strerror or exc}); choose another --out") from exc
     t_start = time.time()
     torch.manual_seed(0)
     st = settings or TourSettings(quick)

@@ -177,11 +177,14 @@ def test_interrupted_save_keeps_previous_file(quantized, saved, tmp_path, monkey
     if where == "write":
         real = safetensors.torch.save_file
 
+        from safetensors import SafetensorError
+
         def half_then_fail(tensors, filename, metadata=None):
             real(tensors, filename, metadata=metadata)
             with open(filename, "r+b") as f:  # the disk filled up halfway through
                 f.truncate(os.path.getsize(filename) // 2)
-            raise OSError(28, "No space left on device")
+            # what safetensors really raises on a full disk (measured on a 64 KiB tmpfs): not an OSError
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
         monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
     elif where == "fsync":
@@ -337,6 +340,249 @@ def test_every_refusal_is_an_mbq_error():
         assert issubclass(cls, CheckpointError) and issubclass(cls, MBQError)
 
 
+# --- cross-checks: edits with both hashes recomputed (integrity hashes are not signatures) ------
+def _set(path: str, value):
+    """An edit of mbq_meta: set the field at a dotted path (list indices as numbers) to ``value``."""
+
+    def edit(meta):
+        *parents, last = path.split(".")
+        d = meta
+        for p in parents:
+            d = d[int(p)] if isinstance(d, list) else d[p]
+        if isinstance(d, list):
+            d[int(last)] = value
+        else:
+            d[last] = value
+
+    return edit
+
+
+def _slices(bits):
+    def edit(meta):
+        q = meta["quantization"]
+        q["slice_bits"] = bits
+        q["cumulative_bits"] = [sum(bits[: i + 1]) for i in range(len(bits))]
+
+    return edit
+
+
+HEADER_EDITS = {
+    # the issue's case: slices and cumulative bits edited consistently, 8-bit codes unchanged
+    "slices-3333": (_slices([3, 3, 3, 3]), "does not fit 12-bit codes"),
+    "slices-2221": (_slices([2, 2, 2, 1]), "outside 0..127"),
+    "slices-2.5": (_slices([2.5, 2, 2, 1.5]), "slice_bits"),
+    "cumulative-empty": (_set("quantization.cumulative_bits", []), "disagrees with slice_bits"),
+    "cumulative-string": (_set("quantization.cumulative_bits", "2468"), "disagrees with slice_bits"),
+    "cumulative-wrong": (_set("quantization.cumulative_bits", [2, 4, 6, 9]), "disagrees with slice_bits"),
+    "group-0": (_set("quantization.group_size", 0), "group_size must be an integer"),
+    "group-float": (_set("quantization.group_size", 128.0), "group_size must be an integer"),
+    "group-string": (_set("quantization.group_size", "128"), "group_size must be an integer"),
+    "group-7": (_set("quantization.group_size", 7), "does not divide"),
+    "group-64": (_set("quantization.group_size", 64), "scale has shape"),
+    "context-string": (_set("base_model.config.max_position_embeddings", "256"), "max_position_embeddings must be an integer"),
+    "hidden-act": (_set("base_model.config.hidden_act", "no_such_activation"), "hidden_act"),
+    "vocab-1e7": (_set("base_model.config.vocab_size", 10**7), "vocab_size must be an integer"),
+    "vocab-float": (_set("base_model.config.vocab_size", 1e7), "vocab_size must be an integer"),
+    "vocab-257": (_set("base_model.config.vocab_size", 257), "config_sha256 does not match"),
+    "targets-string": (_set("thresholds.targets", "abc"), "list of numbers"),
+    "targets-unsorted": (_set("thresholds.targets", [8.0, 5.0, 2.0]), "strictly increasing"),
+    "targets-nan": (_set("thresholds.targets", [2.0, float("nan"), 8.0]), "finite"),
+    "targets-moved": (_set("thresholds.targets", [2.0, 4.0, 8.0]), "disagree with the metadata"),
+    "layer-shape": (_set("quantization.layers.0.shape", [64, 128]), "codes are"),
+    "layers-empty": (_set("quantization.layers", []), "non-empty list"),
+    "dtype": (_set("base_model.dtype", "load"), "base_model.dtype"),
+    "code-dtype": (_set("quantization.code_dtype", "int32"), "expected uint8"),
+    "router-hidden": (_set("quantization.router_hidden", 3), "router fc1"),
+}
+
+
+@pytest.mark.parametrize("edit,match", list(HEADER_EDITS.values()), ids=list(HEADER_EDITS))
+def test_consistent_header_edits_refused(saved, tmp_path, edit, match):
+    """Fields that disagree with each other or with the tensors are refused even when the hashes were recomputed."""
+    bad = _rewrite_meta(saved, tmp_path / "edited.safetensors", edit, rehash=True)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(bad, with_tokenizer=False)
+
+
+def _rewrite_tensors(src: Path, dst: Path, edit) -> Path:
+    """Edit the tensors and recompute both hashes, as a careful forger would."""
+    from safetensors.torch import load_file, save_file
+
+    from mbq_ref.checkpoint import _meta_sha256
+
+    header, _ = _split(src)
+    md = dict(header["__metadata__"])
+    tensors = load_file(str(src))
+    edit(tensors)
+    meta = json.loads(md["mbq_meta"])
+    meta["payload_sha256"] = payload_sha256(tensors)
+    md["mbq_meta"] = json.dumps(meta)
+    md["meta_sha256"] = _meta_sha256(md["mbq_meta"], md.get("tokenizer", ""))
+    save_file(tensors, str(dst), metadata=md)
+    return dst
+
+
+def _layer0(saved):
+    return json.loads(_split(saved)[0]["__metadata__"]["mbq_meta"])["quantization"]["layers"][0]["name"]
+
+
+def _fill(key, value, index=(0, 0)):
+    def edit(t):
+        t[key] = t[key].clone()
+        t[key][index] = value
+
+    return edit
+
+
+TENSOR_EDITS = {
+    "scale-nan": ("q.{L}.scale", lambda k: _fill(k, float("nan")), "NaN/inf"),
+    "scale-negative": ("q.{L}.scale", lambda k: _fill(k, -1.0), "<= 0"),
+    "zero-fraction": ("q.{L}.zero", lambda k: (lambda t: t.update({k: t[k].float() + 0.5})), "not integers"),
+    "zero-inf": ("q.{L}.zero", lambda k: (lambda t: t.update({k: t[k].float() + float("inf")})), "NaN/inf"),
+    "codes-int32-300": ("q.{L}.codes", lambda k: (lambda t: t.update({k: t[k].int() + 300})), "codes are"),
+    "thresholds-nan": ("thresholds.tau_logit", lambda k: _fill(k, float("nan")), "NaN"),
+    "tau-nan": ("q.{L}.tau_logit", lambda k: (lambda t: t.update({k: torch.tensor(float("nan"), dtype=torch.float64)})), "NaN"),
+    "router-inf": ("q.{L}.router.fc1.weight", lambda k: _fill(k, float("inf")), "NaN/inf"),
+    "embedding-nan": ("fp.model.embed_tokens.weight", lambda k: _fill(k, float("nan")), "NaN/inf"),
+    "extra-tensor": ("extra", lambda k: (lambda t: t.update({"q.extra": torch.zeros(1)})), "unexpected tensors"),
+    "targets-tensor": ("thresholds.targets", lambda k: _fill(k, 3.0, 0), "disagree with the metadata"),
+    "scale-shape": ("q.{L}.scale", lambda k: (lambda t: t.update({k: t[k][:, :1].repeat(1, 2)})), "scale has shape"),
+}
+
+
+@pytest.mark.parametrize("key,make,match", list(TENSOR_EDITS.values()), ids=list(TENSOR_EDITS))
+def test_consistent_tensor_edits_refused(saved, tmp_path, key, make, match):
+    """Tensors rewritten with both hashes recomputed: out-of-domain values are refused, not evaluated."""
+    key = key.replace("{L}", _layer0(saved))
+    bad = _rewrite_tensors(saved, tmp_path / "edited.safetensors", make(key))
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(bad, with_tokenizer=False)
+
+
+def test_plausible_forgery_is_not_detected(saved, tmp_path):
+    """What the hashes cannot do (docs/robustness.md): a forger who recomputes them can change values within
+    their valid domain (here every scale x100) and the file loads. Integrity, not authenticity."""
+    key = f"q.{_layer0(saved)}.scale"
+    forged = _rewrite_tensors(saved, tmp_path / "forged.safetensors", lambda t: t.update({key: t[key] * 100}))
+    ck = load_checkpoint(forged, with_tokenizer=False)
+    assert not torch.equal(_logits(ck.model, _x()), _logits(load_checkpoint(saved, with_tokenizer=False).model, _x()))
+
+
+def _header_metadata(saved, dst: Path, md) -> Path:
+    header, data = _split(saved)
+    header["__metadata__"] = md
+    dst.write_bytes(_join(header, data))
+    return dst
+
+
+@pytest.mark.parametrize("md", [[1, 2], "a string", {"format": FORMAT, "mbq_meta": 5}], ids=["list", "string", "non-string"])
+def test_header_metadata_of_wrong_type_refused(saved, tmp_path, md):
+    bad = _header_metadata(saved, tmp_path / "md.safetensors", md)
+    with pytest.raises(ForeignFileError, match="must map strings to strings"):
+        read_metadata(bad)
+
+
+def test_metadata_not_an_object_refused(saved, tmp_path):
+    from mbq_ref.checkpoint import _meta_sha256
+
+    header, _ = _split(saved)
+    md = dict(header["__metadata__"], mbq_meta="[1, 2]")
+    md["meta_sha256"] = _meta_sha256(md["mbq_meta"], md.get("tokenizer", ""))
+    with pytest.raises(TamperedCheckpointError, match="not an object"):
+        read_metadata(_header_metadata(saved, tmp_path / "list.safetensors", md))
+
+
+def test_lone_surrogate_in_header_refused(saved, tmp_path):
+    header, _ = _split(saved)
+    md = dict(header["__metadata__"])
+    md["mbq_meta"] = md["mbq_meta"].replace('"random-llama"', '"random-llama\ud800"')
+    with pytest.raises(TamperedCheckpointError, match="not valid Unicode"):
+        read_metadata(_header_metadata(saved, tmp_path / "surrogate.safetensors", md))
+
+
+def test_broken_embedded_tokenizer_refused(quantized, tmp_path, tiny_tokenizer):
+    from mbq_ref.checkpoint import _meta_sha256
+
+    good = save_checkpoint(quantized, tmp_path / "tok.safetensors", {"base_model": "random-llama"}, tokenizer=tiny_tokenizer)
+    header, data = _split(good)
+    md = header["__metadata__"]
+    files = json.loads(md["tokenizer"])
+    name = next(n for n in files if n.endswith("tokenizer.json"))
+    files[name] = files[name][: len(files[name]) // 2]  # cut in the middle: not JSON any more
+    md["tokenizer"] = json.dumps(files)
+    md["meta_sha256"] = _meta_sha256(md["mbq_meta"], md["tokenizer"])
+    bad = tmp_path / "badtok.safetensors"
+    bad.write_bytes(_join(header, data))
+    with pytest.raises(TamperedCheckpointError, match="tokenizer does not load"):
+        load_checkpoint(bad)
+
+
+def test_unreadable_file_refused(saved):
+    """A file without read permission: one line, not a PermissionError traceback. Root reads anything,
+    so when run as root the check runs in a forked child that drops to the unprivileged user `nobody`."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mbq-perm-"))  # outside pytest's 0700 folders: `nobody` may enter it
+    try:
+        folder.chmod(0o755)
+        bad = folder / "secret.safetensors"
+        bad.write_bytes(saved.read_bytes())
+        bad.chmod(0)
+        if os.geteuid() != 0:
+            with pytest.raises(CheckpointError, match="cannot read"):
+                read_metadata(bad)
+            return
+        pid = os.fork()
+        if pid == 0:  # child: no pytest machinery, report through the exit status only
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                read_metadata(bad)
+                code = 1  # read although unreadable
+            except CheckpointError as exc:
+                code = 0 if "cannot read" in str(exc) and "chmod" in str(exc) else 2
+            except BaseException:
+                code = 4
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "child: 1 = read anyway, 2 = wrong message, 4 = other exception"
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_symlink_loop_refused(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(CheckpointError, match="symbolic link loop"):
+        load_checkpoint(a)
+
+
+def test_full_disk_save_is_a_clear_error(quantized, saved):
+    """A real full filesystem: safetensors raises SafetensorError (not OSError); it becomes a CheckpointError."""
+    from helpers import small_mount
+
+    from mbq_ref.checkpoint import CheckpointWriteError
+
+    with small_mount(size=256 * 1024) as mnt:
+        target = mnt / "m.safetensors"
+        with pytest.raises(CheckpointWriteError, match="disk is full"):
+            save_checkpoint(quantized, target, {"base_model": "x"})
+        assert sorted(p.name for p in mnt.iterdir()) == [], "temporary file left behind"
+
+
+def test_read_only_save_is_a_clear_error(quantized):
+    from helpers import small_mount
+
+    with small_mount(ro=True) as mnt:
+        for target in (mnt / "m.safetensors", mnt / "new" / "m.safetensors"):
+            with pytest.raises(CheckpointError, match="read-only"):
+                save_checkpoint(quantized, target)
+
+
 # --- static per-bit checkpoints (the baseline) ----------------------------------------------------
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_bits_roundtrip(bits):
@@ -387,3 +633,122 @@ def test_static_file_is_smaller_per_width(saved, tmp_path, quantized):
     with safe_open(str(saved), "pt") as f:
         mobi_codes = sum(f.get_tensor(k).numel() for k in f.keys() if k.endswith(".codes"))
     assert static_codes * 4 == mobi_codes
+
+
+# --- fuzzing the header: a load gives the original model or a CheckpointError, nothing else ------
+def _leaves(obj, prefix=()):
+    """Every field path of a JSON value (dict keys and list indices), containers included."""
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _leaves(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:4]):
+            out += _leaves(v, (*prefix, i))
+    return out
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from([0, 1, 2, 3, 7, 8, 64, 128, 256, 10**7])
+        | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8) | st.sampled_from(["2468", "abc", "silu", "F16", "\ud800"])
+    )  # fmt: skip
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6)
+
+
+def _edit_at(obj, path, value, delete):
+    *parents, last = path
+    for p in parents:
+        obj = obj[p]
+    if delete:
+        del obj[last]
+    else:
+        obj[last] = value
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(saved, quantized):
+    header, data = _split(saved)
+    meta = json.loads(header["__metadata__"]["mbq_meta"])
+    orig = load_checkpoint(saved, with_tokenizer=False)
+    paths = [("meta", *p) for p in _leaves(meta)] + [("index", *p) for p in _leaves({k: v for k, v in header.items() if k != "__metadata__"})]
+    paths += [("header", k) for k in header["__metadata__"]]
+    return header, data, meta, orig, _logits(orig.model, _x()), paths
+
+
+def test_fuzzed_header_loads_the_original_or_is_refused(fuzz_base, tmp_path_factory):
+    """Property: whatever single header field is replaced (by any JSON value) or deleted, with the metadata
+    hash recomputed, loading either raises a CheckpointError or gives a model that computes exactly what the
+    original computes, with the same quantization settings, config and threshold table."""
+    import copy
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mbq_ref.checkpoint import _config_dict, _meta_sha256
+
+    header, data, meta, orig, want_logits, paths = fuzz_base
+    folder = tmp_path_factory.mktemp("fuzz")
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(path=st.sampled_from(paths), value=_json_values(), delete=st.booleans())
+    def check(path, value, delete):
+        h, m = copy.deepcopy(header), copy.deepcopy(meta)
+        kind, *rest = path
+        if kind == "meta":
+            _edit_at(m, rest, value, delete)
+        elif kind == "index":
+            _edit_at(h, rest, value, delete)
+        else:
+            _edit_at(h["__metadata__"], rest, value if isinstance(value, str) else json.dumps(value), delete)
+        md = h.get("__metadata__")
+        if kind == "meta":
+            md["mbq_meta"] = json.dumps(m)
+        if kind != "header" or rest[0] != "meta_sha256":
+            md["meta_sha256"] = _meta_sha256(md.get("mbq_meta", ""), md.get("tokenizer", ""))
+        f = folder / "fuzzed.safetensors"
+        try:
+            f.write_bytes(_join(h, data))
+        except (TypeError, ValueError, UnicodeEncodeError):
+            return  # not representable as a file (e.g. a lone surrogate key json.dumps refuses)
+        try:
+            got = load_checkpoint(f, with_tokenizer=False)
+        except CheckpointError:
+            return
+        assert torch.equal(_logits(got.model, _x()), want_logits), f"{path} -> {value!r}: different model accepted"
+        for key in ("quantization",):
+            assert got.meta[key] == orig.meta[key], f"{path} -> {value!r}"
+        # keys that say how the model was loaded (not what it computes) are outside the config hash
+        assert _config_dict(got.meta["base_model"]["config"]) == _config_dict(orig.meta["base_model"]["config"]), f"{path} -> {value!r}"
+        assert torch.equal(got.table.targets, orig.table.targets) and torch.equal(got.table.tau_logit, orig.table.tau_logit)
+
+    check()
+
+
+def test_sigterm_during_save_leaves_no_temporary_file(quantized, saved, tmp_path, monkeypatch):
+    """A real SIGTERM half-way through writing the tensors: the previous file stays, the temporary file goes."""
+    import signal
+
+    import safetensors.torch
+
+    from mbq_ref.atomic import Terminated, terminate_as_interrupt
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(saved.read_bytes())
+    before = path.read_bytes()
+    real = safetensors.torch.save_file
+
+    def half_then_killed(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_killed)
+    with pytest.raises(Terminated), terminate_as_interrupt():
+        save_checkpoint(quantized, path, {"base_model": "changed"})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and _leftovers(tmp_path, path) == []

@@ -198,9 +198,10 @@ def test_quantize_bad_inputs(capsys, tmp_path, monkeypatch):
 
 
 def test_bench_without_gpu_exits_2(capsys):
-    code = main(["bench"])
-    assert code == 2
-    assert "no real GPU" in capsys.readouterr().out
+    """The error goes to stderr as one line (stdout stays clean for results)."""
+    code, out, err = _run(capsys, "bench")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("mbq bench: error: no CUDA GPU") and "--sim" in err
 
 
 def test_parser_has_documented_commands():
@@ -223,3 +224,134 @@ def test_internal_failure_exits_1():
     code = "import sys; from mbq_ref import cli; cli._cmd_info = lambda a: 1 / 0; sys.exit(cli.main(['info', 'x']))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1 and "ZeroDivisionError" in r.stderr
+
+
+# --- issue 13: everything a careful user or a hostile file tried ----------------------------------
+def _edited_copy(src, dst, edit):
+    """A copy of checkpoint ``src`` with its metadata edited and the metadata hash recomputed."""
+    import struct
+
+    from mbq_ref.checkpoint import _meta_sha256
+
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    md = header["__metadata__"]
+    meta = json.loads(md["mbq_meta"])
+    edit(meta)
+    md["mbq_meta"] = json.dumps(meta)
+    md["meta_sha256"] = _meta_sha256(md["mbq_meta"], md.get("tokenizer", ""))
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    dst.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :])
+    return dst
+
+
+def test_edited_slices_with_recomputed_hash_refused(capsys, ckpt, tmp_path):
+    """The issue's case: slice_bits 3,3,3,3 and cumulative 3..12 with the self-hash recomputed was evaluated."""
+
+    def edit(meta):
+        meta["quantization"]["slice_bits"] = [3, 3, 3, 3]
+        meta["quantization"]["cumulative_bits"] = [3, 6, 9, 12]
+
+    bad = _edited_copy(ckpt, tmp_path / "edited.safetensors", edit)
+    for cmd in (["eval", bad, "--bits", "12", "--max-windows", "1", "--seqlen", "64"], ["info", bad]):
+        _one_line_error(capsys, *cmd, match="does not fit 12-bit codes")
+
+
+def test_string_context_length_refused(capsys, ckpt, tmp_path):
+    bad = _edited_copy(ckpt, tmp_path / "ctx.safetensors", lambda m: m["base_model"]["config"].update(max_position_embeddings="256"))
+    _one_line_error(capsys, "eval", bad, "--bits", "3", match="max_position_embeddings must be an integer")
+
+
+def test_symlink_loop_is_named(capsys, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    _one_line_error(capsys, "info", a, match="symbolic link loop")
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["eval", "{ckpt}"], "the following arguments are required: --bits"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--nsamples", "many"], "--nsamples"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--seed", str(2**70)], "--seed"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "1e-9"], "--table-step"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "nan"], "--table-step"),
+        (["generate", "{ckpt}", "--prompt", "x", "--seed", str(2**70)], "--seed"),
+        (["generate", "{ckpt}", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+        (["generate", "{ckpt}", "--prompt", "x", "--temperature", "nan"], "--temperature"),
+        (["generate", "{ckpt}", "--prompt", "x", "--top-k", "-1"], "--top-k"),
+        (["eval", "{ckpt}", "--bits", "3", "--seqlen", "1"], "--seqlen"),
+        (["frobnicate"], "invalid choice"),
+    ],
+    ids=["missing", "not-int", "seed-quantize", "table-step-tiny", "table-step-nan", "seed-generate",
+         "temperature-negative", "temperature-nan", "top-k-negative", "seqlen-1", "unknown-command"],
+)  # fmt: skip
+def test_argument_errors_are_one_line(capsys, ckpt, argv, match):
+    """argparse errors: one line on stderr, exit 2, no usage block; each bound is checked before any work."""
+    argv = [a.replace("{ckpt}", str(ckpt)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mbq") and ": error: " in lines[0] and match in lines[0], err
+    assert "usage:" not in err
+
+
+def test_non_utf8_prompt_is_a_clear_error(capsys, ckpt):
+    """Bytes that are not UTF-8 reach sys.argv as lone surrogates (PEP 383)."""
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")
+    _one_line_error(capsys, "generate", ckpt, "--prompt", prompt, match="not valid UTF-8")
+
+
+def test_one_token_prompt_gives_valid_json(capsys, ckpt, tiny_tokenizer):
+    prompt = next(w for w in ("the", "a", "I", "x") if len(tiny_tokenizer(w)["input_ids"]) == 1)
+
+    def no_nan(const):
+        raise AssertionError(f"invalid JSON constant {const}")
+
+    code, out, _ = _run(capsys, "generate", ckpt, "--prompt", prompt, "--max-new-tokens", "2", "--json", "--no-progress")
+    assert code == 0
+    res = json.loads(out, parse_constant=no_nan)
+    assert res["prompt_tokens"] == 1 and res["prompt_bits"] is None
+    code, out, _ = _run(capsys, "generate", ckpt, "--prompt", prompt, "--max-new-tokens", "2", "--no-progress")
+    assert code == 0 and "nan" not in out.lower().split("---")[0] and "no prefill pass" in out
+
+
+def _no_calibration(monkeypatch):
+    import mbq_ref.tour
+
+    def fail(*a, **k):
+        raise AssertionError("calibration started although the output cannot be written")
+
+    monkeypatch.setattr(mbq_ref.tour, "quantize_and_table", fail)
+
+
+def test_quantize_checks_the_output_before_calibrating(capsys, tmp_path, monkeypatch):
+    """A file in the way, a read-only filesystem (also for a new folder there), a full disk: exit 2 before calibrating."""
+    from helpers import small_mount
+
+    _no_calibration(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    base = ["--model", "tiny-llama", "--no-progress", *QUICK]
+    _one_line_error(capsys, "quantize", "--out", tmp_path / "afile" / "m.safetensors", *base, match="is a file")
+    with small_mount(ro=True) as mnt:
+        for out in (mnt / "m.safetensors", mnt / "new" / "m.safetensors"):
+            _one_line_error(capsys, "quantize", "--out", out, *base, match="read-only")
+    with small_mount(size=64 * 1024) as mnt:
+        _one_line_error(capsys, "quantize", "--out", mnt / "m.safetensors", *base, match="MiB free")
+        assert list(mnt.iterdir()) == []
+
+
+def test_sigterm_exits_143_like_an_interrupt(capsys, monkeypatch):
+    import os
+    import signal
+
+    from mbq_ref import cli
+
+    monkeypatch.setattr(cli, "_cmd_info", lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    code, _, err = _run(capsys, "info", "x")
+    assert code == 143 and err.strip() == "terminated"

@@ -226,3 +226,22 @@ def test_set_sliced_serves_given_codes():
     other = MoBiLinear(nn.Linear(K, 2 * N), group_size=G, name="wide")
     with pytest.raises(MoBiError, match="does not fit layer 'wide'"):
         other.set_sliced(src.sliced)
+
+
+def test_bf16_forward_keeps_the_float32_slices():
+    """A bfloat16 call (even one that fails on the bias dtype) must not replace the cached float32 readings."""
+    layer, _ = _layer()
+    x = _x()
+    layer.fixed_k = 4
+    with torch.no_grad():
+        before = layer(x)
+        try:
+            layer(x.to(torch.bfloat16))  # the float32 bias makes this raise; it must leave no trace
+        except RuntimeError:
+            pass
+        layer.bias = None
+        layer(x.to(torch.bfloat16))  # a bf16 call that succeeds
+        layer.bias = _layer()[0].bias
+        after = layer(x)
+    assert torch.equal(before, after)
+    assert all(d.dtype != torch.bfloat16 for d in layer._deltas)

@@ -191,6 +191,16 @@ def test_bad_slice_bits(bad, match):
         SlicedWeight.from_float(torch.randn(2, 8), bad, 8)
 
 
+@pytest.mark.parametrize("bad", [(2.7, 2, 2, 2), (1.99,), (True, 2), ("2", 2), 5], ids=["2.7", "1.99", "bool", "str", "int"])
+def test_fractional_slice_bits_refused(bad):
+    """Non-integers were truncated (2.7 -> 2, 1.99 -> 1); now refused. A whole float (2.0) is still accepted."""
+    from mbq_ref.mobislice import check_slice_bits
+
+    with pytest.raises(SliceError, match="whole number|sequence"):
+        check_slice_bits(bad)
+    assert check_slice_bits((2.0, 2)) == (2, 2)
+
+
 def test_bad_shapes_and_values():
     with pytest.raises(SliceError, match="does not divide"):
         SlicedWeight.from_float(torch.randn(2, 12), (2, 2), 8)

@@ -67,3 +67,10 @@ def test_readme_quotes_the_measured_reference():
     readme = (model_dir().parent.parent / "README.md").read_text()
     for name, r in ref["ppl"].items():
         assert f"| `{name}` | {r['tokens']:,} | {r['windows']} | {r['ppl']:.2f} |" in readme
+
+
+@pytest.mark.parametrize("seqlen", [1, 0, 2.5])
+def test_seqlen_below_two_is_refused(seqlen):
+    """A window of one token predicts nothing (was a misleading FloatingPointError)."""
+    with pytest.raises(EvalError, match="seqlen must be an integer >= 2"):
+        perplexity(_Uniform(8), torch.randint(0, 8, (100,)), seqlen=seqlen, progress=False)

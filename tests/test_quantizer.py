@@ -190,3 +190,14 @@ def test_clip_rejects_other_shapes():
     clip = LearnableClip(4, 32, 16)
     with pytest.raises(QuantError, match="built for"):
         clip(torch.randn(4, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_weights_raise_instead_of_returning_inf(dtype):
+    """Weights near +-3e38: the group range overflows float32, which must be an error, not a non-finite result."""
+    w = torch.randn(4, 128, dtype=dtype)
+    w[0, 0], w[0, 1] = 3e38, -3e38
+    with pytest.raises(QuantError, match="too large"):
+        rtn(w, 4, 128, name="blk.up_proj")
+    w[0, 0], w[0, 1] = 1.5e38, -1.5e38  # still representable: quantized, and finite
+    assert torch.isfinite(rtn(w, 4, 128)).all()

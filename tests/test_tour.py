@@ -123,3 +123,45 @@ def test_threshold_table_is_monotone_and_exact_at_the_ends():
     # an untrained router scores all 64 tokens alike, so the curve jumps in big steps;
     # each target still gets the closest measured point
     assert all(2.0 <= a <= 8.0 for a in achieved)
+
+
+def test_report_writes_are_atomic_on_a_full_disk(tmp_path):
+    """report.json, report.md and the plots go through atomic writes: on a real full filesystem each is a
+    one-line OutputError, the previous file stays and no temporary file (e.g. report.json.tmp) is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from helpers import small_mount
+
+    from mbq_ref import tour as t
+    from mbq_ref.atomic import OutputError
+
+    report = {
+        "meta": {"timestamp": "now", "machine": "test", "wall_seconds": 0},
+        "setup": {},
+        "fp": {"austen": {"ppl": 1.0, "windows": 1}},
+        "padding": "x" * (256 * 1024),  # bigger than the filesystem
+    }
+    with small_mount(size=64 * 1024) as mnt:
+        for name in ("report.json", "report.md", "plot.png"):
+            (mnt / name).write_text("previous\n")
+        with pytest.raises(OutputError, match="disk is full"):
+            t._save_json(report, mnt)
+        fig, ax = plt.subplots(figsize=(40, 40))
+        ax.imshow(torch.rand(800, 800).numpy())  # a PNG far over 64 KiB
+        with pytest.raises(OutputError, match="disk is full"):
+            t._save_png(fig, mnt / "plot.png")
+        plt.close(fig)
+        t._write_markdown({**report, "fp": {f"d{i}": {"ppl": 1.0, "windows": 1} for i in range(1)}}, mnt / "report.md")
+        assert (mnt / "report.md").read_text().startswith("# mbq tour report")  # small: fits, replaced atomically
+        assert sorted(p.name for p in mnt.iterdir()) == ["plot.png", "report.json", "report.md"]
+        assert (mnt / "report.json").read_text() == "previous\n" and (mnt / "plot.png").read_text() == "previous\n"
+
+
+def test_tour_output_checked_first(tmp_path):
+    from mbq_ref.atomic import OutputError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        run_tour(tmp_path / "afile", progress=False, settings=TourSettings(**MICRO))
