@@ -204,9 +204,10 @@ def sensitivity_report(
         model: full-precision model (RTN at each ``b``) or a quantized one (its clip range).
         ids: ``[B, T]`` token ids; tokens are pooled to ``B*T``.
     """
-    check_group_size(model, group_size)
-    inputs = capture_linear_inputs(model, ids)
     mods = quantizable_linears(model)
+    if not all(isinstance(m, QuantLinear) for m in mods.values()):  # RTN at group_size on plain layers
+        check_group_size(model, group_size)
+    inputs = capture_linear_inputs(model, ids)
     errs = [token_errors(inputs[n], mods[n], bits, group_size) for n in inputs]
     return SensitivityReport(
         list(inputs), tuple(bits), torch.stack([e.abs for e in errs]), torch.stack([e.rel for e in errs]), frac

@@ -123,3 +123,15 @@ def test_cli_quantize_refuses_a_group_size_in_one_line(tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("mbq quantize: error: group_size 128 does not divide") and "64" in err[0]
     assert not out.exists()
+
+
+def test_sensitivity_report_at_group_64(one_thread):
+    from mbq_ref.sensitivity import sensitivity_report
+
+    model = smol_like()
+    with pytest.raises(QuantError, match="group_size 128"):
+        sensitivity_report(model, _ids(1, 16))
+    rep = sensitivity_report(model, _ids(1, 16), group_size=G)
+    assert len(rep.layers) == 7
+    # a model quantized at group 64 carries its own grid: the group_size argument is not used
+    assert len(sensitivity_report(quantize_model(model, 4, G), _ids(1, 16)).layers) == 7
