@@ -13,8 +13,10 @@ tokenizer), :func:`mbq_ref.fakequant.quantize_model` (RTN, min/max per group of
 over the first window). About 5 minutes on 2 CPU cores once the model is cached.
 
 The Q4_1 section quantifies the caveat of :mod:`mbq_ref.zoo.real`: the "FP"
-weights are 16-level grids per 32 inputs, so 4-bit RTN on exactly those
-32-blocks is near-lossless by construction, while group 64 is not.
+weights are 16-level grids per 32 inputs, so a 4-bit quantizer with a float
+minimum on exactly those 32-blocks is lossless by construction; it shows how far
+this project's quantizers (integer zero point; MoBiSlice's floor-aligned grid)
+and group 64 are from that case.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from mbq_ref.data import load_corpus, tokenize_corpus
 from mbq_ref.fakequant import check_group_size, quantizable_linears, quantize_model
+from mbq_ref.mobislice import SlicedWeight
 from mbq_ref.perplexity import perplexity
 from mbq_ref.quantizer import rtn
 from mbq_ref.sensitivity import capture_linear_inputs
@@ -57,10 +60,29 @@ def massive_activations(model, window: torch.Tensor) -> list[dict]:
     return rows
 
 
+def _float_min_4bit(w: torch.Tensor, g: int) -> torch.Tensor:
+    # Q4_1's own rule (float minimum, no integer zero point): not one of this project's
+    # quantizers, only the yardstick for "a 4-bit grid aligned on the Q4_1 blocks"
+    wg = w.double().reshape(w.shape[0], -1, g)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    s = ((hi - lo) / 15).clamp(min=1e-12)
+    return (((wg - lo) / s).round().clamp(0, 15) * s + lo).reshape(w.shape)
+
+
 def q4_1_structure(model) -> dict:
-    """How the Q4_1 origin of the weights shows: distinct values per 32-block, and RTN-4 error at group 32 vs 64."""
+    """How the Q4_1 origin of the weights shows: distinct values per 32-block, 4-bit weight errors at group 32 and 64.
+
+    ``rel_weight_error[method][g]`` = ``||W - Ŵ||_F / ||W||_F`` pooled over all 210
+    projections, for this project's RTN (integer zero point), MoBiSlice read at 4
+    bits (two 2-bit slices, floor-aligned grid) and Q4_1's float-minimum rule.
+    """
     blocks_le16 = blocks = 0
-    err = {32: 0.0, 64: 0.0}
+    methods = {
+        "rtn_int_zero": lambda w, g: rtn(w, 4, g),
+        "mobislice_2+2": lambda w, g: SlicedWeight.from_float(w, (2, 2, 2, 2), g).dequant(2),
+        "float_min_q4_1_rule": _float_min_4bit,
+    }
+    err = {m: {32: 0.0, 64: 0.0} for m in methods}
     norm = 0.0
     for w in (m.weight.detach() for m in quantizable_linears(model).values()):
         b = w.reshape(-1, 32)
@@ -69,12 +91,13 @@ def q4_1_structure(model) -> dict:
         blocks_le16 += int((distinct <= 16).sum())
         blocks += b.shape[0]
         norm += float(w.double().pow(2).sum())
-        for g in err:
-            err[g] += float((w.double() - rtn(w, 4, g).double()).pow(2).sum())
+        for m, f in methods.items():
+            for g in err[m]:
+                err[m][g] += float((w.double() - f(w, g).double()).pow(2).sum())
     return {
         "blocks_of_32": blocks,
         "share_with_at_most_16_values": blocks_le16 / blocks,
-        "rtn4_rel_weight_error": {str(g): (e / norm) ** 0.5 for g, e in err.items()},
+        "rel_weight_error_4bit": {m: {str(g): (e / norm) ** 0.5 for g, e in d.items()} for m, d in err.items()},
     }
 
 
@@ -121,7 +144,9 @@ def main(argv=None) -> int:
     print(f"  RTN 4 bits, group 32 (= the Q4_1 blocks): ppl {p:.2f} ({100 * (p / fp - 1):+.1f} %)")
     q = res["q4_1"]
     print(f"Q4_1: {100 * q['share_with_at_most_16_values']:.2f} % of {q['blocks_of_32']:,} 32-blocks hold <= 16 values; "
-          f"RTN-4 relative weight error g32 {q['rtn4_rel_weight_error']['32']:.4f}, g64 {q['rtn4_rel_weight_error']['64']:.4f}")
+          "4-bit relative weight error ||W - W_hat|| / ||W||:")
+    for m, e in q["rel_weight_error_4bit"].items():
+        print(f"  {m:20s} group 32 {e['32']:.4f}   group 64 {e['64']:.4f}")
     ratios = [r["ratio"] for r in res["massive_activations"]]
     print(f"down_proj input max|x|/median|x| over window 0: {min(ratios):.0f} .. {max(ratios):.0f}")
     for r in res["massive_activations"]:
