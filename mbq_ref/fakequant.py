@@ -26,17 +26,21 @@ quantized; embeddings and ``lm_head`` stay full precision, as in the paper.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizer import LearnableClip, QuantError, check_bits, check_weight, fake_quant, group_minmax
+from .quantizer import (
+    LearnableClip, QuantError, check_bits, check_weight, fake_quant, group_minmax, resolve_group_size,
+)
 
 __all__ = [
     "PROJECTIONS",
     "QuantLinear",
+    "check_group_size",
     "decoder_layers",
     "quantizable_linears",
     "quantize_model",
@@ -195,6 +199,44 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def check_group_size(model: nn.Module, group_size: int | None) -> int | None:
+    """Check, before any quantization or calibration starts, that ``group_size`` divides every projection's input.
+
+    A Llama-family model has two input dimensions: the hidden size (q/k/v/o,
+    gate/up) and the FFN size (down). The paper's group 128 fits LLaMA (4096,
+    11008 = 86 x 128) but not every model: SmolLM2-135M has hidden 576 = 4.5 x 128
+    and runs with group 64. The packed CUDA kernels also need groups of whole
+    32-bit words (:func:`cuda_numba.packing.check_groups`), so the suggested
+    sizes are the multiples of 32 that divide every input dimension.
+
+    Args:
+        model: HF Llama-family causal LM (full precision or already swapped).
+        group_size: ``g``, or ``None``/``-1`` for per-channel (always fits).
+    Returns:
+        ``group_size`` unchanged.
+    Raises:
+        QuantError: one line naming the first projection that does not fit, how many
+            do not, and the group sizes that fit every projection.
+    """
+    dims = {name: int(mod.in_features) for name, mod in quantizable_linears(model).items()}
+    if group_size is None or group_size == -1:
+        return group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        resolve_group_size(1, group_size)  # raises the one message for a value that is no group size
+    bad = [name for name, k in dims.items() if k % group_size]
+    if bad:
+        ks = sorted(set(dims.values()))
+        common = math.gcd(*ks)
+        fits = [g for g in range(32, common + 1, 32) if common % g == 0]
+        hint = f"use one of {', '.join(map(str, fits))} or" if fits else "no multiple of 32 fits; use"
+        raise QuantError(
+            f"group_size {group_size} does not divide the input dimension {dims[bad[0]]} of {bad[0]!r} "
+            f"({len(bad)} of {len(dims)} projections; input dims {', '.join(map(str, ks))}): "
+            f"{hint} group_size=None (per-channel)"
+        )
+    return group_size
+
+
 def quantize_model(
     model: nn.Module,
     bits: int = 4,
@@ -210,6 +252,7 @@ def quantize_model(
     Returns:
         the same ``model`` (now fake-quantized; ``lm_head`` and embeddings untouched).
     """
+    check_group_size(model, group_size)  # before any layer is swapped: all or nothing
     for name, mod in quantizable_linears(model).items():
         if isinstance(mod, QuantLinear):
             raise QuantError(f"{name} is already quantized; load a fresh full-precision model")

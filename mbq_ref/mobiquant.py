@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .calibrate import CalibConfig, calibrate_blocks
-from .fakequant import quantizable_linears
+from .fakequant import check_group_size, quantizable_linears
 from .mobilinear import STAGES, MoBiError, MoBiLinear
 from .mobiroute import BitStats, logit_to_tau, threshold_for_bits
 from .mobislice import cumulative_bits
@@ -130,6 +130,7 @@ def quantize_mobiquant(
         ``seconds`` and ``config``. The model is left routing at ``cfg.tau``.
     """
     cfg = cfg or MoBiConfig.paper()
+    check_group_size(model, cfg.group_size)  # before any layer is swapped or calibrated
     t0 = time.perf_counter()
     calib = replace(cfg.calib, lrs={**cfg.calib.lrs, "router": cfg.router_lr})
     steps = calib.epochs * math.ceil(len(calib_ids) / calib.batch_size)  # optimizer steps per block and stage

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .calibrate import CalibConfig, CalibLog, calibrate_static
-from .fakequant import QuantLinear, quantizable_linears, quantize_model, set_bits, set_token_bits
+from .fakequant import QuantLinear, check_group_size, quantizable_linears, quantize_model, set_bits, set_token_bits
 from .perplexity import perplexity
 from .quantizer import QuantError, rtn
 
@@ -204,8 +204,10 @@ def sensitivity_report(
         model: full-precision model (RTN at each ``b``) or a quantized one (its clip range).
         ids: ``[B, T]`` token ids; tokens are pooled to ``B*T``.
     """
-    inputs = capture_linear_inputs(model, ids)
     mods = quantizable_linears(model)
+    if not all(isinstance(m, QuantLinear) for m in mods.values()):  # RTN at group_size on plain layers
+        check_group_size(model, group_size)
+    inputs = capture_linear_inputs(model, ids)
     errs = [token_errors(inputs[n], mods[n], bits, group_size) for n in inputs]
     return SensitivityReport(
         list(inputs), tuple(bits), torch.stack([e.abs for e in errs]), torch.stack([e.rel for e in errs]), frac
@@ -299,6 +301,7 @@ def mismatch_matrix(
     def ppl(m):
         return perplexity(m, eval_ids, seqlen, max_windows, batch_size, progress=False)
 
+    check_group_size(model, group_size)  # before the first (long) evaluation
     fp = ppl(model).ppl
     rtn_runs = [ppl(quantize_model(copy.deepcopy(model), b, group_size, method="rtn")) for b in eval_bits]
     table = torch.zeros(len(calib_bits), len(eval_bits))

