@@ -96,7 +96,8 @@ def _cmd_quantize(args) -> int:
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .mobiquant import MoBiConfig
-    from .tour import quantize_and_table, table_targets
+    from .mobiquant import table_targets
+    from .tour import quantize_and_table
     from .zoo import load_model
 
     out = Path(args.out)
@@ -247,6 +248,10 @@ def _cmd_info(args) -> int:
     targets = meta["thresholds"]["targets"]
     if targets:
         print(f"threshold table: {len(targets)} targets, {targets[0]:g}..{targets[-1]:g} bits")
+    res = meta.get("results", {})
+    if "avg_bits_trained" in res and "train_bits" in res:
+        print(f"router: {res['avg_bits_trained']:.3f} bits at the trained threshold on the calibration windows "
+              f"(train_bits {res['train_bits']:g}), surrogate saturation {res.get('surrogate_saturation', float('nan')):.3f}")
     for k, v in meta.get("results", {}).items():
         if not isinstance(v, (dict, list)):
             print(f"  {k}: {v}")

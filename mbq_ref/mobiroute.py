@@ -64,11 +64,14 @@ __all__ = [
     "RouteError",
     "budget_loss",
     "counts_to_bits",
+    "dual_step",
     "logit_to_tau",
     "mask_bits",
     "nested_masks",
     "slice_counts",
+    "soft_masks",
     "ste_masks",
+    "surrogate_saturation",
     "tau_to_logit",
     "threshold_for_bits",
     "warmup_weight",
@@ -109,12 +112,17 @@ class MoBiRouter(nn.Module):
         hidden: hidden width (paper: not recovered; 64 by default).
         init_bias: initial ``b_2``; positive = every slice starts on (``σ(1) ≈ 0.73``),
             the budget loss then switches off the tokens that need them least.
+        score_bound: ``S`` of the bounded score ``r = S tanh(raw / S)`` (``inf`` = raw scores).
     """
 
-    def __init__(self, in_features: int, num_scores: int, hidden: int = 64, init_bias: float = 1.0):
+    def __init__(
+        self, in_features: int, num_scores: int, hidden: int = 64, init_bias: float = 1.0, score_bound: float = 4.0
+    ):
         super().__init__()
         if num_scores < 1 or hidden < 1:
             raise RouteError(f"router needs num_scores >= 1 and hidden >= 1, got {num_scores}, {hidden}")
+        if not score_bound > 0:
+            raise RouteError(f"router score bound must be > 0 (inf = unbounded), got {score_bound}")
         self.fc1 = nn.Linear(in_features, hidden)
         self.act = nn.SiLU()
         self.fc2 = nn.Linear(hidden, num_scores)
@@ -124,17 +132,49 @@ class MoBiRouter(nn.Module):
         nn.init.constant_(self.fc2.bias, float(init_bias))
         # c: constant input scale (0 = not measured yet; see set_input_scale)
         self.register_buffer("in_scale", torch.zeros(()))
+        # S: scores live in (-S, S) (saved with the router, so a checkpoint routes as trained)
+        self.register_buffer("score_bound", torch.tensor(float(score_bound)))
 
     @torch.no_grad()
     def set_input_scale(self, x: torch.Tensor) -> None:
         """Fix ``c`` = RMS of ``x`` ``[T, K]`` (called once, on the first calibration batch)."""
         self.in_scale.fill_(float(x.float().pow(2).mean().sqrt().clamp_min(1e-6)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores ``r`` ``[..., E-1]`` (float32) for inputs ``x`` ``[..., K]``."""
+    def raw_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP output before the bound, ``[..., E-1]``."""
         c = self.in_scale if self.in_scale > 0 else self.in_scale.new_ones(())
         h = self.act(self.fc1(x.float() / c))  # [..., hidden]
         return self.fc2(h)  # [..., E-1]
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, tau_logit: float, slice_bits, target_bits: float, spread: float) -> None:
+        """Data-dependent start of the joint stage: scores spread over the surrogate, on budget at ``τ``.
+
+        With the random init every token gets nearly the same score, so one budget step
+        flips all tokens at once (8 bits -> 2 bits) and leaves them deep in the flat
+        tails of the surrogate. Here ``fc2`` is rescaled so each raw score has standard
+        deviation ``spread`` over the tokens of ``x`` ``[T, K]``, and its bias shifted so the
+        hard nested masks at ``logit(τ)`` give ``target_bits`` on them (the bound is
+        monotone, so the shift is done on raw scores, exactly). The ranking of tokens
+        is still random; the reconstruction loss learns it.
+        """
+        raw = self.raw_scores(x).reshape(-1, self.fc2.out_features)  # [T, E-1]
+        gain = spread / raw.std(0).clamp_min(1e-6)  # [E-1]
+        self.fc2.weight.mul_(gain[:, None])
+        self.fc2.bias.copy_((self.fc2.bias - raw.mean(0)) * gain)  # mean 0, std `spread` per slice
+        s = float(self.score_bound)
+        u = tau_logit if not math.isfinite(s) else s * math.atanh(max(min(tau_logit / s, 1 - 1e-7), -1 + 1e-7))
+        u_star = threshold_for_bits(self.raw_scores(x).reshape(-1, self.fc2.out_features), slice_bits, target_bits)
+        if math.isfinite(u_star):
+            self.fc2.bias.add_(u - u_star)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores ``r = S tanh(raw / S)`` ``[..., E-1]`` (float32) for inputs ``x`` ``[..., K]``."""
+        raw = self.raw_scores(x)
+        s = self.score_bound
+        # bounded score: identity near 0, never beyond ±S, so the surrogate σ((r - u)/T)
+        # keeps a gradient for every token (|r - u| <= S + |u|); S = inf = unbounded
+        return raw if not torch.isfinite(s) else s * torch.tanh(raw / s)
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -161,11 +201,45 @@ def slice_counts(logits: torch.Tensor, tau_logit: float) -> torch.Tensor:
     return 1 + nested_masks(logits, tau_logit).sum(-1)
 
 
-def ste_masks(logits: torch.Tensor, tau_logit: float) -> torch.Tensor:
-    """Straight-through nested masks: hard forward, soft ``Π_{j<=e} σ(r_j)`` gradient; float ``[..., E-1]``."""
+def soft_masks(logits: torch.Tensor, tau_logit: float, temperature: float = 1.0) -> torch.Tensor:
+    """Soft nested masks ``p_e = Π_{j<=e} σ((r_j - u) / T)``, centred on the threshold ``u``; ``[..., E-1]``."""
+    _check_logits(logits)
+    if not temperature > 0:
+        raise RouteError(f"surrogate temperature must be > 0, got {temperature}")
+    if not math.isfinite(tau_logit):
+        raise RouteError(f"the surrogate needs a finite threshold logit, got {tau_logit}")
+    return torch.sigmoid((logits - tau_logit) / temperature).cumprod(dim=-1)
+
+
+def ste_masks(logits: torch.Tensor, tau_logit: float, temperature: float = 1.0) -> torch.Tensor:
+    """Straight-through nested masks: hard forward, gradient of :func:`soft_masks` backward; float ``[..., E-1]``.
+
+    The soft mask is centred on the same ``u = logit(τ)`` as the hard one, so the
+    gradient is largest for the tokens the threshold is about to flip.
+    """
     hard = nested_masks(logits, tau_logit).to(logits.dtype)
-    soft = torch.sigmoid(logits).cumprod(dim=-1)  # p_e = Π_{j<=e} g_j
+    soft = soft_masks(logits, tau_logit, temperature)
     return hard + soft - soft.detach()
+
+
+@torch.no_grad()
+def surrogate_saturation(
+    logits: torch.Tensor, tau_logit: float, temperature: float = 1.0, score_bound: float = math.inf, rel: float = 1e-3
+) -> float:
+    """Share of scores whose surrogate gradient is below ``rel`` x its peak (0 = every score can still learn).
+
+    The gradient of ``σ((r - u)/T)`` with respect to the router's raw output is
+    ``σ'((r - u)/T) / T · dr/draw`` with ``dr/draw = 1 - (r/S)^2`` for the bounded
+    score (1 when unbounded); its peak is ``1 / (4T)`` (at ``r = u``, ``r = 0``).
+
+    Args:
+        logits: ``[..., E-1]`` scores ``r``.
+    """
+    z = (logits.double() - tau_logit) / temperature
+    g = torch.sigmoid(z) * torch.sigmoid(-z) * 4.0  # σ'(z) / σ'(0)
+    if math.isfinite(score_bound):
+        g = g * (1 - (logits.double() / score_bound) ** 2).clamp_min(0)
+    return float((g < rel).double().mean()) if g.numel() else math.nan
 
 
 def counts_to_bits(counts: torch.Tensor, slice_bits) -> torch.Tensor:
@@ -185,20 +259,39 @@ def mask_bits(masks: torch.Tensor, slice_bits) -> torch.Tensor:
     return bits[0] + masks @ w
 
 
-def budget_loss(mean_bits: torch.Tensor, target: float, slice_bits, weight: float, ref: float = 1.0) -> torch.Tensor:
-    """Bit-budget penalty ``weight · ref · ((b̄ - b*) / (B_E - B_1))^2`` (our form of Eq. 9's budget term).
+def budget_loss(
+    mean_bits: torch.Tensor, target: float, slice_bits, weight: float, ref: float = 1.0, multiplier: float = 0.0
+) -> torch.Tensor:
+    """Bit-budget term (our form of Eq. 9's): an augmented Lagrangian ``ref · (μ d + weight · d^2)``.
+
+    ``d = (b̄ - b*) / (B_E - B_1)``; ``μ`` is the multiplier of the constraint ``b̄ = b*``
+    (raised by :func:`dual_step` while the layer is over budget), ``weight`` the
+    quadratic penalty (the whole term when ``μ = 0``).
 
     Args:
         mean_bits: scalar mean bits over tokens (straight-through, so it is differentiable).
         target: ``b*`` in ``[B_1, B_E]``.
-        weight: ``λ(t)`` from :func:`warmup_weight`.
-        ref: error scale that makes ``weight`` dimensionless (block-MSE units).
+        weight: quadratic weight ``λ(t)`` from :func:`warmup_weight`.
+        ref: error scale that makes ``weight`` and ``μ`` dimensionless (block-MSE units).
+        multiplier: ``μ`` (dimensionless).
     """
     cum = cumulative_bits(slice_bits)
     if not cum[0] <= target <= cum[-1]:
         raise RouteError(f"target bits {target} outside the reachable range {cum[0]}..{cum[-1]}")
     span = max(cum[-1] - cum[0], 1)
-    return weight * ref * ((mean_bits - target) / span) ** 2
+    d = (mean_bits - target) / span
+    return ref * (multiplier * d + weight * d**2)
+
+
+def dual_step(multiplier: float, mean_bits: float, target: float, slice_bits, step_size: float) -> float:
+    """Dual ascent on the budget multiplier: ``μ <- μ + η (b̄ - b*) / (B_E - B_1)``.
+
+    ``b̄`` is the *hard* mean bits of the last step. Over budget, ``μ`` grows until the
+    budget gradient outweighs the reconstruction gradient that asks for more slices;
+    under budget it shrinks (it may go negative: ``b̄ = b*`` is an equality).
+    """
+    cum = cumulative_bits(slice_bits)
+    return float(multiplier) + float(step_size) * (float(mean_bits) - float(target)) / max(cum[-1] - cum[0], 1)
 
 
 def warmup_weight(step: int, warmup_steps: int, weight: float) -> float:

@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from .data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from .perplexity import perplexity
+from .mobiquant import DEFAULT_THRESHOLD_MODE, table_targets, threshold_table
 from .zoo import load_model
 
-__all__ = ["run_tour", "quantize_and_table", "threshold_table", "table_targets", "TOUR_SEQLEN", "TourSettings"]
+__all__ = ["run_tour", "quantize_and_table", "TOUR_SEQLEN", "TourSettings"]
 
 #: Full-protocol FP perplexity uses the model's whole context.
 TOUR_SEQLEN = 512
@@ -77,83 +78,12 @@ class TourSettings:
 
 
 # --- building blocks (also used by `mbq quantize`) -------------------------------------------
-@torch.no_grad()
-def threshold_table(
-    model, calib_ids, targets, tol: float = 0.05, max_steps: int = 16, max_probes: int = 400, batch_size: int = 8
-) -> dict:
-    """Global-``τ`` threshold table for many targets at once (Sec. 4.2's controller, probes shared).
-
-    Same controller as :func:`mbq_ref.mobiquant.calibrate_threshold` (one ``τ`` for
-    every layer, the average bits *measured* by a forward pass over ``calib_ids``
-    for each probe, since routing upstream changes what downstream layers see), but
-    every probe serves every target: the measured curve ``bits(u)``, ``u = logit(τ)``,
-    is non-increasing, so each target is bracketed by the probes already made and
-    refined by alternating interpolation and bisection steps inside its bracket.
-
-    Args:
-        model: a calibrated MoBiQuant model (routing mode; fixed slice counts are cleared).
-        calib_ids: ``[n, T]`` windows the bits are measured on.
-        targets: target average bits within ``[B_1, B_E]``.
-        tol: a target is done when a probe lands within ``tol / 4`` bits of it.
-        max_steps: refinement probes per target at most (interpolation converges in a few).
-        max_probes: forward passes allowed in total.
-    Returns:
-        ``{target: {"logits": {layer: u}, "achieved": bits}}`` (the best probe per
-        target), the form :func:`mbq_ref.checkpoint.save_checkpoint` takes.
-    """
-    from .mobiquant import average_bits, mobi_layers, reset_bit_stats, set_slices, set_token_slices
-
-    layers = mobi_layers(model)
-    set_token_slices(model, None)
-    set_slices(model, None)
-    device = next(model.parameters()).device
-    curve: dict[float, float] = {}
-
-    def probe(u: float) -> float:
-        if u not in curve:
-            for m in layers.values():
-                m.tau_logit = u
-            reset_bit_stats(model)
-            for i in range(0, len(calib_ids), batch_size):
-                model(input_ids=calib_ids[i : i + batch_size].to(device))
-            curve[u] = average_bits(model)
-        return curve[u]
-
-    # ±inf: every slice / base slice only; ±50: a finite bracket (router scores are O(1..10))
-    for u in (-math.inf, math.inf, -50.0, 50.0):
-        probe(u)
-    for target in sorted(float(t) for t in targets):
-        for step in range(max_steps):
-            if len(curve) >= max_probes:
-                break
-            best = min(curve.items(), key=lambda p: abs(p[1] - target))
-            if abs(best[1] - target) <= tol / 4:
-                break
-            # bracket: the largest u still at >= target bits, the smallest u at <= target bits
-            lo = max((u for u, b in curve.items() if b >= target and math.isfinite(u)), default=-50.0)
-            hi = min((u for u, b in curve.items() if b <= target and math.isfinite(u)), default=50.0)
-            if hi - lo < 1e-3:
-                break  # the measured curve steps over the target here (a few tokens' worth of bits)
-            b_lo, b_hi = curve[lo], curve[hi]
-            if step % 2 == 0 and b_lo > b_hi:
-                # linear interpolation in the bracket, kept away from its ends
-                u = lo + (b_lo - target) / (b_lo - b_hi) * (hi - lo)
-                u = min(max(u, lo + 0.02 * (hi - lo)), hi - 0.02 * (hi - lo))
-            else:
-                u = (lo + hi) / 2
-            probe(u)
-    table = {}
-    for target in targets:
-        u, bits = min(curve.items(), key=lambda p: (abs(p[1] - float(target)), abs(p[0])))
-        table[float(target)] = {"logits": {n: u for n in layers}, "achieved": bits}
-    return table
-
-
 def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 8, progress: bool = True) -> dict:
     """Calibrate MoBiQuant on ``model`` (in place) and build its threshold table.
 
     :func:`mbq_ref.mobiquant.quantize_mobiquant` (Alg. 1, two stages) followed by
-    :func:`threshold_table` on the first ``threshold_windows`` calibration windows.
+    :func:`mbq_ref.mobiquant.threshold_table` (the package's one controller, default mode)
+    on the first ``threshold_windows`` calibration windows.
     The model is left routing as calibrated (``cfg.tau``).
 
     Args:
@@ -165,11 +95,13 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
         ``{"thresholds": ..., "calibration": settings dict, "results": measured dict}``
         (the first in the form :func:`mbq_ref.checkpoint.save_checkpoint` takes).
     """
-    from .mobiquant import quantize_mobiquant, set_threshold
+    from .mobiquant import quantize_mobiquant, routing_diagnostics, set_threshold
 
     t0 = time.perf_counter()
     log = quantize_mobiquant(model, calib_ids, cfg, progress=progress)
     calib_s = time.perf_counter() - t0
+    # the budget check (issue 11): bits at the trained threshold on every calibration window
+    trained = routing_diagnostics(model, calib_ids)
     thr_ids = calib_ids[:threshold_windows]
     t1 = time.perf_counter()
     thresholds = threshold_table(model, thr_ids, targets)
@@ -183,13 +115,15 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
             "nsamples": int(calib_ids.shape[0]),
             "seqlen": int(calib_ids.shape[1]),
             "threshold_windows": int(thr_ids.shape[0]),
-            "threshold_controller": "one global tau for all layers, measured bits, shared probes (mbq_ref.tour.threshold_table)",
+            "threshold_controller": f"mbq_ref.mobiquant.threshold_table, mode {DEFAULT_THRESHOLD_MODE!r}, measured bits",
         },
         "results": {
             "calibration_seconds": round(calib_s, 2),
             "threshold_table_seconds": round(table_s, 2),
-            "avg_bits_trained": log["avg_bits"],
-            "layer_bits_trained": log["layer_bits"],
+            "train_bits": cfg.train_bits,
+            "avg_bits_trained": trained["avg_bits"],
+            "layer_bits_trained": trained["layer_bits"],
+            "surrogate_saturation": trained["saturation"],
             "block_mse": [
                 {"block": e.block, "stage": e.stage, "before": e.init_loss, "after": e.final_loss}
                 for e in log["calib"].entries
@@ -582,16 +516,3 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     _save_json(report, out)
     _write_markdown(report, out / "report.md")
     return report
-
-
-def table_targets(step: float, slice_bits=(2, 2, 2, 2)) -> list[float]:
-    """Evenly spaced target bits from ``B_1`` to ``B_E`` (2..8 for slices 2,2,2,2), about ``step`` apart."""
-    from .errors import MBQError
-    from .mobislice import cumulative_bits
-
-    cum = cumulative_bits(slice_bits)
-    span = cum[-1] - cum[0]
-    if not 0 < step <= span:
-        raise MBQError(f"the threshold-table step must be in (0, {span}] bits, got {step}")
-    n = round(span / step)
-    return [round(cum[0] + i * span / n, 6) for i in range(n + 1)]

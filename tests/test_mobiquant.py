@@ -23,8 +23,14 @@ from mbq_ref.mobiquant import (
     set_slices,
     set_threshold,
     set_token_slices,
+    DEFAULT_THRESHOLD_MODE,
+    THRESHOLD_MODES,
+    table_targets,
+    threshold_ends,
+    threshold_table,
     thresholds,
 )
+from mbq_ref.errors import MBQError
 
 VOCAB = 256
 # 16 AdamW steps per block and stage: a high clipping learning rate lets the logits move
@@ -128,11 +134,12 @@ def test_same_seed_bit_identical(fp_model, calibrated):
 @pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
 @pytest.mark.parametrize("target", [3.0, 5.0])
 def test_threshold_controller_converges(calibrated, per_layer, target):
+    mode = "per_layer" if per_layer else "global"
     model, _ = calibrated
     ids = _ids()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a miss would warn
-        taus = calibrate_threshold(model, ids, target, per_layer=per_layer, tol=0.05)
+        taus = calibrate_threshold(model, ids, target, mode=mode, tol=0.05)
     measured = average_bits(model)
     assert abs(measured - target) <= 0.05
     if per_layer:
@@ -157,8 +164,29 @@ def test_threshold_controller_converges(calibrated, per_layer, target):
 
 def test_controller_extremes(calibrated):
     model, _ = calibrated
-    assert calibrate_threshold(model, _ids(), 2.0) == 1.0 and average_bits(model) == 2.0
-    assert calibrate_threshold(model, _ids(), 8.0) == 0.0 and average_bits(model) == 8.0
+    u_all, u_base = threshold_ends(mobi_layers(model))
+    # bounded scores: the ends are finite and exact on any input
+    assert calibrate_threshold(model, _ids(), 2.0, logit=True) == u_base and average_bits(model) == 2.0
+    assert calibrate_threshold(model, _ids(), 8.0, logit=True) == u_all and average_bits(model) == 8.0
+    for u, bits in ((u_base, 2.0), (u_all, 8.0)):  # other text: still exact
+        set_threshold(model, u, logit=True)
+        reset_bit_stats(model)
+        with torch.no_grad():
+            model(input_ids=_ids(seed=7) * 0 + 3)
+        assert average_bits(model) == bits
+
+
+def test_controller_modes_and_errors(calibrated):
+    model, _ = calibrated
+    assert DEFAULT_THRESHOLD_MODE in THRESHOLD_MODES
+    with pytest.raises(MoBiError, match="mode"):
+        threshold_table(model, _ids(), [3.0], mode="both")
+    with pytest.raises(MoBiError, match="reachable"):
+        threshold_table(model, _ids(), [9.0])
+    assert table_targets(0.25)[:3] == [2.0, 2.25, 2.5] and len(table_targets(0.25)) == 25
+    for bad in (1e-9, 0.0, 7.0, -1.0):  # a table step that would grow without bound, or none
+        with pytest.raises(MBQError, match="step"):
+            table_targets(bad)
 
 
 def test_static_modes_and_bits(calibrated):
