@@ -135,7 +135,7 @@ class MoBiLinear(nn.Module):
         tau: float = 0.5,
         clip_init: float = 4.0,
         router_init_bias: float = 1.0,
-        score_bound: float = 4.0,
+        score_bound: float = 8.0,
         surrogate_temperature: float = 1.0,
         budget_dual_step: float = 0.0,
     ):
@@ -153,7 +153,9 @@ class MoBiLinear(nn.Module):
         self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         dev = self.weight.device
         self.clip = LearnableClip(self.out_features, self.in_features, self.group_size, clip_init).to(dev)
-        self.router = MoBiRouter(self.in_features, self.num_slices - 1, router_hidden, router_init_bias, score_bound).to(dev)
+        self.router = MoBiRouter(
+            self.in_features, self.num_slices - 1, router_hidden, router_init_bias, score_bound, surrogate_temperature
+        ).to(dev)
         cum = cumulative_bits(self.slice_bits)
         if not cum[0] <= train_bits <= cum[-1]:
             raise MoBiError(f"train_bits {train_bits} outside {cum[0]}..{cum[-1]} (layer {name!r})")
@@ -211,6 +213,7 @@ class MoBiLinear(nn.Module):
     def calib_stage(self, stage: str | None) -> None:
         if stage is not None and stage not in STAGES:
             raise MoBiError(f"unknown calibration stage {stage!r}; MoBiLinear has {STAGES} (layer {self.name!r})")
+        self.router.batch_stats = stage == "joint"  # score statistics from each training batch
         if stage is not None:
             self.sliced, self._deltas = None, None  # parameters will change: re-freeze afterwards
             if stage == "joint" and self._stage != "joint":
@@ -330,9 +333,7 @@ class MoBiLinear(nn.Module):
         y = xf @ deltas[0].T  # base slice for every token (the shared expert): [T, N]
         if self._stage == "joint":
             if self._ref is None:  # first joint step: start on budget, scores spread over the surrogate
-                self.router.init_from_data(
-                    xf, self.tau_logit, self.slice_bits, self.train_bits, self.surrogate_temperature
-                )
+                self.router.init_from_data(xf, self.tau_logit, self.slice_bits, self.train_bits)
             # [T, E-1], hard forward / soft backward centred on the training threshold
             m = ste_masks(self.router(xf), self.tau_logit, self.surrogate_temperature)
             for e in range(1, self.num_slices):

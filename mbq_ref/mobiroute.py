@@ -112,11 +112,19 @@ class MoBiRouter(nn.Module):
         hidden: hidden width (paper: not recovered; 64 by default).
         init_bias: initial ``b_2``; positive = every slice starts on (``σ(1) ≈ 0.73``),
             the budget loss then switches off the tokens that need them least.
-        score_bound: ``S`` of the bounded score ``r = S tanh(raw / S)`` (``inf`` = raw scores).
+        score_bound: ``S`` of the bounded score ``r = S tanh(n / S)`` (``inf`` = unbounded).
+        spread: standard deviation of the normalised scores ``n`` over calibration tokens
+            (the surrogate temperature: scores then stay where the surrogate has gradient).
     """
 
     def __init__(
-        self, in_features: int, num_scores: int, hidden: int = 64, init_bias: float = 1.0, score_bound: float = 4.0
+        self,
+        in_features: int,
+        num_scores: int,
+        hidden: int = 64,
+        init_bias: float = 1.0,
+        score_bound: float = 8.0,
+        spread: float = 1.0,
     ):
         super().__init__()
         if num_scores < 1 or hidden < 1:
@@ -134,6 +142,13 @@ class MoBiRouter(nn.Module):
         self.register_buffer("in_scale", torch.zeros(()))
         # S: scores live in (-S, S) (saved with the router, so a checkpoint routes as trained)
         self.register_buffer("score_bound", torch.tensor(float(score_bound)))
+        # score normalisation n = spread (raw - mean) / std + offset: batch statistics while the
+        # joint stage trains (batch_stats), their running average at inference (0 = not yet measured)
+        self.register_buffer("score_mean", torch.zeros(num_scores))
+        self.register_buffer("score_std", torch.zeros(num_scores))
+        self.offset = nn.Parameter(torch.zeros(num_scores))
+        self.spread = float(spread)
+        self.batch_stats = False
 
     @torch.no_grad()
     def set_input_scale(self, x: torch.Tensor) -> None:
@@ -141,36 +156,53 @@ class MoBiRouter(nn.Module):
         self.in_scale.fill_(float(x.float().pow(2).mean().sqrt().clamp_min(1e-6)))
 
     def raw_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP output before the bound, ``[..., E-1]``."""
+        """The MLP output ``W_2 SiLU(W_1 x / c + b_1) + b_2``, ``[..., E-1]``, before normalisation."""
         c = self.in_scale if self.in_scale > 0 else self.in_scale.new_ones(())
         h = self.act(self.fc1(x.float() / c))  # [..., hidden]
         return self.fc2(h)  # [..., E-1]
 
-    @torch.no_grad()
-    def init_from_data(self, x: torch.Tensor, tau_logit: float, slice_bits, target_bits: float, spread: float) -> None:
-        """Data-dependent start of the joint stage: scores spread over the surrogate, on budget at ``τ``.
+    def _normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        flat = raw.reshape(-1, raw.shape[-1])
+        if self.batch_stats and flat.shape[0] > 1:
+            mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)  # differentiable, as in batch norm
+            with torch.no_grad():  # running statistics for inference (EMA over calibration batches)
+                if self.score_std.min() <= 0:
+                    self.score_mean.copy_(mean)
+                    self.score_std.copy_(std)
+                else:
+                    self.score_mean.lerp_(mean.detach(), 0.1)
+                    self.score_std.lerp_(std.detach(), 0.1)
+        elif self.score_std.min() > 0:
+            mean, std = self.score_mean, self.score_std
+        else:  # never calibrated: raw scores
+            return raw
+        return self.spread * (raw - mean) / std + self.offset
 
-        With the random init every token gets nearly the same score, so one budget step
-        flips all tokens at once (8 bits -> 2 bits) and leaves them deep in the flat
-        tails of the surrogate. Here ``fc2`` is rescaled so each raw score has standard
-        deviation ``spread`` over the tokens of ``x`` ``[T, K]``, and its bias shifted so the
-        hard nested masks at ``logit(τ)`` give ``target_bits`` on them (the bound is
-        monotone, so the shift is done on raw scores, exactly). The ranking of tokens
-        is still random; the reconstruction loss learns it.
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, tau_logit: float, slice_bits, target_bits: float) -> None:
+        """Data-dependent start of the joint stage: on budget at ``τ`` (Sec. 4.2 budget, our initialisation).
+
+        Sets the running score statistics from ``x`` ``[T, K]`` and the offset so that the
+        hard nested masks at ``logit(τ)`` give ``target_bits`` on these tokens. Without it
+        every token starts with the same score (``fc2`` is initialised near 0), so the
+        first budget steps flip all tokens at once and leave them in the flat tails of
+        the surrogate. The ranking of tokens is still random; the reconstruction loss
+        learns it.
         """
         raw = self.raw_scores(x).reshape(-1, self.fc2.out_features)  # [T, E-1]
-        gain = spread / raw.std(0).clamp_min(1e-6)  # [E-1]
-        self.fc2.weight.mul_(gain[:, None])
-        self.fc2.bias.copy_((self.fc2.bias - raw.mean(0)) * gain)  # mean 0, std `spread` per slice
+        self.score_mean.copy_(raw.mean(0))
+        self.score_std.copy_(raw.std(0).clamp_min(1e-6))
+        self.offset.zero_()
+        z = self.spread * (raw - self.score_mean) / self.score_std
         s = float(self.score_bound)
         u = tau_logit if not math.isfinite(s) else s * math.atanh(max(min(tau_logit / s, 1 - 1e-7), -1 + 1e-7))
-        u_star = threshold_for_bits(self.raw_scores(x).reshape(-1, self.fc2.out_features), slice_bits, target_bits)
+        u_star = threshold_for_bits(z, slice_bits, target_bits)
         if math.isfinite(u_star):
-            self.fc2.bias.add_(u - u_star)
+            self.offset.fill_(u - u_star)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores ``r = S tanh(raw / S)`` ``[..., E-1]`` (float32) for inputs ``x`` ``[..., K]``."""
-        raw = self.raw_scores(x)
+        """Scores ``r = S tanh(n / S)``, ``n`` the normalised MLP output; ``[..., E-1]`` (float32) for ``x`` ``[..., K]``."""
+        raw = self._normalise(self.raw_scores(x))
         s = self.score_bound
         # bounded score: identity near 0, never beyond ±S, so the surrogate σ((r - u)/T)
         # keeps a gradient for every token (|r - u| <= S + |u|); S = inf = unbounded

@@ -68,6 +68,8 @@ class TourSettings:
         self.table_step = 1.0 if quick else 0.5
         self.threshold_windows = 2 if quick else 4
         self.general_bits = (3.0, 4.0) if quick else (3.0, 4.0, 6.0)
+        self.controls_bits = (3.0,) if quick else (2.5, 3.0, 3.5, 5.0)  # routing vs controls, equal bits
+        self.refit_windows = 2 if quick else 4  # unlabelled windows of a new domain to refit thresholds on
         for k, v in overrides.items():
             if not hasattr(self, k):
                 raise TypeError(f"unknown tour setting {k!r}")
@@ -189,6 +191,32 @@ def _sweep(ckpt, ids, st: TourSettings, targets, progress: bool, desc: str) -> l
     return rows
 
 
+def _controls_section(qm, calib_ids, test_ids, static_models: dict, st: TourSettings) -> dict:
+    """(a) router, (b) random, (c) oracle, (d) static mix at equal bits (:mod:`mbq_ref.routing_controls`), plus LWC."""
+    from .routing_controls import compare_controls, paired_delta
+
+    table = threshold_table(qm, calib_ids, st.controls_bits)
+    rows = compare_controls(qm, table, calib_ids, test_ids, seqlen=st.eval_seqlen, max_windows=st.eval_windows)
+    lwc = {}
+    for b, m in static_models["lwc"].items():
+        res = perplexity(m, test_ids, seqlen=st.eval_seqlen, max_windows=st.eval_windows, batch_size=8, progress=False)
+        lwc[str(b)] = {"ppl": _r(res.ppl), "window_nll": res.window_nll}
+    for row in rows:
+        b = row["target"]
+        if b == int(b) and str(int(b)) in lwc:  # a per-bit LWC model at exactly these bits
+            d, se = paired_delta(lwc[str(int(b))]["window_nll"], row["router"]["window_nll"])
+            row["lwc"] = {"bits": b, "ppl": lwc[str(int(b))]["ppl"], "delta_nll": d, "se": se}
+    for row in rows:  # the report keeps the summary; window NLLs only for the router (paired references)
+        for name in ("random", "oracle", "static"):
+            row[name].pop("window_nll")
+        for v in row.values():
+            if isinstance(v, dict):
+                for k in list(v):
+                    if isinstance(v[k], float):
+                        v[k] = _r(v[k])
+    return {"rows": rows, "lwc": {b: v["ppl"] for b, v in lwc.items()}, "windows": st.eval_windows}
+
+
 def _switch_cost(ckpt, bits_a: float, bits_b: float, repeats: int = 20) -> dict:
     """Seconds per :meth:`Checkpoint.set_bits` on a loaded model (thresholds only; no weight bytes move)."""
     t0 = time.perf_counter()
@@ -263,6 +291,31 @@ def _plots(report: dict, out: Path) -> list[str]:
     plt.close(fig)
     files.append("mismatch.png")
 
+    ctl = report.get("controls", {}).get("rows", [])
+    if ctl:
+        from .routing_controls import CONTROLS
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        labels = {"router": "(a) trained router", "random": "(b) random, same histogram",
+                  "oracle": "(c) oracle by sensitivity", "static": "(d) best static mix"}  # fmt: skip
+        for j, name in enumerate(CONTROLS):
+            xs = [r[name]["bits"] + 0.02 * (j - 1.5) for r in ctl]
+            ys = [r[name]["delta_nll"] for r in ctl]
+            ax.errorbar(xs, ys, yerr=[r[name]["se"] if r[name]["se"] == r[name]["se"] else 0 for r in ctl],
+                        fmt="o-", capsize=3, label=labels[name])  # fmt: skip
+        lw = [(r["lwc"]["bits"], r["lwc"]["delta_nll"], r["lwc"]["se"]) for r in ctl if "lwc" in r]
+        if lw:
+            ax.errorbar(*zip(*[(b, d) for b, d, _ in lw]), yerr=[e for *_, e in lw], fmt="^", capsize=3, label="LWC, per bit")
+        ax.axhline(0, color="k", lw=0.8, ls=":")
+        ax.set_xlabel("average bits (measured on the test windows)")
+        ax.set_ylabel("mean NLL per window − router's (nats)")
+        ax.set_title("Routing vs controls at equal bits (± paired SE)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "controls.png", dpi=120)
+        plt.close(fig)
+        files.append("controls.png")
+
     lb = mq["layer_bits_at_3"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     names = list(lb)
@@ -327,6 +380,23 @@ def _write_markdown(report: dict, path: Path) -> None:
               "| target bits | measured bits | PPL |", "|---|---|---|"]  # fmt: skip
     for r in mq["sweep"]:
         lines.append(f"| {r['target']:.2f} | {r['test_bits']:.3f} | {r['ppl']:.3f} |")
+    lines += ["", (f"Router training (budget check): {mq['avg_bits_trained']:.3f} bits at the trained threshold on the "
+              f"calibration windows for `train_bits` {mq['train_bits']:g}; surrogate saturation "
+              f"{mq['surrogate_saturation']:.3f} (share of router scores whose straight-through gradient is below "
+              "1e-3 of its peak).")]  # fmt: skip
+    ctl = report.get("controls")
+    if ctl:
+        lines += ["", "## Routing against controls (same checkpoint, equal measured bits)", "",
+                  (f"Austen test, first {ctl['windows']} windows. ΔNLL: mean per-window NLL minus the router's, "
+                   "± paired standard error over windows (negative = better than the router)."), "",
+                  "| target | method | measured bits | PPL | ΔNLL ± SE |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in ctl["rows"]:
+            for name in ("router", "random", "oracle", "static", "lwc"):
+                if name not in r:
+                    continue
+                v = r[name]
+                lines.append(f"| {r['target']:g} | {name} | {v['bits']:.3f} | {v['ppl']:.3f} | "
+                             f"{v['delta_nll']:+.4f} ± {v['se']:.4f} |")  # fmt: skip
     ck = report["checkpoint"]
     lines += ["", "## One checkpoint, any precision", "",
               (f"`{ck['file']}`: {ck['bytes']:,} bytes, saved in {ck['save_seconds']:.2f} s, loaded and verified in "
@@ -338,11 +408,14 @@ def _write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {b} | {v['file_bytes']:,} | {v['load_seconds']:.3f} |")
     g = report["generalization"]
     lines += ["", "## Generalization (calibrated on austen)", "",
-              "| domain | target bits | measured bits | MoBiQuant PPL | RTN PPL | LWC PPL | FP32 PPL |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              (f"Refit: only the thresholds re-fitted on {st['refit_windows']} unlabelled windows of the domain's "
+               "train split (same controller), weights and routers unchanged."), "",
+              "| domain | target bits | measured bits | MoBiQuant PPL | refit: measured bits | refit: PPL | RTN PPL | LWC PPL | FP32 PPL |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for dom, rows in g.items():
         for r in rows:
-            lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | {_fmt(r['rtn'])} | "
+            lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | "
+                         f"{_fmt(r.get('refit_test_bits'))} | {_fmt(r.get('refit_ppl'))} | {_fmt(r['rtn'])} | "
                          f"{_fmt(r['lwc'])} | {r['fp']:.3f} |")  # fmt: skip
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     path.write_text("\n".join(lines) + "\n")
@@ -384,7 +457,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     """
     from .checkpoint import load_checkpoint, save_checkpoint
     from .fakequant import set_bits as set_static_bits
-    from .mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, set_slices
+    from .mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, set_slices, set_threshold
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -469,6 +542,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "threshold_table_seconds": res["results"]["threshold_table_seconds"],
         "avg_bits_trained": _r(res["results"]["avg_bits_trained"]),
         "train_bits": cfg.train_bits,
+        "surrogate_saturation": _r(res["results"]["surrogate_saturation"]),
         "block_mse": res["results"]["block_mse"],
         "table_targets": targets,
         "table_achieved_bits": [_r(v["achieved"]) for v in res["thresholds"].values()],
@@ -478,6 +552,12 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "layer_bits_at_3": lb3,
         "avg_bits_at_3": _r(average_bits(qm)),
     }
+
+    # --- routing against controls (issue 11): same checkpoint, same measured bits ---------------
+    t0 = time.time()
+    report["controls"] = _controls_section(qm, calib_ids[: st.threshold_windows], test_ids["austen"], static_models, st)
+    ckpt.set_bits(3.0)
+    timings["controls"] = time.time() - t0
 
     t0 = time.time()
     report["checkpoint"] = {
@@ -496,6 +576,16 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     gen = {}
     for dom in BUNDLED:
         rows = _sweep(ckpt, test_ids[dom], st, st.general_bits, progress, f"sweep {dom}")
+        if dom != cfg.calib.dataset:  # mitigation: refit only the thresholds on unlabelled text of the domain
+            dom_train = tokenize_corpus(tok, load_corpus(dom, "train"))
+            refit_ids = calibration_windows(dom_train, st.refit_windows, cfg.calib.seqlen, seed=cfg.calib.seed)
+            refit = threshold_table(qm, refit_ids, st.general_bits)
+            for r in rows:
+                set_threshold(qm, refit[r["target"]]["logits"], logit=True)
+                reset_bit_stats(qm)
+                r["refit_ppl"] = _r(_ppl(qm, test_ids[dom], st))
+                r["refit_test_bits"] = _r(average_bits(qm))
+            ckpt.set_bits(3.0)
         for r in rows:
             b = r["target"]
             r["fp"] = report["fp_eval"][dom]

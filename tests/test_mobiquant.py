@@ -254,3 +254,56 @@ def test_presets():
     assert paper.slice_bits == (2, 2, 2, 2) and paper.group_size == 128
     assert (paper.calib.nsamples, paper.calib.seqlen, paper.calib.epochs, paper.calib.lwc_lr) == (128, 2048, 20, 1e-2)
     assert tiny.calib.dataset == "austen" and tiny.calib.nsamples * tiny.calib.seqlen < 128 * 2048
+
+
+# --- issue 11 acceptance on the bundled model (a small but real calibration) -----------------
+@pytest.fixture(scope="module")
+def tiny_real():
+    """The bundled tiny Llama, MoBiConfig.tiny() on 8 x 128 austen windows (4 steps per block and stage)."""
+    from mbq_ref.data import calibration_windows, load_corpus, tokenize_corpus
+    from mbq_ref.zoo import load_model
+
+    model, tok = load_model("tiny-llama", with_tokenizer=True)
+    cfg = MoBiConfig.tiny()
+    cfg.calib.nsamples, cfg.calib.seqlen = 8, 128
+    calib = calibration_windows(tokenize_corpus(tok, load_corpus("austen", "train")), 8, 128, seed=0)
+    test = tokenize_corpus(tok, load_corpus("austen", "test"))[: 8 * 128].reshape(8, 128)
+    log = quantize_mobiquant(model, calib, cfg, progress=False)
+    return model, calib, test, cfg, log
+
+
+@pytest.mark.slow
+def test_trained_router_meets_its_budget_without_saturating(tiny_real):
+    from mbq_ref.mobiquant import routing_diagnostics
+
+    model, calib, test, cfg, _ = tiny_real
+    set_threshold(model, cfg.tau)  # the trained threshold
+    on_calib = routing_diagnostics(model, calib)
+    on_test = routing_diagnostics(model, test)
+    assert abs(on_calib["avg_bits"] - cfg.train_bits) <= 0.15, on_calib["avg_bits"]
+    assert abs(on_test["avg_bits"] - cfg.train_bits) <= 0.3, on_test["avg_bits"]
+    assert on_calib["saturation"] < 0.05 and on_test["saturation"] < 0.05
+
+
+@pytest.mark.slow
+def test_set_bits_lands_on_every_quarter_bit(tiny_real, tmp_path):
+    """The table from the one controller, saved and reloaded: set_bits(b) within 0.1 bits on the calibration windows."""
+    from mbq_ref.checkpoint import load_checkpoint, save_checkpoint
+
+    model, calib, _, _, _ = tiny_real
+    table = threshold_table(model, calib, table_targets(0.25))
+    path = save_checkpoint(copy.deepcopy(model), tmp_path / "t.safetensors", {"base_model": "tiny-llama"}, thresholds=table)
+    ck = load_checkpoint(path, with_tokenizer=False)
+    for i in range(25):
+        b = 2.0 + 0.25 * i
+        ck.set_bits(b)
+        reset_bit_stats(ck.model)
+        with torch.no_grad():
+            ck.model(input_ids=calib)
+        assert abs(average_bits(ck.model) - b) <= 0.1, (b, average_bits(ck.model))
+    for b in (2.1, 3.3, 7.9):  # between rows too
+        ck.set_bits(b)
+        reset_bit_stats(ck.model)
+        with torch.no_grad():
+            ck.model(input_ids=calib)
+        assert abs(average_bits(ck.model) - b) <= 0.1, (b, average_bits(ck.model))

@@ -178,11 +178,18 @@ def test_dual_step_raises_the_multiplier_over_budget():
 @pytest.mark.parametrize("target", [2.5, 3.0, 5.0])
 def test_router_init_from_data_starts_on_budget(target):
     torch.manual_seed(0)
-    router = MoBiRouter(64, 3, hidden=16, score_bound=8.0)
+    router = MoBiRouter(64, 3, hidden=16, score_bound=8.0, spread=1.0)
     x = torch.randn(512, 64)
-    router.init_from_data(x, 0.0, SLICES, target, spread=1.0)
-    r = router(x)
+    assert torch.equal(router(x), 8.0 * torch.tanh(router.raw_scores(x) / 8.0))  # not calibrated yet: raw scores
+    router.init_from_data(x, 0.0, SLICES, target)
+    r = router(x)  # running statistics (inference)
     assert counts_to_bits(slice_counts(r, 0.0), SLICES).mean().item() == pytest.approx(target, abs=0.02)
-    raw = router.raw_scores(x)
-    torch.testing.assert_close(raw.std(0), torch.ones(3), rtol=1e-3, atol=1e-3)
+    n = router._normalise(router.raw_scores(x)) - router.offset
+    torch.testing.assert_close(n.std(0), torch.ones(3), rtol=1e-3, atol=1e-3)  # spread 1 over the tokens
     assert r.abs().max() < 8.0 and surrogate_saturation(r, 0.0, 1.0, 8.0) < 0.01
+    # batch statistics while training: the spread cannot run away, whatever the weights do
+    router.batch_stats = True
+    with torch.no_grad():
+        router.fc2.weight.mul_(100.0)
+    n = router(x) - router.offset
+    assert n.std(0).max() < 1.01 and surrogate_saturation(router(x), 0.0, 1.0, 8.0) < 0.01
