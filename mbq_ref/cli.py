@@ -95,8 +95,7 @@ def _cmd_quantize(args) -> int:
 
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
-    from .mobiquant import MoBiConfig
-    from .mobiquant import table_targets
+    from .mobiquant import MoBiConfig, table_targets
     from .tour import quantize_and_table
     from .zoo import load_model
 
@@ -104,6 +103,7 @@ def _cmd_quantize(args) -> int:
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'model.mbq.safetensors'}")
     cfg = MoBiConfig.paper() if args.preset == "paper" else MoBiConfig.tiny()
+    targets = table_targets(args.table_step, cfg.slice_bits)  # bad --table-step: fail before any work
     calib = cfg.calib
     for key in ("nsamples", "seqlen", "epochs"):
         if getattr(args, key) is not None:
@@ -124,7 +124,6 @@ def _cmd_quantize(args) -> int:
     model.to(device)
     train = tokenize_corpus(tok, load_corpus(calib.dataset, "train"))
     calib_ids = calibration_windows(train, calib.nsamples, calib.seqlen, seed=calib.seed)
-    targets = table_targets(args.table_step, cfg.slice_bits)
     res = quantize_and_table(model, calib_ids, cfg, targets, threshold_windows=args.threshold_windows,
                              progress=not args.no_progress)  # fmt: skip
     meta = {

@@ -147,7 +147,7 @@ class MoBiRouter(nn.Module):
         self.register_buffer("score_mean", torch.zeros(num_scores))
         self.register_buffer("score_std", torch.zeros(num_scores))
         self.offset = nn.Parameter(torch.zeros(num_scores))
-        self.spread = float(spread)
+        self.register_buffer("spread", torch.tensor(float(spread)))  # saved: a checkpoint routes as trained
         self.batch_stats = False
 
     @torch.no_grad()

@@ -223,3 +223,11 @@ def test_internal_failure_exits_1():
     code = "import sys; from mbq_ref import cli; cli._cmd_info = lambda a: 1 / 0; sys.exit(cli.main(['info', 'x']))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1 and "ZeroDivisionError" in r.stderr
+
+
+@pytest.mark.parametrize("step", ["1e-9", "0.01", "7"])
+def test_table_step_out_of_bounds_is_a_one_line_error(capsys, tmp_path, step):
+    """A table step that would grow without bound (1e-9 used to hang) is refused before any work."""
+    out = tmp_path / "x.safetensors"
+    _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--table-step", step, match="table step")
+    assert not out.exists()
