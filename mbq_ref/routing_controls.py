@@ -40,7 +40,15 @@ from .mobiroute import slice_counts
 from .mobislice import cumulative_bits
 from .perplexity import perplexity
 
-__all__ = ["CONTROLS", "compare_controls", "oracle_routing", "paired_delta", "random_routing", "static_mix"]
+__all__ = [
+    "CONTROLS",
+    "compare_controls",
+    "layer_errors",
+    "oracle_routing",
+    "paired_delta",
+    "random_routing",
+    "static_mix",
+]
 
 #: The routing methods compared, in report order.
 CONTROLS = ("router", "random", "oracle", "static")
@@ -77,17 +85,10 @@ def oracle_routing():
 
 
 @torch.no_grad()
-def static_mix(model: nn.Module, calib_ids: torch.Tensor, target_bits: float, batch_size: int = 8) -> dict[str, int]:
-    """Control (d): a slice count per layer (whole layers at fixed widths) with average bits <= ``target_bits``.
+def layer_errors(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Each layer's output error at every width, ``e_l(k) = Σ_t ||x_t (W - Ŵ_k)^T||^2``, float64 ``[E]``.
 
-    Each layer's output error at every width, ``e_l(k) = Σ_t ||x_t (W - Ŵ_k)^T||^2``, is
-    measured on ``calib_ids`` with every layer at full width (inputs as in FP). Starting
-    from the base slice everywhere, the layer step ``k -> k+1`` with the largest error
-    reduction per added weight-bit is taken while the average stays within the target
-    (a greedy knapsack; the layers are too few for the exact one to matter).
-
-    Returns:
-        ``{layer path: k}``.
+    Measured on ``calib_ids`` with every layer at full width (inputs close to FP).
     """
     layers = mobi_layers(model)
     if not layers:
@@ -110,6 +111,22 @@ def static_mix(model: nn.Module, calib_ids: torch.Tensor, target_bits: float, ba
     finally:
         for h in handles:
             h.remove()
+    set_slices(model, None)
+    return errs
+
+
+def static_mix(model: nn.Module, errors: dict[str, torch.Tensor], target_bits: float) -> dict[str, int]:
+    """Control (d): a slice count per layer (whole layers at fixed widths) with average bits <= ``target_bits``.
+
+    Starting from the base slice everywhere, the layer step ``k -> k+1`` with the largest
+    reduction of :func:`layer_errors` per added weight-bit is taken while the
+    weight-count-weighted average stays within the target (a greedy knapsack).
+
+    Returns:
+        ``{layer path: k}``.
+    """
+    layers = mobi_layers(model)
+    errs = errors
     sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
     total = sum(sizes.values())
     cum = {n: cumulative_bits(m.slice_bits) for n, m in layers.items()}
@@ -170,6 +187,7 @@ def compare_controls(
         plus ``static_layers`` (the mix chosen for ``static``).
     """
     rows = []
+    errors = layer_errors(model, calib_ids)
     for target, entry in sorted(table.items()):
         row: dict = {"target": float(target), "calib_bits": float(entry["achieved"])}
         set_threshold(model, entry["logits"], logit=True)
@@ -179,7 +197,7 @@ def compare_controls(
         set_token_slices(model, oracle_routing())
         row["oracle"] = _eval(model, test_ids, seqlen, max_windows)
         set_token_slices(model, None)
-        mix = static_mix(model, calib_ids, float(target))
+        mix = static_mix(model, errors, float(target))
         for n, m in mobi_layers(model).items():
             m.fixed_k = mix[n]
         row["static"] = _eval(model, test_ids, seqlen, max_windows)

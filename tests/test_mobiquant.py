@@ -259,14 +259,14 @@ def test_presets():
 # --- issue 11 acceptance on the bundled model (a small but real calibration) -----------------
 @pytest.fixture(scope="module")
 def tiny_real():
-    """The bundled tiny Llama, MoBiConfig.tiny() on 8 x 128 austen windows (4 steps per block and stage)."""
+    """The bundled tiny Llama, MoBiConfig.tiny() on 16 x 128 austen windows, batch 2: 16 steps per block and stage as in the tiny preset."""
     from mbq_ref.data import calibration_windows, load_corpus, tokenize_corpus
     from mbq_ref.zoo import load_model
 
     model, tok = load_model("tiny-llama", with_tokenizer=True)
     cfg = MoBiConfig.tiny()
-    cfg.calib.nsamples, cfg.calib.seqlen = 8, 128
-    calib = calibration_windows(tokenize_corpus(tok, load_corpus("austen", "train")), 8, 128, seed=0)
+    cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.batch_size = 16, 128, 2
+    calib = calibration_windows(tokenize_corpus(tok, load_corpus("austen", "train")), 16, 128, seed=0)
     test = tokenize_corpus(tok, load_corpus("austen", "test"))[: 8 * 128].reshape(8, 128)
     log = quantize_mobiquant(model, calib, cfg, progress=False)
     return model, calib, test, cfg, log
