@@ -114,6 +114,8 @@ class MoBiLinear(nn.Module):
         score_bound: ``S`` of the router's bounded score (:class:`mbq_ref.mobiroute.MoBiRouter`).
         surrogate_temperature: ``T`` of the straight-through soft mask ``σ((r - logit(τ)) / T)``.
         budget_dual_step: ``η`` of the budget multiplier's dual ascent (0 = fixed penalty only).
+        budget_offset_step: ``κ`` of the integral correction of the router's score offset
+            (``offset -= κ d`` on the hard bits after each step; 0 = off).
         clip_init, router_init_bias: initial LWC logit (OmniQuant: 4.0) and router bias.
 
     Calibration contract (``docs/design.md``): :meth:`calib_parameters`,
@@ -138,6 +140,7 @@ class MoBiLinear(nn.Module):
         score_bound: float = 8.0,
         surrogate_temperature: float = 1.0,
         budget_dual_step: float = 0.0,
+        budget_offset_step: float = 0.0,
     ):
         super().__init__()
         self.name = name
@@ -167,6 +170,7 @@ class MoBiLinear(nn.Module):
                 f"{budget_dual_step} (layer {name!r})"
             )
         self.surrogate_temperature, self.budget_dual_step = float(surrogate_temperature), float(budget_dual_step)
+        self.budget_offset_step = float(budget_offset_step)
         self.budget_multiplier = 0.0  # μ of the budget constraint (dual ascent, see mobiroute.dual_step)
         self.tau = tau
         self.fixed_k: int | None = None
@@ -364,7 +368,8 @@ class MoBiLinear(nn.Module):
         on the straight-through mean bits of the last forward, warmed up over
         ``budget_warmup_steps``; its multiplier ``μ`` then takes one dual-ascent step
         (:func:`mbq_ref.mobiroute.dual_step`, size ``budget_dual_step``) on the hard
-        bits of that forward, so the layer is pushed until it meets ``train_bits``; plus, if
+        bits of that forward, so the layer is pushed until it meets ``train_bits``, and the
+        router's score offset is corrected by ``budget_offset_step`` times the same error; plus, if
         ``fixed_k_weight > 0``, our addition (not in the paper) that keeps every
         fixed precision usable: ``fixed_k_weight · ref · mean_k e_k / e_k^0`` with
         ``e_k`` the layer-output MSE when every token reads ``k`` slices and
@@ -382,6 +387,13 @@ class MoBiLinear(nn.Module):
         self.budget_multiplier = dual_step(
             self.budget_multiplier, float(bits.detach()), self.train_bits, self.slice_bits, ramp * self.budget_dual_step
         )
+        if self.budget_offset_step > 0:
+            # integral control: the gradient moves the offset by about one learning rate per
+            # step (Adam), too slow to follow the shape of the scores as the MLP learns; the
+            # hard-bits error of this step shifts it directly (same sign as the multiplier)
+            with torch.no_grad():
+                d = dual_step(0.0, float(bits.detach()), self.train_bits, self.slice_bits, 1.0)
+                self.router.offset.sub_(ramp * self.budget_offset_step * d)
         if self.fixed_k_weight > 0:
             loss = loss + self.fixed_k_weight * self._ref * self._fixed_k_term()
         self._last = {}

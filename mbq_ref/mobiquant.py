@@ -81,6 +81,9 @@ class MoBiConfig:
         surrogate_temperature: ``T``: spread of the normalised scores and temperature of the
             straight-through soft mask ``σ((r - logit(τ)) / T)``.
         budget_dual_step: ``η`` of the dual ascent on the budget multiplier (per optimizer step).
+        budget_offset_step: ``κ``: after each step the router's score offset moves by
+            ``-κ (b̄ - b*) / (B_E - B_1)`` (integral control on the hard bits; a score shift
+            of 1 = one standard deviation of the normalised scores).
         calib: the block-wise calibration settings (:class:`mbq_ref.calibrate.CalibConfig`).
     """
 
@@ -97,6 +100,7 @@ class MoBiConfig:
     score_bound: float = 8.0
     surrogate_temperature: float = 1.0
     budget_dual_step: float = 10.0
+    budget_offset_step: float = 1.0
     calib: CalibConfig = field(default_factory=CalibConfig.paper)
 
     @classmethod
@@ -106,7 +110,7 @@ class MoBiConfig:
         2560 steps per block and stage: the dual step is ``η = 1`` per step (the tiny
         preset's 10 over its 16 steps), so the multiplier reacts on the same scale per stage.
         """
-        return cls(budget_dual_step=1.0, calib=CalibConfig.paper())
+        return cls(budget_dual_step=1.0, budget_offset_step=0.1, calib=CalibConfig.paper())
 
     @classmethod
     def tiny(cls) -> MoBiConfig:
@@ -161,7 +165,7 @@ def quantize_mobiquant(
             mod, cfg.slice_bits, cfg.group_size, cfg.router_hidden, name, cfg.train_bits, cfg.budget_weight,
             round(cfg.budget_warmup * steps), cfg.fixed_k_weight, cfg.tau, router_init_bias=cfg.router_init_bias,
             score_bound=cfg.score_bound, surrogate_temperature=cfg.surrogate_temperature,
-            budget_dual_step=cfg.budget_dual_step,
+            budget_dual_step=cfg.budget_dual_step, budget_offset_step=cfg.budget_offset_step,
         )  # fmt: skip
         model.set_submodule(name, layer)
     log = calibrate_blocks(model, calib_ids, calib, stages=STAGES, progress=progress)
