@@ -215,7 +215,8 @@ demo.fixed_k = None
 #   every layer (Sec. 5.3: one common target), `ref` the layer's base-slice output MSE (so
 #   $\lambda, \mu$ are dimensionless); after every step the multiplier takes a dual-ascent
 #   step $\mu \leftarrow \mu + \eta\,d$ on the hard bits, so a layer that stays over budget is
-#   pushed harder until it meets it. Both terms warm up over the first quarter of the stage.
+#   pushed harder until it meets it, and the router's score offset follows the same error
+#   (offset $\leftarrow$ offset $- \kappa\,d$). Both warm up over the first quarter of the stage.
 #
 # Three details keep the router trainable (each fixes a measured failure, `docs/design.md`):
 # the scores are **normalised** over the tokens of each batch

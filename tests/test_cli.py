@@ -82,11 +82,16 @@ def test_quantize_wrote_a_checkpoint(ckpt, capsys):
     code, out, _ = _run(capsys, "info", ckpt)
     assert code == 0
     assert "tiny-llama (LlamaForCausalLM" in out and "[2, 2, 2, 2] -> [2, 4, 6, 8]" in out and "28 MoBiLinear" in out
+    # the router's budget check: trained bits next to train_bits, and the surrogate saturation
+    assert "bits at the trained threshold" in out and "(train_bits 3)" in out and "surrogate saturation" in out
     code, out, _ = _run(capsys, "info", ckpt, "--json")
     meta = json.loads(out)
     assert meta["thresholds"]["targets"] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     assert meta["calibration"]["nsamples"] == 2 and meta["calibration"]["seqlen"] == 64
     assert meta["calibration"]["config"]["calib"]["epochs"] == 1
+    res = meta["results"]
+    assert res["train_bits"] == 3.0 and 2.0 <= res["avg_bits_trained"] <= 8.0 and 0 <= res["surrogate_saturation"] <= 1
+    assert len(meta["thresholds"]["achieved"]) == 7  # the table stores the bits it measured
 
 
 def test_eval_prints_ppl_and_measured_bits(ckpt, capsys):
