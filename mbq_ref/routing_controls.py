@@ -46,6 +46,7 @@ __all__ = [
     "layer_errors",
     "oracle_routing",
     "paired_delta",
+    "plot_controls",
     "random_routing",
     "static_mix",
 ]
@@ -209,3 +210,34 @@ def compare_controls(
         rows.append(row)
     set_threshold(model, next(iter(table.values()))["logits"], logit=True)
     return rows
+
+
+#: Legend labels of :func:`plot_controls`.
+LABELS = {
+    "router": "(a) trained router",
+    "random": "(b) random, same histogram",
+    "oracle": "(c) oracle by sensitivity",
+    "static": "(d) best static mix",
+}
+
+
+def plot_controls(ax, rows: list[dict], extra: dict[str, list[tuple[float, float, float]]] | None = None) -> None:
+    """ΔNLL against the router (± paired SE) per method vs measured bits, on a matplotlib ``ax``.
+
+    Args:
+        rows: :func:`compare_controls` output.
+        extra: more points ``{label: [(bits, delta_nll, se), ...]}`` (e.g. per-bit LWC baselines).
+    """
+    for j, name in enumerate(CONTROLS):
+        xs = [r[name]["bits"] + 0.02 * (j - 1.5) for r in rows]  # small offsets: error bars stay apart
+        se = [r[name]["se"] if math.isfinite(r[name]["se"]) else 0.0 for r in rows]
+        ax.errorbar(xs, [r[name]["delta_nll"] for r in rows], yerr=se, fmt="o-", capsize=3, label=LABELS[name])
+    for label, pts in (extra or {}).items():
+        if pts:
+            b, d, e = zip(*pts)
+            ax.errorbar(b, d, yerr=[x if math.isfinite(x) else 0.0 for x in e], fmt="^", capsize=3, label=label)
+    ax.axhline(0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("average bits (measured on the test windows)")
+    ax.set_ylabel("mean NLL per window minus the router's (nats)")
+    ax.set_title("Routing vs controls at equal bits (± paired SE)")
+    ax.legend(fontsize=8)

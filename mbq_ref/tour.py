@@ -293,24 +293,11 @@ def _plots(report: dict, out: Path) -> list[str]:
 
     ctl = report.get("controls", {}).get("rows", [])
     if ctl:
-        from .routing_controls import CONTROLS
+        from .routing_controls import plot_controls
 
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        labels = {"router": "(a) trained router", "random": "(b) random, same histogram",
-                  "oracle": "(c) oracle by sensitivity", "static": "(d) best static mix"}  # fmt: skip
-        for j, name in enumerate(CONTROLS):
-            xs = [r[name]["bits"] + 0.02 * (j - 1.5) for r in ctl]
-            ys = [r[name]["delta_nll"] for r in ctl]
-            ax.errorbar(xs, ys, yerr=[r[name]["se"] if r[name]["se"] == r[name]["se"] else 0 for r in ctl],
-                        fmt="o-", capsize=3, label=labels[name])  # fmt: skip
-        lw = [(r["lwc"]["bits"], r["lwc"]["delta_nll"], r["lwc"]["se"]) for r in ctl if "lwc" in r]
-        if lw:
-            ax.errorbar(*zip(*[(b, d) for b, d, _ in lw]), yerr=[e for *_, e in lw], fmt="^", capsize=3, label="LWC, per bit")
-        ax.axhline(0, color="k", lw=0.8, ls=":")
-        ax.set_xlabel("average bits (measured on the test windows)")
-        ax.set_ylabel("mean NLL per window − router's (nats)")
-        ax.set_title("Routing vs controls at equal bits (± paired SE)")
-        ax.legend(fontsize=8)
+        lwc_pts = [(r["lwc"]["bits"], r["lwc"]["delta_nll"], r["lwc"]["se"]) for r in ctl if "lwc" in r]
+        plot_controls(ax, ctl, {"LWC, per bit": lwc_pts})
         fig.tight_layout()
         fig.savefig(out / "controls.png", dpi=120)
         plt.close(fig)

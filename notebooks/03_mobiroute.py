@@ -72,7 +72,7 @@ from mbq_ref.mobiquant import (
     set_token_slices,
 )
 from mbq_ref.mobiroute import slice_counts, ste_masks, tau_to_logit
-from mbq_ref.routing_controls import CONTROLS, compare_controls
+from mbq_ref.routing_controls import CONTROLS, compare_controls, plot_controls
 from mbq_ref.perplexity import perplexity
 from mbq_ref.sensitivity import capture_linear_inputs, paired_gap, spearman
 from mbq_ref.zoo import load_model
@@ -560,15 +560,9 @@ for r_ in controls:
         d, se = paired_gap(static_lwc[3].window_nll, r_["router"]["window_nll"])
         print(f"| 3 | LWC at 3 bits | 3.000 | {static_lwc[3].ppl:.2f} | {d:+.4f} ± {se:.4f} |")
 
+lwc3 = [(3.0, *paired_gap(static_lwc[3].window_nll, r_["router"]["window_nll"])) for r_ in controls if r_["target"] == 3.0]
 fig, ax = plt.subplots(figsize=(7, 3.8))
-for j, name in enumerate(CONTROLS):
-    ax.errorbar([r_[name]["bits"] + 0.02 * (j - 1.5) for r_ in controls], [r_[name]["delta_nll"] for r_ in controls],
-                yerr=[r_[name]["se"] for r_ in controls], fmt="o-", capsize=3, label=name)  # fmt: skip
-ax.axhline(0, color="k", lw=0.8, ls=":")
-ax.set_xlabel("average bits (measured on the test windows)")
-ax.set_ylabel("ΔNLL vs router (nats / token)")
-ax.set_title("Routing vs controls at equal bits (± paired SE)")
-ax.legend(fontsize=8)
+plot_controls(ax, controls, {"LWC calibrated at 3 bits": lwc3})
 plt.tight_layout()
 plt.show()
 
