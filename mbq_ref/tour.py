@@ -135,6 +135,12 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
     }
 
 
+def _windows(ids, st: TourSettings):
+    """The first ``eval_windows`` evaluation windows of a 1-D token stream, ``[n, eval_seqlen]``."""
+    n = min(st.eval_windows, ids.numel() // st.eval_seqlen)
+    return ids[: n * st.eval_seqlen].view(n, st.eval_seqlen)
+
+
 def _ppl(model, ids, st: TourSettings) -> float:
     return perplexity(model, ids, seqlen=st.eval_seqlen, max_windows=st.eval_windows, batch_size=8, progress=False).ppl
 
@@ -368,7 +374,8 @@ def _write_markdown(report: dict, path: Path) -> None:
     for r in mq["sweep"]:
         lines.append(f"| {r['target']:.2f} | {r['test_bits']:.3f} | {r['ppl']:.3f} |")
     lines += ["", (f"Router training (budget check): {mq['avg_bits_trained']:.3f} bits at the trained threshold on the "
-              f"calibration windows for `train_bits` {mq['train_bits']:g}; surrogate saturation "
+              f"calibration windows and {mq['avg_bits_trained_test']:.3f} on the test windows, for `train_bits` "
+              f"{mq['train_bits']:g}; surrogate saturation "
               f"{mq['surrogate_saturation']:.3f} (share of router scores whose straight-through gradient is below "
               "1e-3 of its peak).")]  # fmt: skip
     ctl = report.get("controls")
@@ -444,7 +451,16 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     """
     from .checkpoint import load_checkpoint, save_checkpoint
     from .fakequant import set_bits as set_static_bits
-    from .mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, set_slices, set_threshold
+    from .mobiquant import (
+        MoBiConfig,
+        average_bits,
+        layer_bits,
+        mobi_layers,
+        reset_bit_stats,
+        routing_diagnostics,
+        set_slices,
+        set_threshold,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -514,6 +530,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     # everything below runs on the reloaded model: what a user of the file gets
     qm = ckpt.model
     t0 = time.time()
+    set_threshold(qm, cfg.tau)  # the trained threshold, on the test windows (the budget check's second half)
+    trained_test = routing_diagnostics(qm, _windows(test_ids["austen"], st))
     fixed = {}
     for k, bits in enumerate(ckpt.cumulative_bits, start=1):
         set_slices(qm, k)
@@ -530,6 +548,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "avg_bits_trained": _r(res["results"]["avg_bits_trained"]),
         "train_bits": cfg.train_bits,
         "surrogate_saturation": _r(res["results"]["surrogate_saturation"]),
+        "avg_bits_trained_test": _r(trained_test["avg_bits"]),
         "block_mse": res["results"]["block_mse"],
         "table_targets": targets,
         "table_achieved_bits": [_r(v["achieved"]) for v in res["thresholds"].values()],

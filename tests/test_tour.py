@@ -91,6 +91,7 @@ def test_numbers_are_consistent(tour):
     assert mq["sweep"][0]["test_bits"] == 2.0 and mq["sweep"][-1]["test_bits"] == 8.0
     assert mq["fixed"]["8"]["ppl"] == mq["sweep"][-1]["ppl"]
     assert set(mq["fixed"]) == {"2", "4", "6", "8"}
+    assert 2.0 <= mq["avg_bits_trained_test"] <= 8.0 and 0.0 <= mq["surrogate_saturation"] <= 1.0
     assert set(report["static"]["lwc"]["2"]["eval_at_bits"]) == {"2", "3"}
     assert report["checkpoint"]["roundtrip_identical"] is True
     assert report["checkpoint"]["switch"]["weight_bytes_loaded"] == 0
