@@ -593,8 +593,9 @@ for r_ in controls:
 # Against the best static mix it wins at low budgets (+0.057 ± 0.006 at 2.5 bits,
 # +0.018 ± 0.009 at 3.0) and loses at 3.5 and 5.0 bits (−0.017 ± 0.006, −0.020 ± 0.005):
 # with one common `train_bits` of 3, every router is trained to spend the same bits, while
-# the static mix moves bits *between layers*, which is where they matter above 3 bits
-# (Section 4: the per-layer bits under one global τ stay close to the training target).
+# the static mix moves bits *between layers* by measured layer error, which is where they
+# matter above 3 bits (in the tour, the per-layer bits under one global τ at 3 bits range
+# 2.46–4.61: set by how each router's scores came out, not by which layer needs bits).
 # LWC calibrated at 3 bits still beats the routed checkpoint at 3 bits (−0.045 ± 0.010): one
 # calibration for every precision costs the clipping its specialisation. The measured
 # levers left: per-layer `train_bits` (the paper's Sec. 5.3 keeps them equal), router
