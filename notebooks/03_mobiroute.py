@@ -70,6 +70,7 @@ from mbq_ref.mobiquant import (
     set_slices,
     set_threshold,
     set_token_slices,
+    threshold_table,
 )
 from mbq_ref.mobiroute import slice_counts, ste_masks, tau_to_logit
 from mbq_ref.routing_controls import CONTROLS, compare_controls, plot_controls
