@@ -217,30 +217,48 @@ class ThresholdTable:
     layers: list[str]
     achieved: list[float] = field(default_factory=list)
 
+    #: ``logits_for`` refuses a target further than this from every bit-width the table measured.
+    REACH_TOL = 0.1
+
     def logits_for(self, bits: float) -> dict[str, float]:
         """``{layer: logit(τ)}`` for ``bits``: the table row, or a linear blend of the two rows around it.
 
-        Between rows each layer's ``logit(τ)`` is interpolated linearly; an infinite
-        end (a row at the very bottom or top of the range) is replaced by the finite
-        neighbour, so blending never jumps to "all slices" or "base only". The
-        routed bits are measured afterwards, never assumed.
+        Rows are placed at the bits they *measured* (``achieved``; the targets when a
+        table has no measurements), so a row that missed its target is not mistaken for
+        it. Between rows each layer's ``logit(τ)`` is interpolated linearly; an infinite
+        end is replaced by the finite neighbour. The routed bits are measured afterwards,
+        never assumed.
+
+        Raises:
+            CheckpointError: ``bits`` more than :attr:`REACH_TOL` outside the measured range
+                (the table cannot reach it: a one-line error, never a silent neighbour).
         """
         t = self.targets.double()
         if not len(t):
             raise CheckpointError("the checkpoint has an empty threshold table; re-run `mbq quantize`")
         bits = float(bits)
+        ach = torch.tensor(self.achieved, dtype=torch.float64) if len(self.achieved) == len(t) else t.clone()
+        x = torch.where(torch.isfinite(ach), ach, t)  # where each row lands
         exact = (t - bits).abs() < 1e-9
-        if exact.any():
+        lo_b, hi_b = float(x.min()), float(x.max())
+        if not lo_b - self.REACH_TOL <= bits <= hi_b + self.REACH_TOL:
+            raise CheckpointError(
+                f"the threshold table reaches {lo_b:.3f}..{hi_b:.3f} measured bits, not {bits:g}; "
+                "re-build it with `mbq quantize` (more --threshold-windows)"
+            )
+        order = torch.argsort(x, stable=True)
+        xs = x[order]
+        if exact.any() and abs(float(x[int(exact.nonzero()[0])]) - bits) <= self.REACH_TOL:
             row = self.tau_logit[int(exact.nonzero()[0])]
-        elif bits <= t[0]:
-            row = self.tau_logit[0]
-        elif bits >= t[-1]:
-            row = self.tau_logit[-1]
+        elif bits <= xs[0]:
+            row = self.tau_logit[int(order[0])]
+        elif bits >= xs[-1]:
+            row = self.tau_logit[int(order[-1])]
         else:
-            hi = int(torch.searchsorted(t, torch.tensor([bits], dtype=t.dtype))[0])
+            hi = int(torch.searchsorted(xs, torch.tensor([bits], dtype=xs.dtype))[0])
             lo = hi - 1
-            w = (bits - float(t[lo])) / float(t[hi] - t[lo])
-            a, b = self.tau_logit[lo].clone(), self.tau_logit[hi].clone()
+            w = (bits - float(xs[lo])) / max(float(xs[hi] - xs[lo]), 1e-12)
+            a, b = self.tau_logit[int(order[lo])].clone(), self.tau_logit[int(order[hi])].clone()
             a = torch.where(torch.isfinite(a), a, b)
             b = torch.where(torch.isfinite(b), b, a)
             row = (1 - w) * a + w * b

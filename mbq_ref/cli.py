@@ -94,7 +94,8 @@ def _float_range(lo: float, hi: float, what: str, lo_open: bool = False):
 
 # seeds feed torch, numpy and Python generators; 0..2^32-1 is what all of them accept
 _seed = _int_range(0, 2**32 - 1, "a seed")
-#: the smallest threshold-table spacing: (8 - 2) / 0.05 = 120 rows, each fitted on the calibration windows
+#: the smallest threshold-table spacing, as mobiquant.table_targets checks it (kept here so that
+#: parsing arguments does not import torch; tests/test_cli.py checks the two agree)
 MIN_TABLE_STEP = 0.05
 
 
@@ -144,12 +145,13 @@ def _cmd_quantize(args) -> int:
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .fakequant import check_group_size
-    from .mobiquant import MoBiConfig
-    from .tour import quantize_and_table, table_targets
+    from .mobiquant import MoBiConfig, table_targets
+    from .tour import quantize_and_table
     from .zoo import load_model
 
     out = check_writable(args.out)  # before minutes of calibration: a folder, read-only or full disk, a file in the way
     cfg = MoBiConfig.paper() if args.preset == "paper" else MoBiConfig.tiny()
+    targets = table_targets(args.table_step, cfg.slice_bits)  # bad --table-step: fail before any work
     calib = cfg.calib
     for key in ("nsamples", "seqlen", "epochs"):
         if getattr(args, key) is not None:
@@ -175,7 +177,6 @@ def _cmd_quantize(args) -> int:
     model.to(device)
     train = tokenize_corpus(tok, load_corpus(calib.dataset, "train"))
     calib_ids = calibration_windows(train, calib.nsamples, calib.seqlen, seed=calib.seed)
-    targets = table_targets(args.table_step, cfg.slice_bits)
     res = quantize_and_table(model, calib_ids, cfg, targets, threshold_windows=args.threshold_windows,
                              progress=not args.no_progress)  # fmt: skip
     meta = {
@@ -307,8 +308,14 @@ def _cmd_info(args) -> int:
     targets = meta["thresholds"]["targets"]
     if targets:
         print(f"threshold table: {len(targets)} targets, {targets[0]:g}..{targets[-1]:g} bits")
-    results = meta.get("results")
-    for k, v in (results.items() if isinstance(results, dict) else ()):
+    res = meta.get("results")
+    res = res if isinstance(res, dict) else {}
+    if isinstance(res.get("avg_bits_trained"), (int, float)) and isinstance(res.get("train_bits"), (int, float)):
+        sat = res.get("surrogate_saturation")
+        sat = f"{sat:.3f}" if isinstance(sat, (int, float)) else "n/a"
+        print(f"router: {res['avg_bits_trained']:.3f} bits at the trained threshold on the calibration windows "
+              f"(train_bits {res['train_bits']:g}), surrogate saturation {sat}")
+    for k, v in res.items():
         if not isinstance(v, (dict, list)):
             print(f"  {k}: {v}")
     return 0
@@ -363,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_positive(int), default=None,
                    help="weights per scale/zero group; must divide every projection's input dim (default 128; 64 for smollm2-135m)")
     q.add_argument("--train-bits", type=_bits_value, default=None, help="target bits of the budget loss (default 3.0)")
-    q.add_argument("--table-step", type=_float_range(MIN_TABLE_STEP, 16.0, "a table step in bits"), default=0.25,
-                   help=f"spacing of the threshold table in bits, {MIN_TABLE_STEP}..16 (default 0.25)")
+    q.add_argument("--table-step", type=_float_range(MIN_TABLE_STEP, 6.0, "a table step in bits"), default=0.25,
+                   help=f"spacing of the threshold table in bits, {MIN_TABLE_STEP}..6 (default 0.25)")
     q.add_argument("--threshold-windows", type=_positive(int), default=8,
                    help="calibration windows used to fit the threshold table (default 8)")
     q.add_argument("--seed", type=_seed, default=0, help="seed of the calibration sampler and the routers, 0..2^32-1 (default 0)")

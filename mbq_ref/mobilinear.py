@@ -41,6 +41,7 @@ from .mobiroute import (
     MoBiRouter,
     budget_loss,
     counts_to_bits,
+    dual_step,
     logit_to_tau,
     mask_bits,
     slice_counts,
@@ -110,6 +111,11 @@ class MoBiLinear(nn.Module):
         fixed_k_weight: weight of the optional fixed-slice-count reconstruction terms
             (our addition, not in the paper; 0 = off), see :meth:`calib_loss`.
         tau: routing threshold ``τ`` (training uses it too; 0.5 = score 0).
+        score_bound: ``S`` of the router's bounded score (:class:`mbq_ref.mobiroute.MoBiRouter`).
+        surrogate_temperature: ``T`` of the straight-through soft mask ``σ((r - logit(τ)) / T)``.
+        budget_dual_step: ``η`` of the budget multiplier's dual ascent (0 = fixed penalty only).
+        budget_offset_step: ``κ`` of the integral correction of the router's score offset
+            (``offset -= κ d`` on the hard bits after each step; 0 = off).
         clip_init, router_init_bias: initial LWC logit (OmniQuant: 4.0) and router bias.
         zero_grid: scale/zero rule of :func:`mbq_ref.mobislice.floor_scale_zero`
             (``"finest"``: no weight inside the learned range is clipped; ``"base"``: the earlier rule).
@@ -134,6 +140,10 @@ class MoBiLinear(nn.Module):
         clip_init: float = 4.0,
         router_init_bias: float = 1.0,
         zero_grid: str = "finest",
+        score_bound: float = 8.0,
+        surrogate_temperature: float = 1.0,
+        budget_dual_step: float = 0.0,
+        budget_offset_step: float = 0.0,
     ):
         super().__init__()
         self.name = name
@@ -152,12 +162,22 @@ class MoBiLinear(nn.Module):
         self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         dev = self.weight.device
         self.clip = LearnableClip(self.out_features, self.in_features, self.group_size, clip_init).to(dev)
-        self.router = MoBiRouter(self.in_features, self.num_slices - 1, router_hidden, router_init_bias).to(dev)
+        self.router = MoBiRouter(
+            self.in_features, self.num_slices - 1, router_hidden, router_init_bias, score_bound, surrogate_temperature
+        ).to(dev)
         cum = cumulative_bits(self.slice_bits)
         if not cum[0] <= train_bits <= cum[-1]:
             raise MoBiError(f"train_bits {train_bits} outside {cum[0]}..{cum[-1]} (layer {name!r})")
         self.train_bits, self.budget_weight = float(train_bits), float(budget_weight)
         self.budget_warmup_steps, self.fixed_k_weight = int(budget_warmup_steps), float(fixed_k_weight)
+        if not surrogate_temperature > 0 or not budget_dual_step >= 0:
+            raise MoBiError(
+                f"surrogate_temperature must be > 0 and budget_dual_step >= 0, got {surrogate_temperature}, "
+                f"{budget_dual_step} (layer {name!r})"
+            )
+        self.surrogate_temperature, self.budget_dual_step = float(surrogate_temperature), float(budget_dual_step)
+        self.budget_offset_step = float(budget_offset_step)
+        self.budget_multiplier = 0.0  # μ of the budget constraint (dual ascent, see mobiroute.dual_step)
         self.tau = tau
         self.fixed_k: int | None = None
         self.token_slices: TokenSlices = None
@@ -203,10 +223,11 @@ class MoBiLinear(nn.Module):
     def calib_stage(self, stage: str | None) -> None:
         if stage is not None and stage not in STAGES:
             raise MoBiError(f"unknown calibration stage {stage!r}; MoBiLinear has {STAGES} (layer {self.name!r})")
+        self.router.batch_stats = stage == "joint"  # score statistics from each training batch
         if stage is not None:
             self.sliced, self._deltas = None, None  # parameters will change: re-freeze afterwards
             if stage == "joint" and self._stage != "joint":
-                self._step, self._ref, self._e0 = 0, None, None
+                self._step, self._ref, self._e0, self.budget_multiplier = 0, None, None, 0.0
         self._stage = stage
 
     # --- quantizer ----------------------------------------------------------
@@ -322,7 +343,10 @@ class MoBiLinear(nn.Module):
         deltas = self.slice_deltas()  # E x [N, K], differentiable in the clip
         y = xf @ deltas[0].T  # base slice for every token (the shared expert): [T, N]
         if self._stage == "joint":
-            m = ste_masks(self.router(xf), self.tau_logit)  # [T, E-1], hard forward / soft backward
+            if self._ref is None:  # first joint step: start on budget, scores spread over the surrogate
+                self.router.init_from_data(xf, self.tau_logit, self.slice_bits, self.train_bits)
+            # [T, E-1], hard forward / soft backward centred on the training threshold
+            m = ste_masks(self.router(xf), self.tau_logit, self.surrogate_temperature)
             for e in range(1, self.num_slices):
                 y = y + m[:, e - 1 : e] * (xf @ deltas[e].T)
             if self._ref is None:  # base-slice output MSE: the scale of what routing can win back
@@ -347,8 +371,12 @@ class MoBiLinear(nn.Module):
         """Extra loss of one optimizer step (call after the forward of that step).
 
         ``"base"``: 0 (Alg. 1 stage 1 fits the base slice to the block output alone).
-        ``"joint"``: the budget loss on the straight-through mean bits of the last
-        forward, ``λ`` warmed up over ``budget_warmup_steps``; plus, if
+        ``"joint"``: the budget loss (augmented Lagrangian, :func:`mbq_ref.mobiroute.budget_loss`)
+        on the straight-through mean bits of the last forward, warmed up over
+        ``budget_warmup_steps``; its multiplier ``μ`` then takes one dual-ascent step
+        (:func:`mbq_ref.mobiroute.dual_step`, size ``budget_dual_step``) on the hard
+        bits of that forward, so the layer is pushed until it meets ``train_bits``, and the
+        router's score offset is corrected by ``budget_offset_step`` times the same error; plus, if
         ``fixed_k_weight > 0``, our addition (not in the paper) that keeps every
         fixed precision usable: ``fixed_k_weight · ref · mean_k e_k / e_k^0`` with
         ``e_k`` the layer-output MSE when every token reads ``k`` slices and
@@ -356,9 +384,23 @@ class MoBiLinear(nn.Module):
         """
         if stage == "base" or not self._last:
             return 0.0
-        lam = warmup_weight(self._step, self.budget_warmup_steps, self.budget_weight)
+        ramp = warmup_weight(self._step, self.budget_warmup_steps, 1.0)
         self._step += 1
-        loss = budget_loss(self._last["bits"], self.train_bits, self.slice_bits, lam, self._ref)
+        bits = self._last["bits"]
+        loss = budget_loss(
+            bits, self.train_bits, self.slice_bits, ramp * self.budget_weight, self._ref, ramp * self.budget_multiplier
+        )
+        # the multiplier follows the hard bits (the value of the straight-through estimate)
+        self.budget_multiplier = dual_step(
+            self.budget_multiplier, float(bits.detach()), self.train_bits, self.slice_bits, ramp * self.budget_dual_step
+        )
+        if self.budget_offset_step > 0:
+            # integral control: the gradient moves the offset by about one learning rate per
+            # step (Adam), too slow to follow the shape of the scores as the MLP learns; the
+            # hard-bits error of this step shifts it directly (same sign as the multiplier)
+            with torch.no_grad():
+                d = dual_step(0.0, float(bits.detach()), self.train_bits, self.slice_bits, 1.0)
+                self.router.offset.sub_(ramp * self.budget_offset_step * d)
         if self.fixed_k_weight > 0:
             loss = loss + self.fixed_k_weight * self._ref * self._fixed_k_term()
         self._last = {}

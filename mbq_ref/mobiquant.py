@@ -11,8 +11,9 @@ One calibrated checkpoint then runs at any precision, without recalibration:
 * :func:`set_slices` — every token reads ``k`` slices (a static 2/4/6/8-bit model);
 * :func:`set_threshold` — the routers decide per token, with one global ``τ`` or
   one ``τ`` per layer (the recovered text is ambiguous; both are supported);
-* :func:`calibrate_threshold` — the controller: the ``τ`` whose measured average
-  bits on calibration tokens hits a target (e.g. 3.0) within ``tol``.
+* :func:`threshold_table` / :func:`calibrate_threshold` — the one threshold
+  controller: the ``τ`` whose measured average bits on calibration tokens hits a
+  target (e.g. 3.0), global (default) or per layer.
 
 **Average bits** of a model is the mean over layers of each layer's mean bits per
 token, weighted by the layer's weight count ``N·K``: the bits per weight a static
@@ -32,7 +33,7 @@ from torch import nn
 from .calibrate import CalibConfig, calibrate_blocks
 from .fakequant import check_group_size, quantizable_linears
 from .mobilinear import STAGES, MoBiError, MoBiLinear
-from .mobiroute import BitStats, logit_to_tau, threshold_for_bits
+from .mobiroute import BitStats, logit_to_tau, surrogate_saturation, threshold_for_bits
 from .mobislice import cumulative_bits
 from .perplexity import perplexity
 
@@ -41,14 +42,20 @@ __all__ = [
     "average_bits",
     "bit_stats",
     "bits_sweep",
+    "DEFAULT_THRESHOLD_MODE",
+    "THRESHOLD_MODES",
     "calibrate_threshold",
     "layer_bits",
     "mobi_layers",
     "quantize_mobiquant",
     "reset_bit_stats",
+    "routing_diagnostics",
     "set_slices",
     "set_threshold",
     "set_token_slices",
+    "table_targets",
+    "threshold_ends",
+    "threshold_table",
     "thresholds",
 ]
 
@@ -68,7 +75,15 @@ class MoBiConfig:
         router_init_bias: initial router output bias (positive: all slices on at the start).
         fixed_k_weight: weight of the fixed-slice-count reconstruction terms (our
             addition, not in the paper; 0 = the paper's objective).
-        tau: threshold used in the joint stage and right after calibration.
+        tau: threshold used in the joint stage and right after calibration (the
+            "trained threshold": the budget is enforced at it).
+        score_bound: ``S`` of the router's bounded, normalised score (:class:`mbq_ref.mobiroute.MoBiRouter`).
+        surrogate_temperature: ``T``: spread of the normalised scores and temperature of the
+            straight-through soft mask ``σ((r - logit(τ)) / T)``.
+        budget_dual_step: ``η`` of the dual ascent on the budget multiplier (per optimizer step).
+        budget_offset_step: ``κ``: after each step the router's score offset moves by
+            ``-κ (b̄ - b*) / (B_E - B_1)`` (integral control on the hard bits; a score shift
+            of 1 = one standard deviation of the normalised scores).
         calib: the block-wise calibration settings (:class:`mbq_ref.calibrate.CalibConfig`).
     """
 
@@ -82,12 +97,20 @@ class MoBiConfig:
     router_init_bias: float = 1.0
     fixed_k_weight: float = 0.0
     tau: float = 0.5
+    score_bound: float = 8.0
+    surrogate_temperature: float = 1.0
+    budget_dual_step: float = 10.0
+    budget_offset_step: float = 1.0
     calib: CalibConfig = field(default_factory=CalibConfig.paper)
 
     @classmethod
     def paper(cls) -> MoBiConfig:
-        """App. C.1: 128 x 2048 WikiText-2 windows, 20 epochs, batch 1, ``lwc_lr`` 1e-2, group 128, slices 2 2 2 2."""
-        return cls(calib=CalibConfig.paper())
+        """App. C.1: 128 x 2048 WikiText-2 windows, 20 epochs, batch 1, ``lwc_lr`` 1e-2, group 128, slices 2 2 2 2.
+
+        2560 steps per block and stage: the dual step is ``η = 1`` per step (the tiny
+        preset's 10 over its 16 steps), so the multiplier reacts on the same scale per stage.
+        """
+        return cls(budget_dual_step=1.0, budget_offset_step=0.1, calib=CalibConfig.paper())
 
     @classmethod
     def tiny(cls) -> MoBiConfig:
@@ -96,9 +119,10 @@ class MoBiConfig:
         32 x 256 windows, batch 4, ``lwc_lr`` 5e-2, 2 epochs per stage (the joint
         stage computes all four slices for every token, 4x a static layer's cost).
         16 steps per block and stage instead of 2560, so the router learning rate
-        is raised to 3e-2 (1e-1 made router scores run away to |r| > 100).
+        is raised to 1e-2 (with normalised scores; measured on 32 x 128 windows: 3e-3
+        ended at 3.27 bits for a 3.0 budget, 1e-2 at 3.10, no saturated score in either).
         """
-        return cls(router_lr=3e-2, calib=replace(CalibConfig.tiny(), epochs=2))
+        return cls(router_lr=1e-2, calib=replace(CalibConfig.tiny(), epochs=2))
 
 
 def mobi_layers(model: nn.Module) -> dict[str, MoBiLinear]:
@@ -141,6 +165,8 @@ def quantize_mobiquant(
         layer = MoBiLinear(
             mod, cfg.slice_bits, cfg.group_size, cfg.router_hidden, name, cfg.train_bits, cfg.budget_weight,
             round(cfg.budget_warmup * steps), cfg.fixed_k_weight, cfg.tau, router_init_bias=cfg.router_init_bias,
+            score_bound=cfg.score_bound, surrogate_temperature=cfg.surrogate_temperature,
+            budget_dual_step=cfg.budget_dual_step, budget_offset_step=cfg.budget_offset_step,
         )  # fmt: skip
         model.set_submodule(name, layer)
     log = calibrate_blocks(model, calib_ids, calib, stages=STAGES, progress=progress)
@@ -239,57 +265,204 @@ def _measure(model: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> floa
     return average_bits(model)
 
 
-def _bisect_global(model, layers, calib_ids, target, tol, batch_size, max_iter) -> tuple[float, float]:
-    """One ``u = logit(τ)`` for all layers by safeguarded bisection; returns ``(u, measured bits)``.
+@torch.no_grad()
+def routing_diagnostics(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> dict:
+    """Bits and surrogate health at the layers' current thresholds, measured by a forward over ``ids``.
 
-    The bracket ``[a, b]`` always has ``bits(a) >= target >= bits(b)``. Odd steps
-    split it at the linear interpolation of the two end measurements (a few
-    steps when ``bits(u)`` is smooth), even steps at its midpoint (so the bracket
-    at least halves every two probes, whatever the curve). Leaves the model at ``u``.
+    Returns:
+        ``avg_bits`` (:func:`average_bits`), ``layer_bits`` and ``saturation``: the share of
+        router scores (all layers, tokens and residual slices) whose straight-through
+        gradient is below 1e-3 of its peak (:func:`mbq_ref.mobiroute.surrogate_saturation`,
+        at each layer's threshold and surrogate temperature), plus ``layer_saturation``.
     """
-    seen = [math.inf, -math.inf]  # range of the nested scores min_{j<=e} r_j met so far
-    last = [None]
+    layers = _layers(model)
+    counts: dict[str, list[float]] = {n: [0.0, 0.0] for n in layers}
+
+    def hook_for(name, mod):
+        def hook(_m, _args, r):
+            u = mod.tau_logit if math.isfinite(mod.tau_logit) else 0.0
+            frac = surrogate_saturation(r, u, mod.surrogate_temperature, float(mod.router.score_bound))
+            counts[name][0] += frac * r.numel()
+            counts[name][1] += r.numel()
+
+        return hook
+
+    handles = [m.router.register_forward_hook(hook_for(n, m)) for n, m in layers.items()]
+    try:
+        avg = _measure(model, ids, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    sat = sum(c[0] for c in counts.values()) / max(sum(c[1] for c in counts.values()), 1)
+    return {
+        "avg_bits": avg,
+        "layer_bits": layer_bits(model),
+        "saturation": sat,
+        "layer_saturation": {n: c[0] / max(c[1], 1) for n, c in counts.items()},
+    }
+
+
+#: The one default of every threshold controller in the package (tour, ``mbq quantize``,
+#: ``Checkpoint.set_bits``, chapters): one ``τ`` shared by all layers (Sec. 4.2's runtime
+#: threshold), so the routers, not the controller, decide which layers get the bits.
+DEFAULT_THRESHOLD_MODE = "global"
+THRESHOLD_MODES = ("global", "per_layer")
+
+
+def threshold_ends(layers: dict[str, MoBiLinear]) -> tuple[float, float]:
+    """``(u_all, u_base)``: thresholds that give every slice / the base slice only, on any input.
+
+    Finite for bounded routers (``±S`` just outside the score range ``(-S, S)``); ``∓inf`` otherwise.
+    """
+    bound = max(float(m.router.score_bound) for m in layers.values())
+    if not math.isfinite(bound):
+        return -math.inf, math.inf
+    pad = 1e-3 * bound
+    return -(bound + pad), bound + pad
+
+
+def _global_table(model, layers, calib_ids, targets, tol, batch_size, max_probes) -> dict[float, tuple[float, float]]:
+    """One ``u = logit(τ)`` per target, shared by every layer; ``{target: (u, measured bits)}``.
+
+    The measured curve ``bits(u)`` is non-increasing. One pass records the range of the
+    nested scores ``min_{j<=e} r_j`` (the bracket: outside it every token reads the
+    same slices), then every probe (a forward over ``calib_ids``) serves every target:
+    each target is refined inside the bracket of the probes already made, alternating a
+    linear-interpolation step with a bisection step, until a probe lands within
+    ``tol / 4`` bits or the bracket is narrower than a float step.
+    """
+    seen = [math.inf, -math.inf]
 
     def record(_mod, _args, r):
         c = r.detach().cummin(dim=-1).values
         seen[0], seen[1] = min(seen[0], float(c.min())), max(seen[1], float(c.max()))
 
-    def probe(u: float) -> tuple[float, float]:
-        for m in layers.values():
-            m.tau_logit = u
-        last[0] = u
-        return u, _measure(model, calib_ids, batch_size)
+    curve: dict[float, float] = {}
 
-    def miss(p):
-        return abs(p[1] - target)
+    def probe(u: float) -> float:
+        if u not in curve:
+            for m in layers.values():
+                m.tau_logit = u
+            curve[u] = _measure(model, calib_ids, batch_size)
+        return curve[u]
 
-    # bits fall as u rises; ±inf are "all slices" / "base only"
+    u_all, u_base = threshold_ends(layers)
     handles = [m.router.register_forward_hook(record) for m in layers.values()]
     try:
-        top, bottom = probe(-math.inf), probe(math.inf)
+        probe(u_all)
     finally:
         for h in handles:
             h.remove()
-    best = min(top, bottom, key=miss)
-    # bracket: just outside every score seen with all slices on and with none on
+    probe(u_base)
+    # bracket from the observed scores (inside the exact ends)
     pad = 1e-3 * max(1.0, seen[1] - seen[0])
-    (a, fa), (b, fb) = (seen[0] - pad, top[1]), (seen[1] + pad, bottom[1])
-    for step in range(max_iter):
-        if miss(best) <= tol / 4 or b - a < 1e-9 * max(1.0, abs(a)):
-            break
-        u = (a + b) / 2
-        if step % 2 == 0 and fa > fb:
-            w = (fa - target) / (fa - fb)  # where the chord crosses the target
-            u = a + min(max(w, 0.05), 0.95) * (b - a)  # stay strictly inside the bracket
-        p = probe(u)
-        best = min(best, p, key=miss)
-        if p[1] > target:
-            a, fa = p
+    lo_end, hi_end = max(seen[0] - pad, u_all), min(seen[1] + pad, u_base)
+    curve.setdefault(lo_end, curve[u_all])  # no token is below / above: same bits as the ends
+    curve.setdefault(hi_end, curve[u_base])
+    out = {}
+    for target in sorted(float(t) for t in targets):
+        step = 0
+        while len(curve) < max_probes:
+            best = min(curve.items(), key=lambda p: (abs(p[1] - target), abs(p[0])))
+            if abs(best[1] - target) <= tol / 4:
+                break
+            finite = [(u, b) for u, b in curve.items() if lo_end <= u <= hi_end]
+            a, fa = max(((u, b) for u, b in finite if b >= target), default=(lo_end, curve[lo_end]))
+            b_, fb = min(((u, b) for u, b in finite if b <= target), default=(hi_end, curve[hi_end]))
+            if b_ - a <= 1e-9 * max(1.0, abs(a)):
+                break  # the measured curve steps over the target here (a few tokens' worth of bits)
+            u = (a + b_) / 2
+            if step % 2 == 0 and fa > fb:
+                w = (fa - target) / (fa - fb)  # where the chord crosses the target, kept inside
+                u = a + min(max(w, 0.02), 0.98) * (b_ - a)
+            probe(u)
+            step += 1
+        # exact ends for the end targets; otherwise the probe closest to the target
+        if target <= curve[u_base]:
+            out[target] = (u_base, curve[u_base])
+        elif target >= curve[u_all]:
+            out[target] = (u_all, curve[u_all])
         else:
-            b, fb = p
-    if last[0] != best[0]:  # the stats hold the last probe: measure the chosen u again
-        probe(best[0])
-    return best
+            out[target] = min(curve.items(), key=lambda p: (abs(p[1] - target), abs(p[0])))
+    return out
+
+
+def _per_layer_row(model, layers, calib_ids, target) -> tuple[dict[str, float], float]:
+    """Each layer's ``u`` putting its own mean bits at ``target`` (one forward, layers tuned in order)."""
+    u_all, u_base = threshold_ends(layers)
+
+    def hook(mod, args):
+        u = threshold_for_bits(mod.router(args[0]).reshape(-1, mod.num_slices - 1), mod.slice_bits, target)
+        mod.tau_logit = min(max(u, u_all), u_base)  # ±inf -> the exact finite ends of a bounded router
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
+    try:
+        # each layer routes with its new τ within this pass, so it also measures the result
+        achieved = _measure(model, calib_ids, len(calib_ids))
+    finally:
+        for h in handles:
+            h.remove()
+    return thresholds(model, logit=True), achieved
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in THRESHOLD_MODES:
+        raise MoBiError(f"threshold mode must be one of {THRESHOLD_MODES}, got {mode!r}")
+    return mode
+
+
+@torch.no_grad()
+def threshold_table(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    targets,
+    mode: str = DEFAULT_THRESHOLD_MODE,
+    tol: float = 0.05,
+    batch_size: int = 8,
+    max_probes: int = 400,
+) -> dict[float, dict]:
+    """The threshold controller (Sec. 4.2): thresholds whose *measured* average bits on ``calib_ids`` hit each target.
+
+    Every controller in the package is this function (``mbq quantize``, the tour,
+    :func:`calibrate_threshold`, the chapters); ``Checkpoint.set_bits`` reads its table.
+
+    * ``mode="global"`` (default, :data:`DEFAULT_THRESHOLD_MODE`): one ``u = logit(τ)`` for
+      every layer, found on the measured curve ``bits(u)`` (routing upstream changes the
+      inputs downstream, so each probe is a forward pass; probes are shared by all
+      targets). The bracket comes from the observed router scores.
+    * ``mode="per_layer"``: each layer its own ``u`` that puts *its* mean bits at the
+      target (:func:`mbq_ref.mobiroute.threshold_for_bits`), one forward per target.
+
+    End targets (``B_1``, ``B_E``) get the exact ends of :func:`threshold_ends`.
+
+    Args:
+        model: a calibrated MoBiQuant model (fixed slice counts and overrides are cleared).
+        calib_ids: ``[n, T]`` windows the bits are measured on.
+        targets: target average bits within ``[B_1, B_E]``.
+        tol: a global target is done when a probe lands within ``tol / 4`` bits.
+    Returns:
+        ``{target: {"logits": {layer: u}, "achieved": measured bits}}`` (ascending targets),
+        the form :func:`mbq_ref.checkpoint.save_checkpoint` takes. The model is left at
+        the last probe; :func:`set_threshold` applies a row.
+    """
+    layers = _layers(model)
+    _check_mode(mode)
+    cum = cumulative_bits(next(iter(layers.values())).slice_bits)
+    targets = sorted({float(t) for t in targets})
+    for t in targets:
+        if not cum[0] <= t <= cum[-1] or math.isnan(t):
+            raise MoBiError(f"target bits {t} outside the reachable range {cum[0]}..{cum[-1]}")
+    set_token_slices(model, None)
+    set_slices(model, None)
+    table: dict[float, dict] = {}
+    if mode == "global":
+        for t, (u, bits) in _global_table(model, layers, calib_ids, targets, tol, batch_size, max_probes).items():
+            table[t] = {"logits": dict.fromkeys(layers, u), "achieved": bits}
+    else:
+        for t in targets:
+            logits, bits = _per_layer_row(model, layers, calib_ids, t)
+            table[t] = {"logits": logits, "achieved": bits}
+    return table
 
 
 @torch.no_grad()
@@ -297,58 +470,44 @@ def calibrate_threshold(
     model: nn.Module,
     calib_ids: torch.Tensor,
     target_bits: float,
-    per_layer: bool = False,
+    mode: str = DEFAULT_THRESHOLD_MODE,
     tol: float = 0.05,
     batch_size: int = 8,
-    max_iter: int = 40,
     logit: bool = False,
 ) -> float | dict[str, float]:
-    """The threshold controller: set ``τ`` so the average bits on ``calib_ids`` is ``target_bits`` (±``tol``).
+    """Set the thresholds so the average bits measured on ``calib_ids`` is ``target_bits`` (±``tol``).
 
-    * ``per_layer=False``: one global ``τ``, found by bisection on ``logit(τ)`` (every
-      other step splits the bracket by interpolation instead of at the midpoint); each
-      probe is a forward pass over ``calib_ids`` (routing upstream changes the inputs
-      downstream, so the bits are measured, not predicted).
-    * ``per_layer=True``: each layer gets the ``τ`` that puts *its own* mean bits at
-      the target (:func:`mbq_ref.mobiroute.threshold_for_bits`), set by a pre-hook
-      during one forward of all windows at once, so every layer sees inputs routed
-      by the already-tuned layers before it.
-
-    Clears fixed slice counts and per-token overrides. Afterwards the layer stats
-    hold one measuring pass at the chosen ``τ`` (:func:`average_bits` = the achieved
+    One row of :func:`threshold_table` applied to the model. Afterwards the layer stats
+    hold one measuring pass at the chosen thresholds (:func:`average_bits` = the achieved
     bits); a warning is raised if it misses the target by more than ``tol``.
 
     Returns:
-        the global ``τ``, or ``{layer path: τ}``; ``logit(τ)`` instead with ``logit=True``
-        (exact; see :func:`set_threshold`).
+        the global ``τ`` (``mode="global"``) or ``{layer path: τ}`` (``"per_layer"``);
+        ``logit(τ)`` instead with ``logit=True`` (exact; see :func:`set_threshold`).
     """
-    layers = _layers(model)
-    cum = cumulative_bits(next(iter(layers.values())).slice_bits)
-    if not cum[0] <= target_bits <= cum[-1]:
-        raise MoBiError(f"target_bits {target_bits} outside the reachable range {cum[0]}..{cum[-1]}")
-    set_token_slices(model, None)
-    set_slices(model, None)
-    if per_layer:
-
-        def hook(mod, args):
-            mod.tau_logit = threshold_for_bits(
-                mod.router(args[0]).reshape(-1, mod.num_slices - 1), mod.slice_bits, target_bits
-            )
-
-        handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
-        try:
-            # each layer routes with its new τ within this pass, so it also measures the result
-            achieved = _measure(model, calib_ids, len(calib_ids))
-        finally:
-            for h in handles:
-                h.remove()
-        result: float | dict[str, float] = thresholds(model, logit)
-    else:
-        u, achieved = _bisect_global(model, layers, calib_ids, target_bits, tol, batch_size, max_iter)
-        result = u if logit else logit_to_tau(u)
+    row = threshold_table(model, calib_ids, [target_bits], mode, tol, batch_size)[float(target_bits)]
+    set_threshold(model, row["logits"], logit=True)
+    achieved = _measure(model, calib_ids, batch_size)
     if abs(achieved - target_bits) > tol:
         warnings.warn(f"threshold controller reached {achieved:.3f} bits for a target of {target_bits} (tol {tol})")
-    return result
+    if mode == "global":
+        u = next(iter(row["logits"].values()))
+        return u if logit else logit_to_tau(u)
+    return dict(row["logits"]) if logit else {n: logit_to_tau(u) for n, u in row["logits"].items()}
+
+
+#: Finest spacing of a threshold table (121 rows over 2..8 bits): finer rows cost probes and bytes, not accuracy.
+MIN_TABLE_STEP = 0.05
+
+
+def table_targets(step: float, slice_bits=(2, 2, 2, 2)) -> list[float]:
+    """Evenly spaced target bits from ``B_1`` to ``B_E`` (2..8 for slices 2,2,2,2), about ``step`` apart."""
+    cum = cumulative_bits(slice_bits)
+    span = cum[-1] - cum[0]
+    if not MIN_TABLE_STEP <= step <= span:
+        raise MoBiError(f"the threshold-table step must be in [{MIN_TABLE_STEP}, {span}] bits, got {step}")
+    n = round(span / step)
+    return [round(cum[0] + i * span / n, 6) for i in range(n + 1)]
 
 
 def bits_sweep(
@@ -356,7 +515,7 @@ def bits_sweep(
     calib_ids: torch.Tensor,
     test_ids: torch.Tensor,
     targets,
-    per_layer: bool = False,
+    mode: str = DEFAULT_THRESHOLD_MODE,
     seqlen: int = 256,
     max_windows: int | None = None,
     tol: float = 0.05,
@@ -370,7 +529,7 @@ def bits_sweep(
     """
     rows = []
     for target in targets:
-        tau = calibrate_threshold(model, calib_ids, float(target), per_layer=per_layer, tol=tol, logit=True)
+        tau = calibrate_threshold(model, calib_ids, float(target), mode=mode, tol=tol, logit=True)
         calib_bits = average_bits(model)
         reset_bit_stats(model)
         res = perplexity(model, test_ids, seqlen=seqlen, max_windows=max_windows, progress=False)

@@ -64,11 +64,14 @@ __all__ = [
     "RouteError",
     "budget_loss",
     "counts_to_bits",
+    "dual_step",
     "logit_to_tau",
     "mask_bits",
     "nested_masks",
     "slice_counts",
+    "soft_masks",
     "ste_masks",
+    "surrogate_saturation",
     "tau_to_logit",
     "threshold_for_bits",
     "warmup_weight",
@@ -109,12 +112,25 @@ class MoBiRouter(nn.Module):
         hidden: hidden width (paper: not recovered; 64 by default).
         init_bias: initial ``b_2``; positive = every slice starts on (``σ(1) ≈ 0.73``),
             the budget loss then switches off the tokens that need them least.
+        score_bound: ``S`` of the bounded score ``r = S tanh(n / S)`` (``inf`` = unbounded).
+        spread: standard deviation of the normalised scores ``n`` over calibration tokens
+            (the surrogate temperature: scores then stay where the surrogate has gradient).
     """
 
-    def __init__(self, in_features: int, num_scores: int, hidden: int = 64, init_bias: float = 1.0):
+    def __init__(
+        self,
+        in_features: int,
+        num_scores: int,
+        hidden: int = 64,
+        init_bias: float = 1.0,
+        score_bound: float = 8.0,
+        spread: float = 1.0,
+    ):
         super().__init__()
         if num_scores < 1 or hidden < 1:
             raise RouteError(f"router needs num_scores >= 1 and hidden >= 1, got {num_scores}, {hidden}")
+        if not score_bound > 0:
+            raise RouteError(f"router score bound must be > 0 (inf = unbounded), got {score_bound}")
         self.fc1 = nn.Linear(in_features, hidden)
         self.act = nn.SiLU()
         self.fc2 = nn.Linear(hidden, num_scores)
@@ -124,17 +140,73 @@ class MoBiRouter(nn.Module):
         nn.init.constant_(self.fc2.bias, float(init_bias))
         # c: constant input scale (0 = not measured yet; see set_input_scale)
         self.register_buffer("in_scale", torch.zeros(()))
+        # S: scores live in (-S, S) (saved with the router, so a checkpoint routes as trained)
+        self.register_buffer("score_bound", torch.tensor(float(score_bound)))
+        # score normalisation n = spread (raw - mean) / std + offset: batch statistics while the
+        # joint stage trains (batch_stats), their running average at inference (0 = not yet measured)
+        self.register_buffer("score_mean", torch.zeros(num_scores))
+        self.register_buffer("score_std", torch.zeros(num_scores))
+        self.offset = nn.Parameter(torch.zeros(num_scores))
+        self.register_buffer("spread", torch.tensor(float(spread)))  # saved: a checkpoint routes as trained
+        self.batch_stats = False
 
     @torch.no_grad()
     def set_input_scale(self, x: torch.Tensor) -> None:
         """Fix ``c`` = RMS of ``x`` ``[T, K]`` (called once, on the first calibration batch)."""
         self.in_scale.fill_(float(x.float().pow(2).mean().sqrt().clamp_min(1e-6)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores ``r`` ``[..., E-1]`` (float32) for inputs ``x`` ``[..., K]``."""
+    def raw_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP output ``W_2 SiLU(W_1 x / c + b_1) + b_2``, ``[..., E-1]``, before normalisation."""
         c = self.in_scale if self.in_scale > 0 else self.in_scale.new_ones(())
         h = self.act(self.fc1(x.float() / c))  # [..., hidden]
         return self.fc2(h)  # [..., E-1]
+
+    def _normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        flat = raw.reshape(-1, raw.shape[-1])
+        if self.batch_stats and flat.shape[0] > 1:
+            mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)  # differentiable, as in batch norm
+            with torch.no_grad():  # running statistics for inference (EMA over calibration batches)
+                if self.score_std.min() <= 0:
+                    self.score_mean.copy_(mean)
+                    self.score_std.copy_(std)
+                else:
+                    self.score_mean.lerp_(mean.detach(), 0.1)
+                    self.score_std.lerp_(std.detach(), 0.1)
+        elif self.score_std.min() > 0:
+            mean, std = self.score_mean, self.score_std
+        else:  # never calibrated: raw scores
+            return raw
+        return self.spread * (raw - mean) / std + self.offset
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, tau_logit: float, slice_bits, target_bits: float) -> None:
+        """Data-dependent start of the joint stage: on budget at ``τ`` (Sec. 4.2 budget, our initialisation).
+
+        Sets the running score statistics from ``x`` ``[T, K]`` and the offset so that the
+        hard nested masks at ``logit(τ)`` give ``target_bits`` on these tokens. Without it
+        every token starts with the same score (``fc2`` is initialised near 0), so the
+        first budget steps flip all tokens at once and leave them in the flat tails of
+        the surrogate. The ranking of tokens is still random; the reconstruction loss
+        learns it.
+        """
+        raw = self.raw_scores(x).reshape(-1, self.fc2.out_features)  # [T, E-1]
+        self.score_mean.copy_(raw.mean(0))
+        self.score_std.copy_(raw.std(0).clamp_min(1e-6))
+        self.offset.zero_()
+        z = self.spread * (raw - self.score_mean) / self.score_std
+        s = float(self.score_bound)
+        u = tau_logit if not math.isfinite(s) else s * math.atanh(max(min(tau_logit / s, 1 - 1e-7), -1 + 1e-7))
+        u_star = threshold_for_bits(z, slice_bits, target_bits)
+        if math.isfinite(u_star):
+            self.offset.fill_(u - u_star)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores ``r = S tanh(n / S)``, ``n`` the normalised MLP output; ``[..., E-1]`` (float32) for ``x`` ``[..., K]``."""
+        raw = self._normalise(self.raw_scores(x))
+        s = self.score_bound
+        # bounded score: identity near 0, never beyond ±S, so the surrogate σ((r - u)/T)
+        # keeps a gradient for every token (|r - u| <= S + |u|); S = inf = unbounded
+        return raw if not torch.isfinite(s) else s * torch.tanh(raw / s)
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -161,11 +233,45 @@ def slice_counts(logits: torch.Tensor, tau_logit: float) -> torch.Tensor:
     return 1 + nested_masks(logits, tau_logit).sum(-1)
 
 
-def ste_masks(logits: torch.Tensor, tau_logit: float) -> torch.Tensor:
-    """Straight-through nested masks: hard forward, soft ``Π_{j<=e} σ(r_j)`` gradient; float ``[..., E-1]``."""
+def soft_masks(logits: torch.Tensor, tau_logit: float, temperature: float = 1.0) -> torch.Tensor:
+    """Soft nested masks ``p_e = Π_{j<=e} σ((r_j - u) / T)``, centred on the threshold ``u``; ``[..., E-1]``."""
+    _check_logits(logits)
+    if not temperature > 0:
+        raise RouteError(f"surrogate temperature must be > 0, got {temperature}")
+    if not math.isfinite(tau_logit):
+        raise RouteError(f"the surrogate needs a finite threshold logit, got {tau_logit}")
+    return torch.sigmoid((logits - tau_logit) / temperature).cumprod(dim=-1)
+
+
+def ste_masks(logits: torch.Tensor, tau_logit: float, temperature: float = 1.0) -> torch.Tensor:
+    """Straight-through nested masks: hard forward, gradient of :func:`soft_masks` backward; float ``[..., E-1]``.
+
+    The soft mask is centred on the same ``u = logit(τ)`` as the hard one, so the
+    gradient is largest for the tokens the threshold is about to flip.
+    """
     hard = nested_masks(logits, tau_logit).to(logits.dtype)
-    soft = torch.sigmoid(logits).cumprod(dim=-1)  # p_e = Π_{j<=e} g_j
+    soft = soft_masks(logits, tau_logit, temperature)
     return hard + soft - soft.detach()
+
+
+@torch.no_grad()
+def surrogate_saturation(
+    logits: torch.Tensor, tau_logit: float, temperature: float = 1.0, score_bound: float = math.inf, rel: float = 1e-3
+) -> float:
+    """Share of scores whose surrogate gradient is below ``rel`` x its peak (0 = every score can still learn).
+
+    The gradient of ``σ((r - u)/T)`` with respect to the router's raw output is
+    ``σ'((r - u)/T) / T · dr/draw`` with ``dr/draw = 1 - (r/S)^2`` for the bounded
+    score (1 when unbounded); its peak is ``1 / (4T)`` (at ``r = u``, ``r = 0``).
+
+    Args:
+        logits: ``[..., E-1]`` scores ``r``.
+    """
+    z = (logits.double() - tau_logit) / temperature
+    g = torch.sigmoid(z) * torch.sigmoid(-z) * 4.0  # σ'(z) / σ'(0)
+    if math.isfinite(score_bound):
+        g = g * (1 - (logits.double() / score_bound) ** 2).clamp_min(0)
+    return float((g < rel).double().mean()) if g.numel() else math.nan
 
 
 def counts_to_bits(counts: torch.Tensor, slice_bits) -> torch.Tensor:
@@ -185,20 +291,39 @@ def mask_bits(masks: torch.Tensor, slice_bits) -> torch.Tensor:
     return bits[0] + masks @ w
 
 
-def budget_loss(mean_bits: torch.Tensor, target: float, slice_bits, weight: float, ref: float = 1.0) -> torch.Tensor:
-    """Bit-budget penalty ``weight · ref · ((b̄ - b*) / (B_E - B_1))^2`` (our form of Eq. 9's budget term).
+def budget_loss(
+    mean_bits: torch.Tensor, target: float, slice_bits, weight: float, ref: float = 1.0, multiplier: float = 0.0
+) -> torch.Tensor:
+    """Bit-budget term (our form of Eq. 9's): an augmented Lagrangian ``ref · (μ d + weight · d^2)``.
+
+    ``d = (b̄ - b*) / (B_E - B_1)``; ``μ`` is the multiplier of the constraint ``b̄ = b*``
+    (raised by :func:`dual_step` while the layer is over budget), ``weight`` the
+    quadratic penalty (the whole term when ``μ = 0``).
 
     Args:
         mean_bits: scalar mean bits over tokens (straight-through, so it is differentiable).
         target: ``b*`` in ``[B_1, B_E]``.
-        weight: ``λ(t)`` from :func:`warmup_weight`.
-        ref: error scale that makes ``weight`` dimensionless (block-MSE units).
+        weight: quadratic weight ``λ(t)`` from :func:`warmup_weight`.
+        ref: error scale that makes ``weight`` and ``μ`` dimensionless (block-MSE units).
+        multiplier: ``μ`` (dimensionless).
     """
     cum = cumulative_bits(slice_bits)
     if not cum[0] <= target <= cum[-1]:
         raise RouteError(f"target bits {target} outside the reachable range {cum[0]}..{cum[-1]}")
     span = max(cum[-1] - cum[0], 1)
-    return weight * ref * ((mean_bits - target) / span) ** 2
+    d = (mean_bits - target) / span
+    return ref * (multiplier * d + weight * d**2)
+
+
+def dual_step(multiplier: float, mean_bits: float, target: float, slice_bits, step_size: float) -> float:
+    """Dual ascent on the budget multiplier: ``μ <- μ + η (b̄ - b*) / (B_E - B_1)``.
+
+    ``b̄`` is the *hard* mean bits of the last step. Over budget, ``μ`` grows until the
+    budget gradient outweighs the reconstruction gradient that asks for more slices;
+    under budget it shrinks (it may go negative: ``b̄ = b*`` is an equality).
+    """
+    cum = cumulative_bits(slice_bits)
+    return float(multiplier) + float(step_size) * (float(mean_bits) - float(target)) / max(cum[-1] - cum[0], 1)
 
 
 def warmup_weight(step: int, warmup_steps: int, weight: float) -> float:

@@ -40,9 +40,10 @@ from tqdm.auto import tqdm
 from .atomic import OutputError, atomic_write, atomic_write_text, check_writable
 from .data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from .perplexity import perplexity
+from .mobiquant import DEFAULT_THRESHOLD_MODE, table_targets, threshold_table
 from .zoo import load_model
 
-__all__ = ["run_tour", "quantize_and_table", "threshold_table", "table_targets", "TOUR_SEQLEN", "TourSettings"]
+__all__ = ["run_tour", "quantize_and_table", "TOUR_SEQLEN", "TourSettings"]
 
 #: Full-protocol FP perplexity uses the model's whole context.
 TOUR_SEQLEN = 512
@@ -68,6 +69,8 @@ class TourSettings:
         self.table_step = 1.0 if quick else 0.5
         self.threshold_windows = 2 if quick else 4
         self.general_bits = (3.0, 4.0) if quick else (3.0, 4.0, 6.0)
+        self.controls_bits = (3.0,) if quick else (2.5, 3.0, 3.5, 5.0)  # routing vs controls, equal bits
+        self.refit_windows = 2 if quick else 4  # unlabelled windows of a new domain to refit thresholds on
         for k, v in overrides.items():
             if not hasattr(self, k):
                 raise TypeError(f"unknown tour setting {k!r}")
@@ -78,83 +81,12 @@ class TourSettings:
 
 
 # --- building blocks (also used by `mbq quantize`) -------------------------------------------
-@torch.no_grad()
-def threshold_table(
-    model, calib_ids, targets, tol: float = 0.05, max_steps: int = 16, max_probes: int = 400, batch_size: int = 8
-) -> dict:
-    """Global-``τ`` threshold table for many targets at once (Sec. 4.2's controller, probes shared).
-
-    Same controller as :func:`mbq_ref.mobiquant.calibrate_threshold` (one ``τ`` for
-    every layer, the average bits *measured* by a forward pass over ``calib_ids``
-    for each probe, since routing upstream changes what downstream layers see), but
-    every probe serves every target: the measured curve ``bits(u)``, ``u = logit(τ)``,
-    is non-increasing, so each target is bracketed by the probes already made and
-    refined by alternating interpolation and bisection steps inside its bracket.
-
-    Args:
-        model: a calibrated MoBiQuant model (routing mode; fixed slice counts are cleared).
-        calib_ids: ``[n, T]`` windows the bits are measured on.
-        targets: target average bits within ``[B_1, B_E]``.
-        tol: a target is done when a probe lands within ``tol / 4`` bits of it.
-        max_steps: refinement probes per target at most (interpolation converges in a few).
-        max_probes: forward passes allowed in total.
-    Returns:
-        ``{target: {"logits": {layer: u}, "achieved": bits}}`` (the best probe per
-        target), the form :func:`mbq_ref.checkpoint.save_checkpoint` takes.
-    """
-    from .mobiquant import average_bits, mobi_layers, reset_bit_stats, set_slices, set_token_slices
-
-    layers = mobi_layers(model)
-    set_token_slices(model, None)
-    set_slices(model, None)
-    device = next(model.parameters()).device
-    curve: dict[float, float] = {}
-
-    def probe(u: float) -> float:
-        if u not in curve:
-            for m in layers.values():
-                m.tau_logit = u
-            reset_bit_stats(model)
-            for i in range(0, len(calib_ids), batch_size):
-                model(input_ids=calib_ids[i : i + batch_size].to(device))
-            curve[u] = average_bits(model)
-        return curve[u]
-
-    # ±inf: every slice / base slice only; ±50: a finite bracket (router scores are O(1..10))
-    for u in (-math.inf, math.inf, -50.0, 50.0):
-        probe(u)
-    for target in sorted(float(t) for t in targets):
-        for step in range(max_steps):
-            if len(curve) >= max_probes:
-                break
-            best = min(curve.items(), key=lambda p: abs(p[1] - target))
-            if abs(best[1] - target) <= tol / 4:
-                break
-            # bracket: the largest u still at >= target bits, the smallest u at <= target bits
-            lo = max((u for u, b in curve.items() if b >= target and math.isfinite(u)), default=-50.0)
-            hi = min((u for u, b in curve.items() if b <= target and math.isfinite(u)), default=50.0)
-            if hi - lo < 1e-3:
-                break  # the measured curve steps over the target here (a few tokens' worth of bits)
-            b_lo, b_hi = curve[lo], curve[hi]
-            if step % 2 == 0 and b_lo > b_hi:
-                # linear interpolation in the bracket, kept away from its ends
-                u = lo + (b_lo - target) / (b_lo - b_hi) * (hi - lo)
-                u = min(max(u, lo + 0.02 * (hi - lo)), hi - 0.02 * (hi - lo))
-            else:
-                u = (lo + hi) / 2
-            probe(u)
-    table = {}
-    for target in targets:
-        u, bits = min(curve.items(), key=lambda p: (abs(p[1] - float(target)), abs(p[0])))
-        table[float(target)] = {"logits": {n: u for n in layers}, "achieved": bits}
-    return table
-
-
 def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 8, progress: bool = True) -> dict:
     """Calibrate MoBiQuant on ``model`` (in place) and build its threshold table.
 
     :func:`mbq_ref.mobiquant.quantize_mobiquant` (Alg. 1, two stages) followed by
-    :func:`threshold_table` on the first ``threshold_windows`` calibration windows.
+    :func:`mbq_ref.mobiquant.threshold_table` (the package's one controller, default mode)
+    on the first ``threshold_windows`` calibration windows.
     The model is left routing as calibrated (``cfg.tau``).
 
     Args:
@@ -166,11 +98,13 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
         ``{"thresholds": ..., "calibration": settings dict, "results": measured dict}``
         (the first in the form :func:`mbq_ref.checkpoint.save_checkpoint` takes).
     """
-    from .mobiquant import quantize_mobiquant, set_threshold
+    from .mobiquant import quantize_mobiquant, routing_diagnostics, set_threshold
 
     t0 = time.perf_counter()
     log = quantize_mobiquant(model, calib_ids, cfg, progress=progress)
     calib_s = time.perf_counter() - t0
+    # the budget check (issue 11): bits at the trained threshold on every calibration window
+    trained = routing_diagnostics(model, calib_ids)
     thr_ids = calib_ids[:threshold_windows]
     t1 = time.perf_counter()
     thresholds = threshold_table(model, thr_ids, targets)
@@ -184,13 +118,15 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
             "nsamples": int(calib_ids.shape[0]),
             "seqlen": int(calib_ids.shape[1]),
             "threshold_windows": int(thr_ids.shape[0]),
-            "threshold_controller": "one global tau for all layers, measured bits, shared probes (mbq_ref.tour.threshold_table)",
+            "threshold_controller": f"mbq_ref.mobiquant.threshold_table, mode {DEFAULT_THRESHOLD_MODE!r}, measured bits",
         },
         "results": {
             "calibration_seconds": round(calib_s, 2),
             "threshold_table_seconds": round(table_s, 2),
-            "avg_bits_trained": log["avg_bits"],
-            "layer_bits_trained": log["layer_bits"],
+            "train_bits": cfg.train_bits,
+            "avg_bits_trained": trained["avg_bits"],
+            "layer_bits_trained": trained["layer_bits"],
+            "surrogate_saturation": trained["saturation"],
             "block_mse": [
                 {"block": e.block, "stage": e.stage, "before": e.init_loss, "after": e.final_loss}
                 for e in log["calib"].entries
@@ -198,6 +134,12 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
             "table_targets_missed": misses,
         },
     }
+
+
+def _windows(ids, st: TourSettings):
+    """The first ``eval_windows`` evaluation windows of a 1-D token stream, ``[n, eval_seqlen]``."""
+    n = min(st.eval_windows, ids.numel() // st.eval_seqlen)
+    return ids[: n * st.eval_seqlen].view(n, st.eval_seqlen)
 
 
 def _ppl(model, ids, st: TourSettings) -> float:
@@ -254,6 +196,32 @@ def _sweep(ckpt, ids, st: TourSettings, targets, progress: bool, desc: str) -> l
         ppl = _ppl(ckpt.model, ids, st)
         rows.append({"target": float(target), "test_bits": _r(average_bits(ckpt.model)), "ppl": _r(ppl)})
     return rows
+
+
+def _controls_section(qm, calib_ids, test_ids, static_models: dict, st: TourSettings) -> dict:
+    """(a) router, (b) random, (c) oracle, (d) static mix at equal bits (:mod:`mbq_ref.routing_controls`), plus LWC."""
+    from .routing_controls import compare_controls, paired_delta
+
+    table = threshold_table(qm, calib_ids, st.controls_bits)
+    rows = compare_controls(qm, table, calib_ids, test_ids, seqlen=st.eval_seqlen, max_windows=st.eval_windows)
+    lwc = {}
+    for b, m in static_models["lwc"].items():
+        res = perplexity(m, test_ids, seqlen=st.eval_seqlen, max_windows=st.eval_windows, batch_size=8, progress=False)
+        lwc[str(b)] = {"ppl": _r(res.ppl), "window_nll": res.window_nll}
+    for row in rows:
+        b = row["target"]
+        if b == int(b) and str(int(b)) in lwc:  # a per-bit LWC model at exactly these bits
+            d, se = paired_delta(lwc[str(int(b))]["window_nll"], row["router"]["window_nll"])
+            row["lwc"] = {"bits": b, "ppl": lwc[str(int(b))]["ppl"], "delta_nll": d, "se": se}
+    for row in rows:  # the report keeps the summary; window NLLs only for the router (paired references)
+        for name in ("random", "oracle", "static"):
+            row[name].pop("window_nll")
+        for v in row.values():
+            if isinstance(v, dict):
+                for k in list(v):
+                    if isinstance(v[k], float):
+                        v[k] = _r(v[k])
+    return {"rows": rows, "lwc": {b: v["ppl"] for b, v in lwc.items()}, "windows": st.eval_windows}
 
 
 def _switch_cost(ckpt, bits_a: float, bits_b: float, repeats: int = 20) -> dict:
@@ -330,6 +298,18 @@ def _plots(report: dict, out: Path) -> list[str]:
     plt.close(fig)
     files.append("mismatch.png")
 
+    ctl = report.get("controls", {}).get("rows", [])
+    if ctl:
+        from .routing_controls import plot_controls
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        lwc_pts = [(r["lwc"]["bits"], r["lwc"]["delta_nll"], r["lwc"]["se"]) for r in ctl if "lwc" in r]
+        plot_controls(ax, ctl, {"LWC, per bit": lwc_pts})
+        fig.tight_layout()
+        fig.savefig(out / "controls.png", dpi=120)
+        plt.close(fig)
+        files.append("controls.png")
+
     lb = mq["layer_bits_at_3"]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     names = list(lb)
@@ -394,6 +374,24 @@ def _write_markdown(report: dict, path: Path) -> None:
               "| target bits | measured bits | PPL |", "|---|---|---|"]  # fmt: skip
     for r in mq["sweep"]:
         lines.append(f"| {r['target']:.2f} | {r['test_bits']:.3f} | {r['ppl']:.3f} |")
+    lines += ["", (f"Router training (budget check): {mq['avg_bits_trained']:.3f} bits at the trained threshold on the "
+              f"calibration windows and {mq['avg_bits_trained_test']:.3f} on the test windows, for `train_bits` "
+              f"{mq['train_bits']:g}; surrogate saturation "
+              f"{mq['surrogate_saturation']:.3f} (share of router scores whose straight-through gradient is below "
+              "1e-3 of its peak).")]  # fmt: skip
+    ctl = report.get("controls")
+    if ctl:
+        lines += ["", "## Routing against controls (same checkpoint, equal measured bits)", "",
+                  (f"Austen test, first {ctl['windows']} windows. ΔNLL: mean per-window NLL minus the router's, "
+                   "± paired standard error over windows (negative = better than the router)."), "",
+                  "| target | method | measured bits | PPL | ΔNLL ± SE |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in ctl["rows"]:
+            for name in ("router", "random", "oracle", "static", "lwc"):
+                if name not in r:
+                    continue
+                v = r[name]
+                lines.append(f"| {r['target']:g} | {name} | {v['bits']:.3f} | {v['ppl']:.3f} | "
+                             f"{v['delta_nll']:+.4f} ± {v['se']:.4f} |")  # fmt: skip
     ck = report["checkpoint"]
     lines += ["", "## One checkpoint, any precision", "",
               (f"`{ck['file']}`: {ck['bytes']:,} bytes, saved in {ck['save_seconds']:.2f} s, loaded and verified in "
@@ -405,11 +403,14 @@ def _write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {b} | {v['file_bytes']:,} | {v['load_seconds']:.3f} |")
     g = report["generalization"]
     lines += ["", "## Generalization (calibrated on austen)", "",
-              "| domain | target bits | measured bits | MoBiQuant PPL | RTN PPL | LWC PPL | FP32 PPL |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              (f"Refit: only the thresholds re-fitted on {st['refit_windows']} unlabelled windows of the domain's "
+               "train split (same controller), weights and routers unchanged."), "",
+              "| domain | target bits | measured bits | MoBiQuant PPL | refit: measured bits | refit: PPL | RTN PPL | LWC PPL | FP32 PPL |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for dom, rows in g.items():
         for r in rows:
-            lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | {_fmt(r['rtn'])} | "
+            lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | "
+                         f"{_fmt(r.get('refit_test_bits'))} | {_fmt(r.get('refit_ppl'))} | {_fmt(r['rtn'])} | "
                          f"{_fmt(r['lwc'])} | {r['fp']:.3f} |")  # fmt: skip
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     atomic_write_text(path, "\n".join(lines) + "\n", "report")
@@ -454,7 +455,16 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     """
     from .checkpoint import load_checkpoint, save_checkpoint
     from .fakequant import set_bits as set_static_bits
-    from .mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, set_slices
+    from .mobiquant import (
+        MoBiConfig,
+        average_bits,
+        layer_bits,
+        mobi_layers,
+        reset_bit_stats,
+        routing_diagnostics,
+        set_slices,
+        set_threshold,
+    )
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -530,6 +540,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     # everything below runs on the reloaded model: what a user of the file gets
     qm = ckpt.model
     t0 = time.time()
+    set_threshold(qm, cfg.tau)  # the trained threshold, on the test windows (the budget check's second half)
+    trained_test = routing_diagnostics(qm, _windows(test_ids["austen"], st))
     fixed = {}
     for k, bits in enumerate(ckpt.cumulative_bits, start=1):
         set_slices(qm, k)
@@ -545,6 +557,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "threshold_table_seconds": res["results"]["threshold_table_seconds"],
         "avg_bits_trained": _r(res["results"]["avg_bits_trained"]),
         "train_bits": cfg.train_bits,
+        "surrogate_saturation": _r(res["results"]["surrogate_saturation"]),
+        "avg_bits_trained_test": _r(trained_test["avg_bits"]),
         "block_mse": res["results"]["block_mse"],
         "table_targets": targets,
         "table_achieved_bits": [_r(v["achieved"]) for v in res["thresholds"].values()],
@@ -554,6 +568,12 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "layer_bits_at_3": lb3,
         "avg_bits_at_3": _r(average_bits(qm)),
     }
+
+    # --- routing against controls (issue 11): same checkpoint, same measured bits ---------------
+    t0 = time.time()
+    report["controls"] = _controls_section(qm, calib_ids[: st.threshold_windows], test_ids["austen"], static_models, st)
+    ckpt.set_bits(3.0)
+    timings["controls"] = time.time() - t0
 
     t0 = time.time()
     report["checkpoint"] = {
@@ -572,6 +592,16 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     gen = {}
     for dom in BUNDLED:
         rows = _sweep(ckpt, test_ids[dom], st, st.general_bits, progress, f"sweep {dom}")
+        if dom != cfg.calib.dataset:  # mitigation: refit only the thresholds on unlabelled text of the domain
+            dom_train = tokenize_corpus(tok, load_corpus(dom, "train"))
+            refit_ids = calibration_windows(dom_train, st.refit_windows, cfg.calib.seqlen, seed=cfg.calib.seed)
+            refit = threshold_table(qm, refit_ids, st.general_bits)
+            for r in rows:
+                set_threshold(qm, refit[r["target"]]["logits"], logit=True)
+                reset_bit_stats(qm)
+                r["refit_ppl"] = _r(_ppl(qm, test_ids[dom], st))
+                r["refit_test_bits"] = _r(average_bits(qm))
+            ckpt.set_bits(3.0)
         for r in rows:
             b = r["target"]
             r["fp"] = report["fp_eval"][dom]
@@ -592,16 +622,3 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     _save_json(report, out)
     _write_markdown(report, out / "report.md")
     return report
-
-
-def table_targets(step: float, slice_bits=(2, 2, 2, 2)) -> list[float]:
-    """Evenly spaced target bits from ``B_1`` to ``B_E`` (2..8 for slices 2,2,2,2), about ``step`` apart."""
-    from .errors import MBQError
-    from .mobislice import cumulative_bits
-
-    cum = cumulative_bits(slice_bits)
-    span = cum[-1] - cum[0]
-    if not 0 < step <= span:
-        raise MBQError(f"the threshold-table step must be in (0, {span}] bits, got {step}")
-    n = round(span / step)
-    return [round(cum[0] + i * span / n, 6) for i in range(n + 1)]

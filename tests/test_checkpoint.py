@@ -133,8 +133,10 @@ def test_threshold_table(saved):
     assert ck.table.logits_for(2.0) == {n: float("inf") for n in names}
     assert ck.table.logits_for(5.0) == {n: 0.0 for n in names}
     assert ck.table.logits_for(8.0) == {n: -1.0 - i for i, n in enumerate(names)}
-    # between rows: linear in logit(τ); an infinite end is replaced by its finite neighbour
-    assert ck.table.logits_for(6.5) == pytest.approx({n: 0.5 * (-1.0 - i) for i, n in enumerate(names)})
+    # between rows: linear in logit(τ), rows placed at the bits they measured (the 8.0 row: 7.9);
+    # an infinite end is replaced by its finite neighbour
+    w = (6.5 - 5.0) / (7.9 - 5.0)
+    assert ck.table.logits_for(6.5) == pytest.approx({n: w * (-1.0 - i) for i, n in enumerate(names)})
     assert ck.table.logits_for(3.0) == {n: 0.0 for n in names}
     ck.set_bits(8.0)
     assert [m.tau_logit for m in mobi_layers(ck.model).values()] == [-1.0 - i for i in range(len(names))]
@@ -752,3 +754,21 @@ def test_sigterm_during_save_leaves_no_temporary_file(quantized, saved, tmp_path
         save_checkpoint(quantized, path, {"base_model": "changed"})
     monkeypatch.undo()
     assert path.read_bytes() == before and _leftovers(tmp_path, path) == []
+
+
+def test_threshold_table_refuses_what_it_cannot_reach():
+    """A row that measured 2.75 bits for a 2.5 target: asking for 2.5 is an error, not 2.75 bits in silence."""
+    from mbq_ref.checkpoint import ThresholdTable
+
+    table = ThresholdTable(
+        torch.tensor([2.5, 3.0, 7.5], dtype=torch.float64),
+        torch.tensor([[3.0, 3.0], [2.0, 2.0], [-3.0, -3.0]], dtype=torch.float64),
+        ["a", "b"],
+        [2.75, 3.0, 7.41],
+    )
+    with pytest.raises(CheckpointError, match="reaches 2.750..7.410 measured bits, not 2.5"):
+        table.logits_for(2.5)
+    with pytest.raises(CheckpointError, match="not 7.6"):
+        table.logits_for(7.6)
+    assert table.logits_for(2.8) == pytest.approx({"a": 3.0 - 0.2, "b": 3.0 - 0.2})  # blend by measured bits
+    assert table.logits_for(7.5) == {"a": -3.0, "b": -3.0}  # 0.09 from its measurement: within reach

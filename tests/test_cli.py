@@ -82,11 +82,16 @@ def test_quantize_wrote_a_checkpoint(ckpt, capsys):
     code, out, _ = _run(capsys, "info", ckpt)
     assert code == 0
     assert "tiny-llama (LlamaForCausalLM" in out and "[2, 2, 2, 2] -> [2, 4, 6, 8]" in out and "28 MoBiLinear" in out
+    # the router's budget check: trained bits next to train_bits, and the surrogate saturation
+    assert "bits at the trained threshold" in out and "(train_bits 3)" in out and "surrogate saturation" in out
     code, out, _ = _run(capsys, "info", ckpt, "--json")
     meta = json.loads(out)
     assert meta["thresholds"]["targets"] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     assert meta["calibration"]["nsamples"] == 2 and meta["calibration"]["seqlen"] == 64
     assert meta["calibration"]["config"]["calib"]["epochs"] == 1
+    res = meta["results"]
+    assert res["train_bits"] == 3.0 and 2.0 <= res["avg_bits_trained"] <= 8.0 and 0 <= res["surrogate_saturation"] <= 1
+    assert len(meta["thresholds"]["achieved"]) == 7  # the table stores the bits it measured
 
 
 def test_eval_prints_ppl_and_measured_bits(ckpt, capsys):
@@ -355,3 +360,17 @@ def test_sigterm_exits_143_like_an_interrupt(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_info", lambda args: os.kill(os.getpid(), signal.SIGTERM))
     code, _, err = _run(capsys, "info", "x")
     assert code == 143 and err.strip() == "terminated"
+
+
+@pytest.mark.parametrize("step", ["1e-9", "0.01", "7"])
+def test_table_step_out_of_bounds_is_a_one_line_error(capsys, tmp_path, step):
+    """A table step that would grow without bound (1e-9 used to hang) is refused before any work."""
+    out = tmp_path / "x.safetensors"
+    _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--table-step", step, match="table step")
+    assert not out.exists()
+
+
+def test_table_step_bound_agrees_with_the_table():
+    from mbq_ref import cli, mobiquant
+
+    assert cli.MIN_TABLE_STEP == mobiquant.MIN_TABLE_STEP

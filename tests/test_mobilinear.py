@@ -109,18 +109,23 @@ def test_token_slices_override_and_bits():
 
 
 def test_router_gets_gradient_from_output_and_budget():
-    layer, _ = _layer(budget_weight=1.0, train_bits=2.0)
+    layer, _ = _layer(budget_weight=1.0, train_bits=2.0, budget_dual_step=6.0)
     layer.calib_stage = "joint"
     x = _x()
     y = layer(x)
     (y.pow(2).mean() + layer.calib_loss("joint")).backward()
-    assert layer.router.fc2.bias.grad.abs().sum() > 0
+    assert layer.router.offset.grad.abs().sum() > 0 and layer.router.fc1.weight.grad.abs().sum() > 0
     assert layer.clip.gamma.grad.abs().sum() > 0
-    # budget alone (all tokens start at 8 bits, target 2): it pushes every score down
+    # the first joint forward started the router on budget (target 2 = base slice only)
+    assert layer._last == {} and layer.router.score_std.min() > 0
+    # budget alone, every token pushed up to 8 bits: it pulls every score down
+    with torch.no_grad():
+        layer.router.offset.fill_(6.0)
     layer.zero_grad()
     layer(x)
     layer.calib_loss("joint").backward()
-    assert (layer.router.fc2.bias.grad > 0).all()
+    assert (layer.router.offset.grad > 0).all()
+    assert layer.budget_multiplier > 0  # and the dual step raised the multiplier
 
 
 def test_calib_parameters_per_stage():

@@ -23,8 +23,14 @@ from mbq_ref.mobiquant import (
     set_slices,
     set_threshold,
     set_token_slices,
+    DEFAULT_THRESHOLD_MODE,
+    THRESHOLD_MODES,
+    table_targets,
+    threshold_ends,
+    threshold_table,
     thresholds,
 )
+from mbq_ref.errors import MBQError
 
 VOCAB = 256
 # 16 AdamW steps per block and stage: a high clipping learning rate lets the logits move
@@ -136,11 +142,12 @@ def test_same_seed_bit_identical(fp_model, calibrated):
 @pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
 @pytest.mark.parametrize("target", [3.0, 5.0])
 def test_threshold_controller_converges(calibrated, per_layer, target):
+    mode = "per_layer" if per_layer else "global"
     model, _ = calibrated
     ids = _ids()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a miss would warn
-        taus = calibrate_threshold(model, ids, target, per_layer=per_layer, tol=0.05)
+        taus = calibrate_threshold(model, ids, target, mode=mode, tol=0.05)
     measured = average_bits(model)
     assert abs(measured - target) <= 0.05
     if per_layer:
@@ -165,8 +172,29 @@ def test_threshold_controller_converges(calibrated, per_layer, target):
 
 def test_controller_extremes(calibrated):
     model, _ = calibrated
-    assert calibrate_threshold(model, _ids(), 2.0) == 1.0 and average_bits(model) == 2.0
-    assert calibrate_threshold(model, _ids(), 8.0) == 0.0 and average_bits(model) == 8.0
+    u_all, u_base = threshold_ends(mobi_layers(model))
+    # bounded scores: the ends are finite and exact on any input
+    assert calibrate_threshold(model, _ids(), 2.0, logit=True) == u_base and average_bits(model) == 2.0
+    assert calibrate_threshold(model, _ids(), 8.0, logit=True) == u_all and average_bits(model) == 8.0
+    for u, bits in ((u_base, 2.0), (u_all, 8.0)):  # other text: still exact
+        set_threshold(model, u, logit=True)
+        reset_bit_stats(model)
+        with torch.no_grad():
+            model(input_ids=_ids(seed=7) * 0 + 3)
+        assert average_bits(model) == bits
+
+
+def test_controller_modes_and_errors(calibrated):
+    model, _ = calibrated
+    assert DEFAULT_THRESHOLD_MODE in THRESHOLD_MODES
+    with pytest.raises(MoBiError, match="mode"):
+        threshold_table(model, _ids(), [3.0], mode="both")
+    with pytest.raises(MoBiError, match="reachable"):
+        threshold_table(model, _ids(), [9.0])
+    assert table_targets(0.25)[:3] == [2.0, 2.25, 2.5] and len(table_targets(0.25)) == 25
+    for bad in (1e-9, 0.0, 7.0, -1.0):  # a table step that would grow without bound, or none
+        with pytest.raises(MBQError, match="step"):
+            table_targets(bad)
 
 
 def test_static_modes_and_bits(calibrated):
@@ -234,3 +262,56 @@ def test_presets():
     assert paper.slice_bits == (2, 2, 2, 2) and paper.group_size == 128
     assert (paper.calib.nsamples, paper.calib.seqlen, paper.calib.epochs, paper.calib.lwc_lr) == (128, 2048, 20, 1e-2)
     assert tiny.calib.dataset == "austen" and tiny.calib.nsamples * tiny.calib.seqlen < 128 * 2048
+
+
+# --- issue 11 acceptance on the bundled model (a small but real calibration) -----------------
+@pytest.fixture(scope="module")
+def tiny_real():
+    """The bundled tiny Llama, MoBiConfig.tiny() on 16 x 128 austen windows, batch 2: 16 steps per block and stage as in the tiny preset."""
+    from mbq_ref.data import calibration_windows, load_corpus, tokenize_corpus
+    from mbq_ref.zoo import load_model
+
+    model, tok = load_model("tiny-llama", with_tokenizer=True)
+    cfg = MoBiConfig.tiny()
+    cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.batch_size = 16, 128, 2
+    calib = calibration_windows(tokenize_corpus(tok, load_corpus("austen", "train")), 16, 128, seed=0)
+    test = tokenize_corpus(tok, load_corpus("austen", "test"))[: 8 * 128].reshape(8, 128)
+    log = quantize_mobiquant(model, calib, cfg, progress=False)
+    return model, calib, test, cfg, log
+
+
+@pytest.mark.slow
+def test_trained_router_meets_its_budget_without_saturating(tiny_real):
+    from mbq_ref.mobiquant import routing_diagnostics
+
+    model, calib, test, cfg, _ = tiny_real
+    set_threshold(model, cfg.tau)  # the trained threshold
+    on_calib = routing_diagnostics(model, calib)
+    on_test = routing_diagnostics(model, test)
+    assert abs(on_calib["avg_bits"] - cfg.train_bits) <= 0.15, on_calib["avg_bits"]
+    assert abs(on_test["avg_bits"] - cfg.train_bits) <= 0.3, on_test["avg_bits"]
+    assert on_calib["saturation"] < 0.05 and on_test["saturation"] < 0.05
+
+
+@pytest.mark.slow
+def test_set_bits_lands_on_every_quarter_bit(tiny_real, tmp_path):
+    """The table from the one controller, saved and reloaded: set_bits(b) within 0.1 bits on the calibration windows."""
+    from mbq_ref.checkpoint import load_checkpoint, save_checkpoint
+
+    model, calib, _, _, _ = tiny_real
+    table = threshold_table(model, calib, table_targets(0.25))
+    path = save_checkpoint(copy.deepcopy(model), tmp_path / "t.safetensors", {"base_model": "tiny-llama"}, thresholds=table)
+    ck = load_checkpoint(path, with_tokenizer=False)
+    for i in range(25):
+        b = 2.0 + 0.25 * i
+        ck.set_bits(b)
+        reset_bit_stats(ck.model)
+        with torch.no_grad():
+            ck.model(input_ids=calib)
+        assert abs(average_bits(ck.model) - b) <= 0.1, (b, average_bits(ck.model))
+    for b in (2.1, 3.3, 7.9):  # between rows too
+        ck.set_bits(b)
+        reset_bit_stats(ck.model)
+        with torch.no_grad():
+            ck.model(input_ids=calib)
+        assert abs(average_bits(ck.model) - b) <= 0.1, (b, average_bits(ck.model))

@@ -12,12 +12,15 @@ from mbq_ref.mobiroute import (
     MoBiRouter,
     RouteError,
     budget_loss,
+    dual_step,
     counts_to_bits,
     logit_to_tau,
     mask_bits,
     nested_masks,
     slice_counts,
+    soft_masks,
     ste_masks,
+    surrogate_saturation,
     tau_to_logit,
     threshold_for_bits,
     warmup_weight,
@@ -147,3 +150,46 @@ def test_bit_stats_accounting():
     torch.testing.assert_close(st_.fractions(), torch.tensor([2, 1, 0, 3], dtype=torch.float64) / 6)
     st_.reset()
     assert st_.tokens == 0 and math.isnan(st_.avg_bits) and st_.hist.sum() == 0
+
+
+def test_soft_masks_centred_on_threshold_and_saturation():
+    u = 1.5
+    r = torch.tensor([[u, u + 30.0, u]], requires_grad=True)
+    soft_masks(r, u, temperature=2.0)[..., 0].sum().backward()
+    # at r = u the gradient is the peak σ'(0) / T = 1 / (4T)
+    assert r.grad[0, 0].item() == pytest.approx(0.25 / 2.0)
+    far = torch.tensor([[u + 30.0, u, u]])
+    assert surrogate_saturation(far, u, 2.0) == pytest.approx(1 / 3)  # |z| = 15: flat
+    assert surrogate_saturation(torch.full((4, 3), u), u, 2.0) == 0.0
+    # a bounded score at its bound has no gradient through the tanh either
+    assert surrogate_saturation(torch.tensor([[4.0, 0.0, 0.0]]), 0.0, 1.0, score_bound=4.0) == pytest.approx(1 / 3)
+    with pytest.raises(RouteError):
+        soft_masks(r, math.inf)
+
+
+def test_dual_step_raises_the_multiplier_over_budget():
+    assert dual_step(0.0, 5.0, 3.0, SLICES, 6.0) == pytest.approx(2.0)  # (5 - 3) / 6 * 6
+    assert dual_step(1.0, 2.0, 3.0, SLICES, 6.0) == pytest.approx(0.0)
+    b = torch.tensor(5.0, requires_grad=True)
+    budget_loss(b, 3.0, SLICES, weight=0.0, ref=2.0, multiplier=3.0).backward()
+    assert b.grad.item() == pytest.approx(2.0 * 3.0 / 6.0)  # the Lagrangian term's gradient
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 5.0])
+def test_router_init_from_data_starts_on_budget(target):
+    torch.manual_seed(0)
+    router = MoBiRouter(64, 3, hidden=16, score_bound=8.0, spread=1.0)
+    x = torch.randn(512, 64)
+    assert torch.equal(router(x), 8.0 * torch.tanh(router.raw_scores(x) / 8.0))  # not calibrated yet: raw scores
+    router.init_from_data(x, 0.0, SLICES, target)
+    r = router(x)  # running statistics (inference)
+    assert counts_to_bits(slice_counts(r, 0.0), SLICES).mean().item() == pytest.approx(target, abs=0.02)
+    n = router._normalise(router.raw_scores(x)) - router.offset
+    torch.testing.assert_close(n.std(0), torch.ones(3), rtol=1e-3, atol=1e-3)  # spread 1 over the tokens
+    assert r.abs().max() < 8.0 and surrogate_saturation(r, 0.0, 1.0, 8.0) < 0.01
+    # batch statistics while training: the spread cannot run away, whatever the weights do
+    router.batch_stats = True
+    with torch.no_grad():
+        router.fc2.weight.mul_(100.0)
+    n = router(x) - router.offset
+    assert n.std(0).max() < 1.01 and surrogate_saturation(router(x), 0.0, 1.0, 8.0) < 0.01

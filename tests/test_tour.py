@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mbq_ref.checkpoint import load_checkpoint
-from mbq_ref.tour import TourSettings, run_tour, threshold_table
+from mbq_ref.mobiquant import threshold_table
+from mbq_ref.tour import TourSettings, run_tour
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
@@ -16,6 +17,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 MICRO = {
     "fp_max_windows": 1, "eval_windows": 1, "eval_seqlen": 128, "rtn_bits": (2, 8), "lwc_bits": (2, 3),
     "sweep": (2.0, 3.0, 8.0), "table_step": 2.0, "threshold_windows": 2, "general_bits": (3.0,),
+    "controls_bits": (3.0,), "refit_windows": 1,
     "calib": {"nsamples": 2, "seqlen": 64, "epochs": 1},
 }  # fmt: skip
 
@@ -59,7 +61,8 @@ def test_files_written(tour):
     md = (out / "report.md").read_text()
     for heading in ("Full-precision perplexity", "Headline", "Static per-bit PTQ", "MoBiQuant", "One checkpoint", "Generalization"):
         assert heading in md
-    assert sorted(report["plots"]) == ["layer_bits.png", "mismatch.png", "ppl_vs_bits.png"]
+    assert sorted(report["plots"]) == ["controls.png", "layer_bits.png", "mismatch.png", "ppl_vs_bits.png"]
+    assert "Routing against controls" in md
 
 
 def test_every_report_key_is_documented(tour):
@@ -88,10 +91,16 @@ def test_numbers_are_consistent(tour):
     assert mq["sweep"][0]["test_bits"] == 2.0 and mq["sweep"][-1]["test_bits"] == 8.0
     assert mq["fixed"]["8"]["ppl"] == mq["sweep"][-1]["ppl"]
     assert set(mq["fixed"]) == {"2", "4", "6", "8"}
+    assert 2.0 <= mq["avg_bits_trained_test"] <= 8.0 and 0.0 <= mq["surrogate_saturation"] <= 1.0
     assert set(report["static"]["lwc"]["2"]["eval_at_bits"]) == {"2", "3"}
     assert report["checkpoint"]["roundtrip_identical"] is True
     assert report["checkpoint"]["switch"]["weight_bytes_loaded"] == 0
     assert set(report["generalization"]) == {"austen", "bible", "shakespeare"}
+    assert "refit_ppl" in report["generalization"]["bible"][0] and "refit_ppl" not in report["generalization"]["austen"][0]
+    (row,) = report["controls"]["rows"]
+    # random keeps the router's per-layer histogram on its inputs: the same bits up to upstream changes
+    assert row["router"]["delta_nll"] == 0.0 and abs(row["random"]["bits"] - row["router"]["bits"]) < 0.5
+    assert row["static"]["bits"] <= 3.0 + 1e-9 and row["lwc"]["bits"] == 3.0
     assert report["headline"]["rows"][1]["rtn"] is None  # RTN was not run at 3 bits in this micro tour
     assert report["headline"]["rows"][1]["lwc"] == report["static"]["lwc"]["3"]["ppl"]
 

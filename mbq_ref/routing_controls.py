@@ -1,0 +1,243 @@
+"""Routing measured against controls: is the trained MoBiRoute router better than chance? (paper Sec. 4.2, 5)
+
+The paper's claim is that the learned router puts the slices where they matter.
+At one *measured* average bit-width, one calibrated checkpoint is evaluated with:
+
+(a) ``router``   the trained routers at the controller's thresholds
+                 (:func:`mbq_ref.mobiquant.threshold_table`, default mode);
+(b) ``random``   the same per-layer slice-count histogram as (a) on the same inputs,
+                 given to random tokens (a permutation of the router's counts):
+                 same bits, no information;
+(c) ``oracle``   the same histogram, the most slices to the tokens whose base-slice
+                 output error ``||x_t (W - Ŵ_1)^T||^2`` is largest (measured, per
+                 layer; an upper reference a router could aim at);
+(d) ``static``   the best static mix: whole layers at fixed widths (no routing), chosen
+                 greedily on calibration windows by measured layer-output error saved
+                 per bit (:func:`static_mix`), average bits as close to the target as
+                 the layer sizes allow without exceeding it.
+
+Every method is evaluated on the same test windows; :func:`paired_delta` gives the
+mean difference of per-window NLL against (a) with its paired standard error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import MBQError
+from .mobiquant import (
+    average_bits,
+    mobi_layers,
+    reset_bit_stats,
+    set_slices,
+    set_threshold,
+    set_token_slices,
+)
+from .mobiroute import slice_counts
+from .mobislice import cumulative_bits
+from .perplexity import perplexity
+
+__all__ = [
+    "CONTROLS",
+    "compare_controls",
+    "layer_errors",
+    "oracle_routing",
+    "paired_delta",
+    "plot_controls",
+    "random_routing",
+    "static_mix",
+]
+
+#: The routing methods compared, in report order.
+CONTROLS = ("router", "random", "oracle", "static")
+
+
+def random_routing(seed: int = 0):
+    """``token_slices`` policy (b): the router's own slice counts, permuted over the tokens of each call.
+
+    Keeps each layer's slice-count histogram (so the bits) on its inputs, drops which token gets what.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def policy(layer, x: torch.Tensor) -> torch.Tensor:
+        counts = slice_counts(layer.router(x), layer.tau_logit)  # x.shape[:-1]
+        flat = counts.reshape(-1)
+        return flat[torch.randperm(flat.numel(), generator=gen).to(flat.device)].reshape(counts.shape)
+
+    return policy
+
+
+def oracle_routing():
+    """``token_slices`` policy (c): the router's histogram, assigned by measured base-slice error (largest first)."""
+
+    def policy(layer, x: torch.Tensor) -> torch.Tensor:
+        counts = slice_counts(layer.router(x), layer.tau_logit)
+        flat = counts.reshape(-1)
+        x2 = x.reshape(-1, layer.in_features).float()
+        err = ((x2 @ (layer.weight.float() - layer.dequant(1)).T) ** 2).sum(-1)  # [T] base-slice output error
+        out = torch.empty_like(flat)
+        out[err.argsort(descending=True)] = flat.sort(descending=True).values
+        return out.reshape(counts.shape)
+
+    return policy
+
+
+@torch.no_grad()
+def layer_errors(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Each layer's output error at every width, ``e_l(k) = Σ_t ||x_t (W - Ŵ_k)^T||^2``, float64 ``[E]``.
+
+    Measured on ``calib_ids`` with every layer at full width (inputs close to FP).
+    """
+    layers = mobi_layers(model)
+    if not layers:
+        raise MBQError("model has no MoBiLinear layers; call quantize_mobiquant first")
+    errs = {n: torch.zeros(m.num_slices, dtype=torch.float64) for n, m in layers.items()}
+
+    def hook_for(name):
+        def hook(mod, args):
+            errs[name] += mod.token_errors(args[0]).double().sum(-1).cpu()
+
+        return hook
+
+    set_token_slices(model, None)
+    set_slices(model, max(m.num_slices for m in layers.values()))
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, len(calib_ids), batch_size):
+            model(input_ids=calib_ids[i : i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    set_slices(model, None)
+    return errs
+
+
+def static_mix(model: nn.Module, errors: dict[str, torch.Tensor], target_bits: float) -> dict[str, int]:
+    """Control (d): a slice count per layer (whole layers at fixed widths) with average bits <= ``target_bits``.
+
+    Starting from the base slice everywhere, the layer step ``k -> k+1`` with the largest
+    reduction of :func:`layer_errors` per added weight-bit is taken while the
+    weight-count-weighted average stays within the target (a greedy knapsack).
+
+    Returns:
+        ``{layer path: k}``.
+    """
+    layers = mobi_layers(model)
+    errs = errors
+    sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
+    total = sum(sizes.values())
+    cum = {n: cumulative_bits(m.slice_bits) for n, m in layers.items()}
+    k = dict.fromkeys(layers, 1)
+    bits = sum(sizes[n] * cum[n][0] for n in layers) / total
+    while True:
+        best, best_gain = None, -math.inf
+        for n in layers:
+            if k[n] >= len(cum[n]):
+                continue
+            add = sizes[n] * (cum[n][k[n]] - cum[n][k[n] - 1]) / total
+            if bits + add > target_bits + 1e-9:
+                continue
+            gain = float(errs[n][k[n] - 1] - errs[n][k[n]]) / (add * total)
+            if gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            break
+        bits += sizes[best] * (cum[best][k[best]] - cum[best][k[best] - 1]) / total
+        k[best] += 1
+    return k
+
+
+def paired_delta(nll: list[float], ref: list[float]) -> tuple[float, float]:
+    """Mean per-window NLL difference ``nll - ref`` and its paired standard error (same windows)."""
+    d = torch.tensor(nll, dtype=torch.float64) - torch.tensor(ref, dtype=torch.float64)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else math.nan, math.nan
+    return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(len(d)))
+
+
+def _eval(model, test_ids, seqlen, max_windows) -> dict:
+    reset_bit_stats(model)
+    res = perplexity(model, test_ids, seqlen=seqlen, max_windows=max_windows, batch_size=8, progress=False)
+    return {"bits": average_bits(model), "ppl": res.ppl, "window_nll": list(map(float, res.window_nll))}
+
+
+@torch.no_grad()
+def compare_controls(
+    model: nn.Module,
+    table: dict[float, dict],
+    calib_ids: torch.Tensor,
+    test_ids: torch.Tensor,
+    seqlen: int = 256,
+    max_windows: int | None = 16,
+    seed: int = 0,
+) -> list[dict]:
+    """Evaluate (a)-(d) of the module docstring at every target of ``table`` on the same test windows.
+
+    Args:
+        model: a calibrated MoBiQuant model.
+        table: rows of :func:`mbq_ref.mobiquant.threshold_table` for the targets to compare.
+        calib_ids: windows for the static mix's error measurement.
+        test_ids: 1-D test token ids (GPTQ protocol windows of ``seqlen``).
+    Returns:
+        one dict per target: ``target``, ``calib_bits`` (the table's), and per method
+        ``{"bits", "ppl", "window_nll", "delta_nll", "se"}`` (deltas against ``router``),
+        plus ``static_layers`` (the mix chosen for ``static``).
+    """
+    rows = []
+    errors = layer_errors(model, calib_ids)
+    for target, entry in sorted(table.items()):
+        row: dict = {"target": float(target), "calib_bits": float(entry["achieved"])}
+        set_threshold(model, entry["logits"], logit=True)
+        row["router"] = _eval(model, test_ids, seqlen, max_windows)
+        set_token_slices(model, random_routing(seed))
+        row["random"] = _eval(model, test_ids, seqlen, max_windows)
+        set_token_slices(model, oracle_routing())
+        row["oracle"] = _eval(model, test_ids, seqlen, max_windows)
+        set_token_slices(model, None)
+        mix = static_mix(model, errors, float(target))
+        for n, m in mobi_layers(model).items():
+            m.fixed_k = mix[n]
+        row["static"] = _eval(model, test_ids, seqlen, max_windows)
+        row["static_layers"] = mix
+        set_slices(model, None)
+        ref = row["router"]["window_nll"]
+        for name in CONTROLS:
+            row[name]["delta_nll"], row[name]["se"] = paired_delta(row[name]["window_nll"], ref)
+        rows.append(row)
+    set_threshold(model, next(iter(table.values()))["logits"], logit=True)
+    return rows
+
+
+#: Legend labels of :func:`plot_controls`.
+LABELS = {
+    "router": "(a) trained router",
+    "random": "(b) random, same histogram",
+    "oracle": "(c) oracle by sensitivity",
+    "static": "(d) best static mix",
+}
+
+
+def plot_controls(ax, rows: list[dict], extra: dict[str, list[tuple[float, float, float]]] | None = None) -> None:
+    """ΔNLL against the router (± paired SE) per method vs measured bits, on a matplotlib ``ax``.
+
+    Args:
+        rows: :func:`compare_controls` output.
+        extra: more points ``{label: [(bits, delta_nll, se), ...]}`` (e.g. per-bit LWC baselines).
+    """
+    for j, name in enumerate(CONTROLS):
+        xs = [r[name]["bits"] + 0.02 * (j - 1.5) for r in rows]  # small offsets: error bars stay apart
+        se = [r[name]["se"] if math.isfinite(r[name]["se"]) else 0.0 for r in rows]
+        ax.errorbar(xs, [r[name]["delta_nll"] for r in rows], yerr=se, fmt="o-", capsize=3, label=LABELS[name])
+    for label, pts in (extra or {}).items():
+        if pts:
+            b, d, e = zip(*pts)
+            ax.errorbar(b, d, yerr=[x if math.isfinite(x) else 0.0 for x in e], fmt="^", capsize=3, label=label)
+    ax.axhline(0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("average bits (measured on the test windows)")
+    ax.set_ylabel("mean NLL per window minus the router's (nats)")
+    ax.set_title("Routing vs controls at equal bits (± paired SE)")
+    ax.legend(fontsize=8)
