@@ -284,6 +284,7 @@ def test_symlink_loop_is_named(capsys, tmp_path):
         (["quantize", "--model", "tiny-llama", "--out", "x", "--seed", str(2**70)], "--seed"),
         (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "1e-9"], "--table-step"),
         (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "nan"], "--table-step"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "7"], "--table-step"),
         (["generate", "{ckpt}", "--prompt", "x", "--seed", str(2**70)], "--seed"),
         (["generate", "{ckpt}", "--prompt", "x", "--temperature", "-1"], "--temperature"),
         (["generate", "{ckpt}", "--prompt", "x", "--temperature", "nan"], "--temperature"),
@@ -291,7 +292,7 @@ def test_symlink_loop_is_named(capsys, tmp_path):
         (["eval", "{ckpt}", "--bits", "3", "--seqlen", "1"], "--seqlen"),
         (["frobnicate"], "invalid choice"),
     ],
-    ids=["missing", "not-int", "seed-quantize", "table-step-tiny", "table-step-nan", "seed-generate",
+    ids=["missing", "not-int", "seed-quantize", "table-step-tiny", "table-step-nan", "table-step-large", "seed-generate",
          "temperature-negative", "temperature-nan", "top-k-negative", "seqlen-1", "unknown-command"],
 )  # fmt: skip
 def test_argument_errors_are_one_line(capsys, ckpt, argv, match):
@@ -360,14 +361,6 @@ def test_sigterm_exits_143_like_an_interrupt(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_info", lambda args: os.kill(os.getpid(), signal.SIGTERM))
     code, _, err = _run(capsys, "info", "x")
     assert code == 143 and err.strip() == "terminated"
-
-
-@pytest.mark.parametrize("step", ["1e-9", "0.01", "7"])
-def test_table_step_out_of_bounds_is_a_one_line_error(capsys, tmp_path, step):
-    """A table step that would grow without bound (1e-9 used to hang) is refused before any work."""
-    out = tmp_path / "x.safetensors"
-    _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--table-step", step, match="table step")
-    assert not out.exists()
 
 
 def test_table_step_bound_agrees_with_the_table():
