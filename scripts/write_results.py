@@ -27,8 +27,12 @@ from mbq_ref.results import CHAPTERS, WRITE_ENV  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("chapters", nargs="*", type=int, choices=sorted(CHAPTERS), help="default: all")
+    # no `choices=`: with nargs="*" argparse would check the empty default against them and refuse it
+    ap.add_argument("chapters", nargs="*", type=int, help=f"chapters among {sorted(CHAPTERS)} (default: all)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.chapters) - set(CHAPTERS))
+    if unknown:
+        ap.error(f"no results file for chapter(s) {unknown}; choose among {sorted(CHAPTERS)}")
     chapters = args.chapters or sorted(CHAPTERS)
     env = dict(os.environ, **{WRITE_ENV: "1", "MPLBACKEND": "Agg"})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -1,7 +1,6 @@
 """The bundled tiny Llama, load_model, and the reproducible training script."""
 
 import math
-import time
 from dataclasses import replace
 
 import pytest
@@ -23,10 +22,8 @@ def test_bundled_model_is_a_real_llama(tiny_llama):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
 
-def test_load_is_fast_and_greedy_generation_runs(tiny_llama):
-    t0 = time.time()
+def test_load_and_greedy_generation_runs(tiny_llama):
     model, tok = load_model("tiny-llama", with_tokenizer=True)
-    assert time.time() - t0 < 20
     ids = tok("It is a truth", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5
