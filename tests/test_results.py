@@ -60,4 +60,4 @@ def test_record_checks_by_default_and_writes_only_when_asked(tmp_path, monkeypat
 
 def test_write_script_refuses_unknown_chapter():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_results.py"), "9"], capture_output=True, text=True)
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert out.returncode == 2 and "no results file for chapter(s) [9]" in out.stderr
