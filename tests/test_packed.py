@@ -124,3 +124,44 @@ def test_zero_point_is_on_the_finest_grid(models):
     for k in range(1, 5):
         ours = dequant_codes(codes, layer.scale, layer.zero, SB, k, G)
         torch.testing.assert_close(ours, layer_ref.sliced.dequant(k), rtol=0, atol=0)
+
+
+def test_mobiquant_controls_serve_packed_layers(models):
+    """mobi_layers, set_threshold, set_slices and the bit statistics treat packed layers as MoBiLinear ones."""
+    from mbq_ref import mobiquant as mq
+
+    ref, packed, _ = models
+    assert list(mq.mobi_layers(packed)) == list(mq.mobi_layers(ref))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    layers = packed_layers(packed).values()
+    for m in layers:
+        m.backend = "torch"  # the whole model: the torch reference is the quick path on CPU
+    try:
+        for setting in ({"tau": 0.7}, {"k": 2}):
+            for model in (ref, packed):
+                if "tau" in setting:
+                    mq.set_threshold(model, setting["tau"])
+                else:
+                    mq.set_slices(model, setting["k"])
+                mq.reset_bit_stats(model)
+                with torch.no_grad():
+                    model(ids)
+            assert mq.thresholds(packed) == mq.thresholds(ref)
+            assert mq.layer_bits(packed) == mq.layer_bits(ref)
+            assert mq.average_bits(packed) == mq.average_bits(ref)
+        assert mq.average_bits(packed) == 4.0  # set_slices(2): B_2 = 4 bits everywhere
+    finally:
+        for model in (ref, packed):
+            mq.set_threshold(model, 0.5)
+        for m in layers:
+            m.backend = "kernels"
+
+
+def test_packed_model_is_not_saved(models, tmp_path):
+    """A checkpoint stores codes; a packed model (planes only) is refused before anything is written."""
+    from mbq_ref.checkpoint import CheckpointError, save_checkpoint
+
+    _, packed, _ = models
+    with pytest.raises(CheckpointError, match="save the model before packing"):
+        save_checkpoint(packed, tmp_path / "p.safetensors")
+    assert list(tmp_path.iterdir()) == []
