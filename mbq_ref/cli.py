@@ -488,9 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole metadata as JSON")
     i.set_defaults(func=_cmd_info)
 
-    b = sub.add_parser("bench", help="GPU kernel benchmark (forwards to cuda_numba.bench; --e2e: cuda_numba.e2e; "
-                       "--sim without a GPU)", add_help=False, description=(
-                       "Forwards every argument to `python -m cuda_numba.bench`, or with --e2e to `python -m cuda_numba.e2e`."))
+    b = sub.add_parser(
+        "bench", add_help=False,
+        help="GPU kernel benchmark (forwards to cuda_numba.bench; --e2e: cuda_numba.e2e; --sim without a GPU)",
+        description="Forwards every argument to `python -m cuda_numba.bench` (with --e2e: `python -m cuda_numba.e2e`).",
+    )  # fmt: skip
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of cuda_numba.bench (see `mbq bench --help`)")
     b.set_defaults(func=_cmd_bench)
     return p

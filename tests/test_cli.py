@@ -129,38 +129,39 @@ def test_generate_prints_a_table(ckpt, capsys):
     assert "target measured" in out and out.count("\n") >= 5 and out.split("---\n")[1].startswith("Emma")
 
 
+def _float_and_packed(capsys, *argv):
+    """The `--json` output of ``argv`` as loaded (float MoBiLinear) and with ``--packed`` (bit-planes, on the CPU)."""
+    rows = []
+    for extra in ((), ("--packed",)):
+        code, out, err = _run(capsys, *argv, "--json", "--no-progress", *extra)
+        assert code == 0, err
+        rows.append(json.loads(out))
+    return rows
+
+
 def test_eval_packed_matches_the_float_path(ckpt, capsys):
     """--packed on the CPU: the checkpoint served from bit-planes (torch reference of the kernels);
     same routing, so the same measured bits, and the same PPL; the memory per weight is reported."""
     from mbq_ref.checkpoint import read_metadata
 
     g = read_metadata(ckpt)["quantization"]["group_size"]
-    argv = ("eval", ckpt, "--bits", "3.0", "--seqlen", "128", "--max-windows", "2", "--json", "--no-progress")
-    code, out, _ = _run(capsys, *argv)
-    assert code == 0
-    ref = json.loads(out)
-    code, out, _ = _run(capsys, *argv, "--packed")
-    assert code == 0
-    got = json.loads(out)
+    argv = ("eval", ckpt, "--bits", "3.0", "--seqlen", "128", "--max-windows", "2")
+    ref, got = _float_and_packed(capsys, *argv)
     assert (ref["backend"], got["backend"]) == ("float", "packed") and got["device"] == "cpu"
     assert got["measured_bits"] == ref["measured_bits"] and ref["weight_bits_per_weight"] is None
     assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
-    assert got["weight_bits_per_weight"] == pytest.approx(8 + 64 / g)  # B_E planes + float32 scale + int32 zero per group
-    code, out, _ = _run(capsys, *argv[:-2], "--no-progress", "--packed")
+    # B_E = 8 planes + a float32 scale and an int32 zero point per group of g weights
+    assert got["weight_bits_per_weight"] == pytest.approx(8 + 64 / g)
+    code, out, _ = _run(capsys, *argv, "--no-progress", "--packed")
     assert code == 0 and "packed backend: 28 layers" in out and "bits per weight" in out
 
 
 def test_generate_packed_matches_the_float_path(ckpt, capsys):
-    argv = ("generate", ckpt, "--prompt", "Emma", "--schedule", "2:2,8:3", "--json", "--no-progress")
-    code, out, _ = _run(capsys, *argv)
-    assert code == 0
-    ref = json.loads(out)
-    code, out, _ = _run(capsys, *argv, "--packed")
-    assert code == 0
-    got = json.loads(out)
+    ref, got = _float_and_packed(capsys, "generate", ckpt, "--prompt", "Emma", "--schedule", "2:2,8:3")
     assert got["backend"] == "packed" and got["weight_bits_per_weight"] > 8
     assert got["text"] == ref["text"]
-    assert [s["measured_bits"] for s in got["tokens"]] == [s["measured_bits"] for s in ref["tokens"]] == [2.0] * 2 + [8.0]
+    bits = [s["measured_bits"] for s in got["tokens"]]
+    assert bits == [s["measured_bits"] for s in ref["tokens"]] == [2.0, 2.0, 8.0]
 
 
 @pytest.mark.parametrize("cmd", [["eval", "--bits", "3"], ["generate", "--prompt", "x"]], ids=["eval", "generate"])
