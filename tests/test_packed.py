@@ -165,3 +165,32 @@ def test_packed_model_is_not_saved(models, tmp_path):
     with pytest.raises(CheckpointError, match="save the model before packing"):
         save_checkpoint(packed, tmp_path / "p.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_served_by_the_kernels(tmp_path):
+    """The CLI's path in the simulator: a saved checkpoint loaded, packed (Checkpoint.pack) and routed by set_bits,
+    run on the kernels with CPU tensors: the unpacked load's routing, measured bits and logits."""
+    from mbq_ref.calibrate import CalibConfig
+    from mbq_ref.checkpoint import load_checkpoint, save_checkpoint
+    from mbq_ref.mobiquant import MoBiConfig, average_bits, bit_stats, quantize_mobiquant, reset_bit_stats
+
+    model = random_llama("llama", hidden=64, layers=1, vocab=64, seed=0)
+    cfg = MoBiConfig(group_size=G, calib=CalibConfig(nsamples=2, seqlen=16, epochs=1, batch_size=2, dataset="random"))
+    quantize_mobiquant(model, torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6)), cfg, progress=False)
+    path = save_checkpoint(model, tmp_path / "m.safetensors", {"base_model": "random-llama"},
+                           thresholds={2.0: 1.0, 5.0: 0.5, 8.0: 0.0})  # fmt: skip
+    ref, ck = (load_checkpoint(path, with_tokenizer=False) for _ in range(2))
+    report = ck.pack(backend="kernels")
+    assert report["layers"] == 7 and report["packed_bits_per_weight"] == pytest.approx(8 + 64 / G)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(7))
+    for c in (ref, ck):
+        c.set_bits(5.0)
+        reset_bit_stats(c.model)
+    with torch.no_grad():
+        want, got = ref.model(ids).logits, ck.model(ids).logits
+    assert all(isinstance(m, PackedMoBiLinear) for m in packed_layers(ck.model).values())
+    hist_ref, hist = ({n: s.hist for n, s in bit_stats(c.model).items()} for c in (ref, ck))
+    assert hist.keys() == hist_ref.keys() and all(torch.equal(hist[n], hist_ref[n]) for n in hist)
+    assert sum(int((h > 0).sum() > 1) for h in hist.values()) >= 3  # tokens at several precisions in one launch
+    assert average_bits(ck.model) == average_bits(ref.model)
+    torch.testing.assert_close(got, want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
