@@ -9,13 +9,13 @@
 # .whl/ holds a numpy<2.5 wheel (see benchmarks/README.md) it is installed to /tmp/site first;
 # otherwise, on numpy >= 2.5, benchmarks/numpy_compat/ (restores np.row_stack) goes on PYTHONPATH.
 # Steps (each under its own timeout; a failing step does not stop the later ones):
-#   1. MBQ_REAL_GPU=1 pytest -m gpu tests/cuda                              (<= 140 s)
+#   1. MBQ_REAL_GPU=1 pytest -m gpu tests/cuda (incl. mbq eval/generate --device cuda) (<= 140 s)
 #   2. decode targets: 14336x4096, 4096x14336, 4096x4096; T = 1, 2, 4, 8; bits 2, 4, 8;
 #      fp16, gemv2 (11-29 best), gemv4, gemv5, fused-gemv6; call and kernel time    (<= 140 s)
 #   3. mixed precision (3 and 5 average bits) on 4096x14336: the routed paths        (<= 45 s)
 #   4. prefill T = 512 on 14336x4096 at 2.5 and 4 bits: fp16, gemm3, streams-gemm3     (<= 45 s)
 #   5. end to end: decode tok/s + weight memory, fp16 vs packed at 2/4/6/8 bits and routed,
-#      random Llama-2-7B-shaped and small models (python -m cuda_numba.e2e)         (<= 100 s)
+#      random Llama-2-7B-shaped and small models (mbq bench --e2e = cuda_numba.e2e)  (<= 100 s)
 # Files: $OUT/gpu_check.log (every step's full output) and one JSON per bench step.
 # Exit code: number of failed steps (0 = all passed).
 set -u
@@ -65,12 +65,12 @@ if [ $SIM = 1 ]; then
     step pytest 600 env NUMBA_ENABLE_CUDASIM=1 $PY -m pytest "${PYTEST_OPTS[@]}" tests/cuda/test_slice_gemv.py -k "fused or versions"
     BENCH=($PY -m cuda_numba.bench --sim)
     SH_DEC=96x13 SH_MIX=64x11 SH_PRE=64x11 T_DEC=1,3 T_PRE=9 BITS_DEC=2,8
-    E2E=(env NUMBA_ENABLE_CUDASIM=1 $PY -m cuda_numba.e2e --sim --models tiny --prompt 2 --new-tokens 1 --settings 2)
+    E2E=(env NUMBA_ENABLE_CUDASIM=1 $PY -m mbq_ref.cli bench --e2e --sim --models tiny --prompt 2 --new-tokens 1 --settings 2)
 else
     step pytest 140 env MBQ_REAL_GPU=1 $PY -m pytest "${PYTEST_OPTS[@]}" -m gpu tests/cuda
     BENCH=($PY -m cuda_numba.bench --no-plot --out-dir "$RES")
     SH_DEC=14336x4096,4096x14336,4096x4096 SH_MIX=4096x14336 SH_PRE=14336x4096 T_DEC=1,2,4,8 T_PRE=512 BITS_DEC=2,4,8
-    E2E=($PY -m cuda_numba.e2e --models small,llama2-7b --prompt 16 --new-tokens 32 --out-dir "$RES")
+    E2E=($PY -m mbq_ref.cli bench --e2e --models small,llama2-7b --prompt 16 --new-tokens 32 --out-dir "$RES")
 fi
 step decode 140 "${BENCH[@]}" --shapes $SH_DEC --tokens $T_DEC --bits $BITS_DEC \
     --kernels fp16,gemv2,gemv4,gemv5,fused-gemv6 --reps 20 --time-budget 100

@@ -638,7 +638,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or "python -m cuda_numba.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Results are written by this script only; never edit them by hand.",
+        epilog="Results are written by this script only; never edit them by hand."
+        + ("\nmbq bench --e2e [--sim] [ARGS]: end-to-end decode tok/s and memory, fp16 vs packed "
+           "(python -m cuda_numba.e2e; `mbq bench --e2e --help`)." if prog == "mbq bench" else ""),
     )
     ap.add_argument("--shapes", default=None, help=f"KxN list (default {DEFAULT_SHAPES}; --sim: {SIM_SHAPES})")
     ap.add_argument("--tokens", default=None, help=f"token counts (default {DEFAULT_TOKENS}; --sim: {SIM_TOKENS})")
@@ -665,18 +667,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+def enter_simulator(module: str, argv) -> int | None:
+    """Turn Numba's CUDA simulator on for a ``--sim`` run (it must be on before ``numba.cuda`` is imported).
+
+    In this process when ``numba.cuda`` is not imported yet (returns None); otherwise re-runs
+    ``python -m module argv`` in a child with it on and returns the child's exit code.
+    """
+    import numba
+
+    if numba.config.ENABLE_CUDASIM:
+        return None
+    if "numba.cuda" in sys.modules or "numba_cuda" in sys.modules:  # too late to switch: re-run in a child
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        cmd = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    numba.config.reload_config()
+    return None
+
+
 def main(argv=None, prog: str | None = None) -> int:
     """Entry point (``python -m cuda_numba.bench``, later ``mbq bench``); returns the exit code."""
     args = build_parser(prog).parse_args(argv)
     import numba
 
-    if args.sim and not numba.config.ENABLE_CUDASIM:
-        if "numba.cuda" in sys.modules or "numba_cuda" in sys.modules:  # too late to switch: re-run in a child
-            env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-            cmd = [sys.executable, "-m", "cuda_numba.bench", *(sys.argv[1:] if argv is None else argv)]
-            return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-        numba.config.reload_config()
+    if args.sim and (rc := enter_simulator("cuda_numba.bench", argv)) is not None:
+        return rc
     sim = bool(args.sim)
     if not args.sim:
         from . import _common

@@ -1,7 +1,8 @@
 """End-to-end decode speed and memory of the packed backend vs fp16 (issue 12, item 5).
 
     python -m cuda_numba.e2e                      # real GPU: Llama-2-7B-shaped random model + a small one
-    python -m cuda_numba.e2e --models tiny --sim  # CUDA simulator: a tiny model, correctness of the loop only
+    python -m cuda_numba.e2e --sim                # CUDA simulator: a tiny model, correctness of the loop only
+    mbq bench --e2e [--sim] [ARGS...]             # the same, from the command line
 
 A model with random weights (no hub access) is decoded greedily with a KV cache: the prompt
 is prefilled, then ``--new-tokens`` tokens are generated one at a time and timed (CUDA
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MODELS", "build_model", "decode_tokens_per_s", "main", "pack_random"]
+__all__ = ["MODELS", "PAPER_TOK_S", "build_model", "decode_tokens_per_s", "main", "pack_random", "paper_line"]
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (hidden, intermediate, layers, heads, kv heads, vocab)
@@ -174,12 +175,29 @@ def _run_model(name, args, device, sim) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cuda_numba.e2e", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="small,llama2-7b", help=f"comma-separated, from {sorted(MODELS)}")
-    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (prefilled, not timed)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (timed)")
-    ap.add_argument("--settings", default="2,4,6,8,routed", help="static bit-widths and/or 'routed'")
+# defaults: (real GPU, --sim); the simulator runs Python threads, so its demo is one tiny model, a few tokens
+DEFAULTS = {
+    "models": ("small,llama2-7b", "tiny"),
+    "prompt": (16, 2),
+    "new_tokens": (32, 2),
+    "settings": ("2,4,6,8,routed", "2,routed"),
+}
+
+
+def paper_line() -> str:
+    """The paper's decode speeds, printed beside ours for orientation."""
+    return "paper (MoBiQuant, LLaMA2-7B, A100): " + ", ".join(f"{b} bits {t} tok/s" for b, t in PAPER_TOK_S.items())
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """Entry point (``python -m cuda_numba.e2e``, ``mbq bench --e2e``); returns the exit code."""
+    ap = argparse.ArgumentParser(prog=prog or "python -m cuda_numba.e2e", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=None, help=f"comma-separated, from {sorted(MODELS)} (default: "
+                    f"{DEFAULTS['models'][0]}; --sim: {DEFAULTS['models'][1]})")  # fmt: skip
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens, prefilled, not timed (default 16; --sim: 2)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens, timed (default 32; --sim: 2)")
+    ap.add_argument("--settings", default=None, help="static bit-widths and/or 'routed' (default "
+                    f"{DEFAULTS['settings'][0]}; --sim: {DEFAULTS['settings'][1]})")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sim", action="store_true", help="CUDA simulator: tiny model, correctness only (NOT speed)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
@@ -189,6 +207,14 @@ def main(argv=None) -> int:
 
     from . import bench
 
+    if args.sim and (rc := bench.enter_simulator("cuda_numba.e2e", argv)) is not None:
+        return rc
+    for key, (gpu, sim_default) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, sim_default if args.sim else gpu)
+    if args.prompt < 1 or args.new_tokens < 1:
+        print("cuda_numba.e2e: --prompt and --new-tokens must be at least 1")
+        return 2
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # renamed in newer transformers
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
@@ -202,7 +228,7 @@ def main(argv=None) -> int:
         return 2
     sim = bool(numba.config.ENABLE_CUDASIM)
     if args.sim != sim:
-        print("cuda_numba.e2e: --sim needs NUMBA_ENABLE_CUDASIM=1 (and a real GPU run needs it unset)")
+        print("cuda_numba.e2e: the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): pass --sim, or unset it on a GPU")
         return 2
     from ._common import real_gpu_available
 
@@ -212,6 +238,7 @@ def main(argv=None) -> int:
     device = "cpu" if sim else "cuda"
     if sim:
         print("SIMULATOR: the times below are NOT performance numbers")
+    print(paper_line(), flush=True)
     rows = []
     for name in names:
         rows += _run_model(name, args, device, sim)
@@ -224,6 +251,7 @@ def main(argv=None) -> int:
             "argv": sys.argv[1:] if argv is None else list(argv),
             "device": {"name": "CUDA simulator"} if sim else bench._device_info(None),
             "method": "greedy decode with KV cache, random weights; tok/s = new tokens / synchronised wall time",
+            "paper_a100_tok_s": {str(b): t for b, t in PAPER_TOK_S.items()},
         },
         "results": rows,
     }

@@ -749,6 +749,11 @@ def save_checkpoint(
     path = Path(path)
     meta = dict(meta or {})
     layers = _mobi_layers(model)
+    from .packed import PackedMoBiLinear
+
+    packed = [n for n, m in layers.items() if isinstance(m, PackedMoBiLinear)]
+    if packed:  # bit-planes only: no codes in the stored layout (and nothing half-written)
+        raise CheckpointError(f"layer {packed[0]!r} is packed (pack_model); save the model before packing it")
     names = list(layers)
     tensors: dict[str, torch.Tensor] = {}
     layer_info = []
@@ -816,6 +821,18 @@ class Checkpoint:
     def cumulative_bits(self) -> list[int]:
         """Readable precisions ``[B_1, ..., B_E]`` (2/4/6/8 for slices 2,2,2,2)."""
         return list(self.meta["quantization"]["cumulative_bits"])
+
+    def pack(self, backend: str = "auto") -> dict:
+        """Serve the model from bit-planes: :func:`mbq_ref.packed.pack_model`, in place; returns its memory report.
+
+        Call it before moving the model to a GPU (the float weights then never reach it);
+        routing, thresholds and :meth:`set_bits` work on the packed layers unchanged.
+        """
+        from .packed import pack_model
+
+        report = pack_model(self.model, backend=backend)
+        self._layers = None  # set_bits looks the (new) layers up again
+        return report
 
     def set_bits(self, bits: float) -> dict[str, float]:
         """Route at target average ``bits`` with the threshold table (no recalibration); returns ``{layer: logit(τ)}``.

@@ -8,6 +8,7 @@
     mbq generate  FILE --prompt TEXT --bits 4 [--schedule 2:8,6:16] [--max-new-tokens N]
     mbq info      FILE                                  the checkpoint's metadata, checked
     mbq bench     ...                                   GPU kernel benchmark (cuda_numba.bench)
+    mbq bench     --e2e ...                             decode tok/s and memory, fp16 vs packed (cuda_numba.e2e)
 
 Exit codes: 0 success, 2 bad usage or input (one line on stderr: what is wrong
 and how to fix it), 1 an internal failure (with the traceback).
@@ -127,6 +128,48 @@ def _context(meta: dict) -> int | None:
     return meta["base_model"]["config"].get("max_position_embeddings")
 
 
+def _serving(args):
+    """``--device`` and ``--packed`` resolved before anything is loaded: ``(device, packed)``.
+
+    On CUDA the model is served by the packed backend (bit-planes, the Numba kernels); on CPU
+    only with ``--packed`` (the torch reference reading the same bit-planes).
+    """
+    device = _device(args.device)
+    if device == "cuda":
+        from cuda_numba._common import real_gpu_available
+
+        if not real_gpu_available() and args.device == "auto":
+            device = "cpu"  # torch sees a GPU but the kernels cannot use it: auto falls back
+        elif not real_gpu_available():
+            raise UsageError("--device cuda needs Numba's CUDA kernels, but Numba sees no GPU (or the CUDA simulator "
+                             "is on, NUMBA_ENABLE_CUDASIM=1); use --device cpu")  # fmt: skip
+    return device, device == "cuda" or args.packed
+
+
+def _load_served(args, device: str, packed: bool):
+    """Load the checkpoint; pack it (on the CPU, so no float weight reaches the GPU); move it to ``device``.
+
+    Returns ``(checkpoint, memory)``; ``memory`` is None unpacked, else pack_model's report
+    plus ``device_bytes`` (``torch.cuda.memory_allocated`` after the move, on CUDA).
+    """
+    import torch
+
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.file)
+    memory = ckpt.pack() if packed else None
+    ckpt.model.to(device)
+    if memory is not None and device == "cuda":
+        memory["device_bytes"] = torch.cuda.memory_allocated()
+    return ckpt, memory
+
+
+def _memory_line(memory: dict) -> str:
+    return (f"packed backend: {memory['layers']} layers, {memory['packed_bits_per_weight']:.2f} bits per weight "
+            f"(bit-planes + scales + zero points; the float path holds {memory['torch_bytes_per_weight']:.1f} "
+            "bytes per weight)")  # fmt: skip
+
+
 # --- mbq tour --------------------------------------------------------------------
 def _cmd_tour(args) -> int:
     from .tour import run_tour
@@ -198,7 +241,7 @@ def _cmd_quantize(args) -> int:
 def _cmd_eval(args) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint, read_metadata
+    from .checkpoint import read_metadata
     from .data import DATASETS, load_corpus, tokenize_corpus
     from .mobiquant import average_bits, reset_bit_stats, set_slices
     from .perplexity import perplexity
@@ -214,9 +257,8 @@ def _cmd_eval(args) -> int:
     cum = meta["quantization"]["cumulative_bits"]
     if args.static and args.bits not in cum:
         raise UsageError(f"--static reads whole slices: --bits must be one of {', '.join(map(str, cum))}")
-    ckpt = load_checkpoint(args.file)
-    device = _device(args.device)
-    ckpt.model.to(device)
+    device, packed = _serving(args)
+    ckpt, memory = _load_served(args, device, packed)
     ids = tokenize_corpus(ckpt.tokenizer, load_corpus(args.dataset, "test"))
     t0 = time.perf_counter()
     if args.static:
@@ -239,10 +281,15 @@ def _cmd_eval(args) -> int:
         "windows": res.n_windows,
         "seqlen": seqlen,
         "switch_ms": round(1e3 * switch_s, 3),
+        "device": device,
+        "backend": "packed" if packed else "float",
+        "weight_bits_per_weight": round(memory["packed_bits_per_weight"], 4) if memory else None,
     }
     if args.json:
         print(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False))
     else:
+        if memory:
+            print(_memory_line(memory))
         print(
             f"{args.dataset} test, {res.n_windows} x {seqlen} tokens: PPL {res.ppl:.3f} at target {args.bits:g} bits "
             f"({row['mode']}), measured average {measured:.3f} bits per weight"
@@ -252,7 +299,7 @@ def _cmd_eval(args) -> int:
 
 # --- mbq generate --------------------------------------------------------------------
 def _cmd_generate(args) -> int:
-    from .checkpoint import load_checkpoint, read_metadata
+    from .checkpoint import read_metadata
     from .generate import generate, parse_schedule
 
     try:
@@ -265,8 +312,8 @@ def _cmd_generate(args) -> int:
     for b, _ in schedule:
         _check_bits(meta, b, "--schedule")
     max_new = args.max_new_tokens or (schedule[-1][1] if schedule else 32)
-    ckpt = load_checkpoint(args.file)
-    ckpt.model.to(_device(args.device))
+    device, packed = _serving(args)
+    ckpt, memory = _load_served(args, device, packed)
     res = generate(
         ckpt.model, ckpt.tokenizer, args.prompt, ckpt.set_bits, bits=args.bits, schedule=schedule,
         max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
@@ -277,8 +324,12 @@ def _cmd_generate(args) -> int:
             "prompt": res.prompt, "prompt_tokens": res.prompt_tokens, "prompt_bits": res.prompt_bits,
             "text": res.text, "seconds": res.seconds,
             "tokens": [vars(s) for s in res.steps],
+            "device": device, "backend": "packed" if packed else "float",
+            "weight_bits_per_weight": memory["packed_bits_per_weight"] if memory else None,
         }, allow_nan=False))  # fmt: skip
         return 0
+    if memory:
+        print(_memory_line(memory))
     print(res.table())
     switches = [s for s in res.steps if s.switch_seconds > 0]
     sw = f"; {len(switches)} budget switch(es), {1e3 * sum(s.switch_seconds for s in switches):.2f} ms in total" if switches else ""
@@ -324,6 +375,9 @@ def _cmd_info(args) -> int:
 # --- mbq bench -------------------------------------------------------------------------
 def _cmd_bench(args) -> int:
     argv = list(args.bench_args)
+    e2e = "--e2e" in argv  # end to end (cuda_numba.e2e) instead of the kernel grid (cuda_numba.bench)
+    if e2e:
+        argv.remove("--e2e")
     wants_sim = any(len(a.split("=")[0]) >= 4 and "--sim".startswith(a.split("=")[0]) for a in argv)
     if not wants_sim and not {"-h", "--help"} & set(argv):
         from cuda_numba._common import real_gpu_available
@@ -331,12 +385,20 @@ def _cmd_bench(args) -> int:
         if not real_gpu_available():  # checked here so the message is our one line on stderr
             raise UsageError("no CUDA GPU found (Numba sees none, or the CUDA simulator is on); run it on a GPU "
                              "machine, or pass --sim for a simulator demo (not a performance number)")  # fmt: skip
+    if e2e:
+        from cuda_numba.e2e import main as e2e_main
+
+        return int(e2e_main(argv, prog="mbq bench --e2e") or 0)
     from cuda_numba.bench import main as bench_main  # lazy: mbq_ref must import without numba.cuda
 
     return int(bench_main(argv, prog="mbq bench") or 0)
 
 
 # --- parser ------------------------------------------------------------------------------
+PACKED_HELP = ("serve from bit-planes, scales and zero points only (mbq_ref/packed.py); always on with --device cuda, "
+               "on the CPU the torch reference of the kernels (slower, for checking)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mbq`` argument parser (one sub-command per task)."""
     p = _Parser(
@@ -391,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=_positive(int), default=None, help="evaluate only the first N windows (default: all)")
     e.add_argument("--batch-size", type=_positive(int), default=1, help="windows per forward pass (default 1)")
     e.add_argument("--static", action="store_true", help="every token reads the same slices (--bits must be 2, 4, 6 or 8)")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default: cuda if available; cuda runs the packed backend on the Numba kernels")
+    e.add_argument("--packed", action="store_true", help=PACKED_HELP)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_eval)
@@ -411,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_int_range(0, 2**31 - 1, "a token count"), default=0,
                    help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--seed", type=_seed, default=0, help="sampling seed, 0..2^32-1")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default: cuda if available; cuda runs the packed backend on the Numba kernels")
+    g.add_argument("--packed", action="store_true", help=PACKED_HELP)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.set_defaults(func=_cmd_generate)
@@ -422,8 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole metadata as JSON")
     i.set_defaults(func=_cmd_info)
 
-    b = sub.add_parser("bench", help="GPU kernel benchmark (forwards to cuda_numba.bench; --sim without a GPU)",
-                       add_help=False, description="Forwards every argument to `python -m cuda_numba.bench`.")
+    b = sub.add_parser(
+        "bench", add_help=False,
+        help="GPU kernel benchmark (forwards to cuda_numba.bench; --e2e: cuda_numba.e2e; --sim without a GPU)",
+        description="Forwards every argument to `python -m cuda_numba.bench` (with --e2e: `python -m cuda_numba.e2e`).",
+    )  # fmt: skip
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of cuda_numba.bench (see `mbq bench --help`)")
     b.set_defaults(func=_cmd_bench)
     return p

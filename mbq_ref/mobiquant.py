@@ -35,6 +35,7 @@ from .fakequant import check_group_size, quantizable_linears
 from .mobilinear import STAGES, MoBiError, MoBiLinear
 from .mobiroute import BitStats, logit_to_tau, surrogate_saturation, threshold_for_bits
 from .mobislice import cumulative_bits
+from .packed import PackedMoBiLinear
 from .perplexity import perplexity
 
 __all__ = [
@@ -125,9 +126,14 @@ class MoBiConfig:
         return cls(router_lr=1e-2, calib=replace(CalibConfig.tiny(), epochs=2))
 
 
-def mobi_layers(model: nn.Module) -> dict[str, MoBiLinear]:
-    """Every :class:`MoBiLinear` of ``model`` by module path (empty before :func:`quantize_mobiquant`)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, MoBiLinear)}
+def mobi_layers(model: nn.Module) -> dict[str, MoBiLinear | PackedMoBiLinear]:
+    """Every :class:`MoBiLinear` of ``model`` by module path (empty before :func:`quantize_mobiquant`).
+
+    Includes :class:`mbq_ref.packed.PackedMoBiLinear` layers (after :func:`mbq_ref.packed.pack_model`):
+    they route, take thresholds and count bits exactly as MoBiLinear does, so every routing
+    and bit-statistics function below serves both.
+    """
+    return {n: m for n, m in model.named_modules() if isinstance(m, (MoBiLinear, PackedMoBiLinear))}
 
 
 def _layers(model: nn.Module) -> dict[str, MoBiLinear]:

@@ -129,6 +129,63 @@ def test_generate_prints_a_table(ckpt, capsys):
     assert "target measured" in out and out.count("\n") >= 5 and out.split("---\n")[1].startswith("Emma")
 
 
+def _float_and_packed(capsys, *argv):
+    """The `--json` output of ``argv`` as loaded (float MoBiLinear) and with ``--packed`` (bit-planes, on the CPU)."""
+    rows = []
+    for extra in ((), ("--packed",)):
+        code, out, err = _run(capsys, *argv, "--json", "--no-progress", *extra)
+        assert code == 0, err
+        rows.append(json.loads(out))
+    return rows
+
+
+def test_eval_packed_matches_the_float_path(ckpt, capsys):
+    """--packed on the CPU: the checkpoint served from bit-planes (torch reference of the kernels);
+    same routing, so the same measured bits, and the same PPL; the memory per weight is reported."""
+    from mbq_ref.checkpoint import read_metadata
+
+    g = read_metadata(ckpt)["quantization"]["group_size"]
+    argv = ("eval", ckpt, "--bits", "3.0", "--seqlen", "128", "--max-windows", "2")
+    ref, got = _float_and_packed(capsys, *argv)
+    assert (ref["backend"], got["backend"]) == ("float", "packed") and got["device"] == "cpu"
+    assert got["measured_bits"] == ref["measured_bits"] and ref["weight_bits_per_weight"] is None
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+    # B_E = 8 planes + a float32 scale and an int32 zero point per group of g weights
+    assert got["weight_bits_per_weight"] == pytest.approx(8 + 64 / g)
+    code, out, _ = _run(capsys, *argv, "--no-progress", "--packed")
+    assert code == 0 and "packed backend: 28 layers" in out and "bits per weight" in out
+
+
+def test_generate_packed_matches_the_float_path(ckpt, capsys):
+    ref, got = _float_and_packed(capsys, "generate", ckpt, "--prompt", "Emma", "--schedule", "2:2,8:3")
+    assert got["backend"] == "packed" and got["weight_bits_per_weight"] > 8
+    assert got["text"] == ref["text"]
+    bits = [s["measured_bits"] for s in got["tokens"]]
+    assert bits == [s["measured_bits"] for s in ref["tokens"]] == [2.0, 2.0, 8.0]
+
+
+@pytest.mark.parametrize("cmd", [["eval", "--bits", "3"], ["generate", "--prompt", "x"]], ids=["eval", "generate"])
+def test_device_cuda_without_gpu_exits_2(capsys, ckpt, cmd):
+    """--device cuda (the packed kernels) on a machine without CUDA: one line, before loading anything."""
+    _one_line_error(capsys, cmd[0], ckpt, *cmd[1:], "--device", "cuda", match="--device cuda")
+
+
+def test_bench_e2e_sim_prints_the_paper_beside(capsys):
+    """`mbq bench --e2e --sim`: the end-to-end decode loop on the packed kernels in the simulator (tiny model)."""
+    code, out, _ = _run(capsys, "bench", "--e2e", "--sim", "--prompt", "1", "--new-tokens", "1", "--settings", "2")
+    assert code == 0, out
+    assert "NOT performance numbers" in out
+    assert "LLaMA2-7B, A100): 2 bits 404 tok/s, 3 bits 311 tok/s, 4 bits 256 tok/s" in out
+    row = next(ln for ln in out.splitlines() if "packed" in ln and "tok/s" in ln)
+    assert "tiny" in row and "2.00 bits" in row
+
+
+def test_bench_e2e_without_gpu_exits_2(capsys):
+    code, out, err = _run(capsys, "bench", "--e2e")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("mbq bench: error: no CUDA GPU") and "--sim" in err
+
+
 # --- bad input: one line, exit 2 ---------------------------------------------------------------
 def test_missing_file(capsys, tmp_path):
     _one_line_error(capsys, "eval", tmp_path / "nope.safetensors", "--bits", "3", match="no such file")

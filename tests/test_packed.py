@@ -124,3 +124,73 @@ def test_zero_point_is_on_the_finest_grid(models):
     for k in range(1, 5):
         ours = dequant_codes(codes, layer.scale, layer.zero, SB, k, G)
         torch.testing.assert_close(ours, layer_ref.sliced.dequant(k), rtol=0, atol=0)
+
+
+def test_mobiquant_controls_serve_packed_layers(models):
+    """mobi_layers, set_threshold, set_slices and the bit statistics treat packed layers as MoBiLinear ones."""
+    from mbq_ref import mobiquant as mq
+
+    ref, packed, _ = models
+    assert list(mq.mobi_layers(packed)) == list(mq.mobi_layers(ref))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    layers = packed_layers(packed).values()
+    for m in layers:
+        m.backend = "torch"  # the whole model: the torch reference is the quick path on CPU
+    try:
+        for setting in ({"tau": 0.7}, {"k": 2}):
+            for model in (ref, packed):
+                if "tau" in setting:
+                    mq.set_threshold(model, setting["tau"])
+                else:
+                    mq.set_slices(model, setting["k"])
+                mq.reset_bit_stats(model)
+                with torch.no_grad():
+                    model(ids)
+            assert mq.thresholds(packed) == mq.thresholds(ref)
+            assert mq.layer_bits(packed) == mq.layer_bits(ref)
+            assert mq.average_bits(packed) == mq.average_bits(ref)
+        assert mq.average_bits(packed) == 4.0  # set_slices(2): B_2 = 4 bits everywhere
+    finally:
+        for model in (ref, packed):
+            mq.set_threshold(model, 0.5)
+        for m in layers:
+            m.backend = "kernels"
+
+
+def test_packed_model_is_not_saved(models, tmp_path):
+    """A checkpoint stores codes; a packed model (planes only) is refused before anything is written."""
+    from mbq_ref.checkpoint import CheckpointError, save_checkpoint
+
+    _, packed, _ = models
+    with pytest.raises(CheckpointError, match="save the model before packing"):
+        save_checkpoint(packed, tmp_path / "p.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_served_by_the_kernels(tmp_path):
+    """The CLI's path in the simulator: a saved checkpoint loaded, packed (Checkpoint.pack) and routed by set_bits,
+    run on the kernels with CPU tensors: the unpacked load's routing, measured bits and logits."""
+    from mbq_ref.calibrate import CalibConfig
+    from mbq_ref.checkpoint import load_checkpoint, save_checkpoint
+    from mbq_ref.mobiquant import MoBiConfig, average_bits, bit_stats, quantize_mobiquant, reset_bit_stats
+
+    model = random_llama("llama", hidden=64, layers=1, vocab=64, seed=0)
+    cfg = MoBiConfig(group_size=G, calib=CalibConfig(nsamples=2, seqlen=16, epochs=1, batch_size=2, dataset="random"))
+    quantize_mobiquant(model, torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6)), cfg, progress=False)
+    path = save_checkpoint(model, tmp_path / "m.safetensors", {"base_model": "random-llama"},
+                           thresholds={2.0: 1.0, 5.0: 0.5, 8.0: 0.0})  # fmt: skip
+    ref, ck = (load_checkpoint(path, with_tokenizer=False) for _ in range(2))
+    report = ck.pack(backend="kernels")
+    assert report["layers"] == 7 and report["packed_bits_per_weight"] == pytest.approx(8 + 64 / G)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(7))
+    for c in (ref, ck):
+        c.set_bits(5.0)
+        reset_bit_stats(c.model)
+    with torch.no_grad():
+        want, got = ref.model(ids).logits, ck.model(ids).logits
+    assert all(isinstance(m, PackedMoBiLinear) for m in packed_layers(ck.model).values())
+    hist_ref, hist = ({n: s.hist for n, s in bit_stats(c.model).items()} for c in (ref, ck))
+    assert hist.keys() == hist_ref.keys() and all(torch.equal(hist[n], hist_ref[n]) for n in hist)
+    assert sum(int((h > 0).sum() > 1) for h in hist.values()) >= 3  # tokens at several precisions in one launch
+    assert average_bits(ck.model) == average_bits(ref.model)
+    torch.testing.assert_close(got, want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))

@@ -151,3 +151,36 @@ def test_packed_model_on_cuda(n_tokens):
     assert agree >= len(hist) - 2  # fp16 activations may flip a token at the threshold in a layer or two
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) < 5e-2 * scale
+
+
+def test_cli_eval_and_generate_on_cuda(tmp_path, capsys):
+    """`mbq eval/generate --device cuda`: a checkpoint served by the packed backend on the kernels.
+
+    Against `--device cpu --packed` (the torch reference reading the same planes): the same
+    PPL within float rounding and nearly the same measured bits (a token at a threshold may flip).
+    """
+    import json
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch")
+    from mbq_ref.cli import main
+
+    ck = tmp_path / "tiny.mbq.safetensors"
+    quick = ["--nsamples", "2", "--seqlen", "64", "--epochs", "1", "--table-step", "1", "--threshold-windows", "2"]
+    assert main(["quantize", "--model", "tiny-llama", "--out", str(ck), "--device", "cpu", "--no-progress", *quick]) == 0
+    capsys.readouterr()
+    rows = {}
+    for dev in (["--device", "cuda"], ["--device", "cpu", "--packed"]):
+        argv = ["eval", str(ck), "--bits", "3", "--seqlen", "64", "--max-windows", "2", "--json", "--no-progress", *dev]
+        assert main(argv) == 0
+        rows[dev[1]] = json.loads(capsys.readouterr().out)
+    assert rows["cuda"]["device"] == "cuda" and rows["cuda"]["backend"] == "packed"
+    assert rows["cuda"]["weight_bits_per_weight"] == pytest.approx(8.5)
+    assert rows["cuda"]["ppl"] == pytest.approx(rows["cpu"]["ppl"], rel=1e-2)
+    assert abs(rows["cuda"]["measured_bits"] - rows["cpu"]["measured_bits"]) < 0.1
+    argv = ["generate", str(ck), "--prompt", "Emma", "--schedule", "2:2,8:3", "--device", "cuda", "--json", "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [s["measured_bits"] for s in res["tokens"]] == [2.0, 2.0, 8.0] and res["backend"] == "packed"
