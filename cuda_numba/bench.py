@@ -633,8 +633,9 @@ def _plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The bench's options; ``parser_class`` lets ``mbq bench`` give its own one-line error format."""
+    ap = parser_class(
         prog=prog or "python -m cuda_numba.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -686,9 +687,9 @@ def enter_simulator(module: str, argv) -> int | None:
     return None
 
 
-def main(argv=None, prog: str | None = None) -> int:
+def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParser) -> int:
     """Entry point (``python -m cuda_numba.bench``, later ``mbq bench``); returns the exit code."""
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog, parser_class).parse_args(argv)
     import numba
 
     if args.sim and (rc := enter_simulator("cuda_numba.bench", argv)) is not None:

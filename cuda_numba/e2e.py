@@ -189,9 +189,9 @@ def paper_line() -> str:
     return "paper (MoBiQuant, LLaMA2-7B, A100): " + ", ".join(f"{b} bits {t} tok/s" for b, t in PAPER_TOK_S.items())
 
 
-def main(argv=None, prog: str | None = None) -> int:
+def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParser) -> int:
     """Entry point (``python -m cuda_numba.e2e``, ``mbq bench --e2e``); returns the exit code."""
-    ap = argparse.ArgumentParser(prog=prog or "python -m cuda_numba.e2e", description=__doc__.split("\n\n")[0])
+    ap = parser_class(prog=prog or "python -m cuda_numba.e2e", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=None, help=f"comma-separated, from {sorted(MODELS)} (default: "
                     f"{DEFAULTS['models'][0]}; --sim: {DEFAULTS['models'][1]})")  # fmt: skip
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens, prefilled, not timed (default 16; --sim: 2)")

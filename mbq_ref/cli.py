@@ -388,10 +388,10 @@ def _cmd_bench(args) -> int:
     if e2e:
         from cuda_numba.e2e import main as e2e_main
 
-        return int(e2e_main(argv, prog="mbq bench --e2e") or 0)
+        return int(e2e_main(argv, prog="mbq bench --e2e", parser_class=_Parser) or 0)
     from cuda_numba.bench import main as bench_main  # lazy: mbq_ref must import without numba.cuda
 
-    return int(bench_main(argv, prog="mbq bench") or 0)
+    return int(bench_main(argv, prog="mbq bench", parser_class=_Parser) or 0)
 
 
 # --- parser ------------------------------------------------------------------------------

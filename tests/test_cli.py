@@ -186,6 +186,16 @@ def test_bench_e2e_without_gpu_exits_2(capsys):
     assert err.count("\n") == 1 and err.startswith("mbq bench: error: no CUDA GPU") and "--sim" in err
 
 
+@pytest.mark.parametrize("argv", [["bench", "--sim", "--reps", "x"], ["bench", "--e2e", "--sim", "--bogus"]],
+                         ids=["bench", "e2e"])  # fmt: skip
+def test_bench_argument_errors_are_one_line(capsys, argv):
+    """The benchmarks' own options fail like every other command: one line on stderr, no usage block, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("mbq bench") and "usage:" not in err, err
+
+
 # --- bad input: one line, exit 2 ---------------------------------------------------------------
 def test_missing_file(capsys, tmp_path):
     _one_line_error(capsys, "eval", tmp_path / "nope.safetensors", "--bits", "3", match="no such file")
