@@ -36,25 +36,6 @@ BACKENDS = ("auto", "kernels", "torch")
 DECODE_MAX_T = 8  # up to this many tokens: the routed GEMV (one launch); more: grouped GEMM
 
 
-def _zero_E(sw, codes: torch.Tensor) -> torch.Tensor:
-    """Integer zero point on the finest grid, read off the sliced weight's own full-precision dequantization.
-
-    ``Ŵ_E = s_E (Q_E - z_E + 1/2)`` with ``s_E = s / 2^(B_E - b_1)`` gives ``z_E = Q_E + 1/2 - Ŵ_E / s_E``
-    at the first weight of each group (exact: small integers and powers of two), so this holds
-    whichever grid ``sw.zero`` itself is stored on.
-    """
-    E = len(sw.slice_bits)
-    N, K = codes.shape
-    g = sw.group_size
-    s_E = sw.scale.double() / 2.0 ** (sum(sw.slice_bits) - sw.slice_bits[0])  # [N, G]
-    W_E = sw.dequant(E, torch.float64)[:, ::g]  # [N, G] first weight of each group
-    z = codes[:, ::g].double() + 0.5 - W_E / s_E
-    zi = torch.round(z)
-    if (z - zi).abs().max() > 1e-6:
-        raise MoBiError("sliced weight's zero point is not an integer on the finest grid")
-    return zi.to(torch.int32)
-
-
 class PackedMoBiLinear(nn.Module):
     """MoBiLinear inference from bit-planes (see the module docstring); build with :meth:`from_mobilinear`."""
 
@@ -98,7 +79,7 @@ class PackedMoBiLinear(nn.Module):
         return cls(
             torch.from_numpy(planes.view(np.int32)).to(dev),
             sw.scale.detach().float().cpu().clone().to(dev),
-            _zero_E(sw, codes).to(dev),
+            sw.zero.detach().to(torch.int32).cpu().clone().to(dev),  # z_E, the integer zero on the finest grid
             sw.slice_bits,
             sw.group_size,
             layer.in_features,
