@@ -32,10 +32,9 @@ from torch import nn
 
 from .calibrate import CalibConfig, calibrate_blocks
 from .fakequant import check_group_size, quantizable_linears
-from .mobilinear import STAGES, MoBiError, MoBiLinear
-from .mobiroute import BitStats, counts_to_bits, logit_to_tau, slice_counts, surrogate_saturation, threshold_for_bits
+from .mobilinear import STAGES, MoBiError, MoBiLinear, RoutedSlices
+from .mobiroute import BitStats, RouterBudget, counts_to_bits, logit_to_tau, slice_counts, surrogate_saturation, threshold_for_bits
 from .mobislice import cumulative_bits
-from .packed import PackedMoBiLinear
 from .perplexity import perplexity
 
 __all__ = [
@@ -133,14 +132,15 @@ class MoBiConfig:
         return cls(router_lr=1e-2, calib=replace(CalibConfig.tiny(), epochs=2))
 
 
-def mobi_layers(model: nn.Module) -> dict[str, MoBiLinear | PackedMoBiLinear]:
-    """Every :class:`MoBiLinear` of ``model`` by module path (empty before :func:`quantize_mobiquant`).
+def mobi_layers(model: nn.Module) -> dict[str, RoutedSlices]:
+    """Every routed layer of ``model`` by module path (empty before :func:`quantize_mobiquant`).
 
-    Includes :class:`mbq_ref.packed.PackedMoBiLinear` layers (after :func:`mbq_ref.packed.pack_model`):
-    they route, take thresholds and count bits exactly as MoBiLinear does, so every routing
-    and bit-statistics function below serves both.
+    :class:`MoBiLinear` and :class:`mbq_ref.packed.PackedMoBiLinear` (after
+    :func:`mbq_ref.packed.pack_model`) are both :class:`mbq_ref.mobilinear.RoutedSlices`:
+    they route, take thresholds and count bits the same way, so every routing and
+    bit-statistics function below serves both.
     """
-    return {n: m for n, m in model.named_modules() if isinstance(m, (MoBiLinear, PackedMoBiLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, RoutedSlices)}
 
 
 def _layers(model: nn.Module) -> dict[str, MoBiLinear]:
@@ -177,11 +177,14 @@ def quantize_mobiquant(
     for name, mod in quantizable_linears(model).items():
         if not isinstance(mod, nn.Linear):
             raise MoBiError(f"{name} is a {type(mod).__name__}, expected nn.Linear; load a fresh full-precision model")
+        budget = RouterBudget(  # one per layer: it holds that layer's multiplier and error scale
+            cfg.train_bits, cfg.budget_weight, round(cfg.budget_warmup * steps), cfg.budget_dual_step,
+            cfg.budget_offset_step,
+        )  # fmt: skip
         layer = MoBiLinear(
-            mod, cfg.slice_bits, cfg.group_size, cfg.router_hidden, name, cfg.train_bits, cfg.budget_weight,
-            round(cfg.budget_warmup * steps), cfg.fixed_k_weight, cfg.tau, router_init_bias=cfg.router_init_bias,
-            score_bound=cfg.score_bound, surrogate_temperature=cfg.surrogate_temperature,
-            budget_dual_step=cfg.budget_dual_step, budget_offset_step=cfg.budget_offset_step,
+            mod, cfg.slice_bits, cfg.group_size, cfg.router_hidden, name, budget, cfg.fixed_k_weight, cfg.tau,
+            router_init_bias=cfg.router_init_bias, score_bound=cfg.score_bound,
+            surrogate_temperature=cfg.surrogate_temperature,
         )  # fmt: skip
         model.set_submodule(name, layer)
     settled: dict[str, dict[str, float]] = {}
