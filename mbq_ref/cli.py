@@ -95,7 +95,7 @@ def _float_range(lo: float, hi: float, what: str, lo_open: bool = False):
 
 # seeds feed torch, numpy and Python generators; 0..2^32-1 is what all of them accept
 _seed = _int_range(0, 2**32 - 1, "a seed")
-#: the smallest threshold-table spacing, as mobiquant.table_targets checks it (kept here so that
+#: the smallest threshold-table spacing, as thresholds.table_targets checks it (kept here so that
 #: parsing arguments does not import torch; tests/test_cli.py checks the two agree)
 MIN_TABLE_STEP = 0.05
 
@@ -188,7 +188,8 @@ def _cmd_quantize(args) -> int:
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .fakequant import check_group_size
-    from .mobiquant import MoBiConfig, table_targets
+    from .mobiquant import MoBiConfig
+    from .thresholds import table_targets
     from .tour import quantize_and_table
     from .zoo import load_model
 

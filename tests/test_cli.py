@@ -303,7 +303,7 @@ def _edited_copy(src, dst, edit):
     """A copy of checkpoint ``src`` with its metadata edited and the metadata hash recomputed."""
     import struct
 
-    from mbq_ref.checkpoint import _meta_sha256
+    from mbq_ref.checkpoint.format import _meta_sha256
 
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -431,6 +431,6 @@ def test_sigterm_exits_143_like_an_interrupt(capsys, monkeypatch):
 
 
 def test_table_step_bound_agrees_with_the_table():
-    from mbq_ref import cli, mobiquant
+    from mbq_ref import cli, thresholds
 
-    assert cli.MIN_TABLE_STEP == mobiquant.MIN_TABLE_STEP
+    assert cli.MIN_TABLE_STEP == thresholds.MIN_TABLE_STEP

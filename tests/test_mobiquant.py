@@ -15,7 +15,6 @@ from mbq_ref.mobiquant import (
     MoBiConfig,
     average_bits,
     bit_stats,
-    calibrate_threshold,
     layer_bits,
     mobi_layers,
     quantize_mobiquant,
@@ -23,12 +22,15 @@ from mbq_ref.mobiquant import (
     set_slices,
     set_threshold,
     set_token_slices,
+    thresholds,
+)
+from mbq_ref.thresholds import (
     DEFAULT_THRESHOLD_MODE,
     THRESHOLD_MODES,
+    calibrate_threshold,
     table_targets,
     threshold_ends,
     threshold_table,
-    thresholds,
 )
 from mbq_ref.errors import MBQError
 
