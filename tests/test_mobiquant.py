@@ -11,19 +11,8 @@ from helpers import random_llama
 from mbq_ref.calibrate import CalibConfig, calibrate_blocks
 from mbq_ref.fakequant import quantizable_linears
 from mbq_ref.mobilinear import MoBiError, MoBiLinear
-from mbq_ref.mobiquant import (
-    MoBiConfig,
-    average_bits,
-    bit_stats,
-    layer_bits,
-    mobi_layers,
-    quantize_mobiquant,
-    reset_bit_stats,
-    set_slices,
-    set_threshold,
-    set_token_slices,
-    thresholds,
-)
+from mbq_ref.mobiquant import MoBiConfig, average_bits, bit_stats, layer_bits, mobi_layers, quantize_mobiquant
+from mbq_ref.mobiquant import reset_bit_stats, set_slices, set_threshold, set_token_slices, thresholds
 from mbq_ref.thresholds import (
     DEFAULT_THRESHOLD_MODE,
     THRESHOLD_MODES,

@@ -11,42 +11,9 @@ Three modules, one job each:
 The public names of all three are importable from here.
 """
 
-from .format import (
-    CheckpointError,
-    CheckpointWriteError,
-    FileFormat,
-    ForeignFileError,
-    ModelMismatchError,
-    TamperedCheckpointError,
-    TruncatedCheckpointError,
-    VersionMismatchError,
-    config_sha256,
-    payload_sha256,
-)
-from .mobiquant import FORMAT, FORMAT_VERSION, MOBIQUANT, Checkpoint, load_checkpoint, read_metadata, save_checkpoint
-from .static import STATIC, STATIC_FORMAT, STATIC_FORMAT_VERSION, load_static_checkpoint, save_static_checkpoint
+from . import format, mobiquant, static
+from .format import *  # noqa: F403 (re-exports: the names each module lists in __all__)
+from .mobiquant import *  # noqa: F403
+from .static import *  # noqa: F403
 
-__all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "MOBIQUANT",
-    "STATIC",
-    "STATIC_FORMAT",
-    "STATIC_FORMAT_VERSION",
-    "CheckpointError",
-    "TruncatedCheckpointError",
-    "TamperedCheckpointError",
-    "ForeignFileError",
-    "VersionMismatchError",
-    "ModelMismatchError",
-    "CheckpointWriteError",
-    "Checkpoint",
-    "FileFormat",
-    "config_sha256",
-    "payload_sha256",
-    "read_metadata",
-    "save_checkpoint",
-    "load_checkpoint",
-    "save_static_checkpoint",
-    "load_static_checkpoint",
-]
+__all__ = [*format.__all__, *mobiquant.__all__, *static.__all__]

@@ -69,11 +69,7 @@ def _check_layer(path: Path, meta: dict, info: dict, tensors: dict[str, torch.Te
 
 #: The static per-bit kind of checkpoint file (:class:`mbq_ref.checkpoint.format.FileFormat`).
 STATIC = FileFormat(
-    name=STATIC_FORMAT,
-    version=STATIC_FORMAT_VERSION,
-    what="static per-bit checkpoint",
-    check_meta=_check_meta,
-    check_layer=_check_layer,
+    STATIC_FORMAT, STATIC_FORMAT_VERSION, "static per-bit checkpoint", _check_meta, _check_layer,
     retired={v: f"version {v} packed the codes as one byte stream, not as bit-planes" for v in (1, 2)},
 )
 
