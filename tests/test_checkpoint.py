@@ -274,6 +274,9 @@ def test_version_mismatch_refused(saved, tmp_path):
     bad = _rewrite_meta(saved, tmp_path / "v2.safetensors", lambda m: m.update(format_version=FORMAT_VERSION + 1), rehash=True)
     with pytest.raises(VersionMismatchError, match=f"version {FORMAT_VERSION + 1}"):
         load_checkpoint(bad)
+    odd = _rewrite_meta(saved, tmp_path / "vlist.safetensors", lambda m: m.update(format_version=[1]), rehash=True)
+    with pytest.raises(VersionMismatchError, match=r"version \[1\], this mbq-ref"):  # not a version at all
+        load_checkpoint(odd)
 
 
 def test_version_1_checkpoint_refused_with_one_line_reason(saved, tmp_path):

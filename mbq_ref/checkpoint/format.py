@@ -30,6 +30,9 @@ can recompute them), so every field is also cross-checked against the others and
 the tensors (:func:`_check_meta`, :func:`_check_tensors`, and the kind's own checks): a
 loaded file is at least self-consistent. A consistent forgery with in-range values is not
 detected (``docs/robustness.md``).
+
+A kind of file is a :class:`FileFormat` (its name, version and own checks); the functions
+outside ``__all__`` are the building blocks its module saves and loads with.
 """
 
 from __future__ import annotations
@@ -135,11 +138,11 @@ class FileFormat:
         version: the ``format_version`` this mbq-ref reads and writes; bumped whenever the
             tensor layout or the metadata schema changes incompatibly.
         what: the kind in words, for error messages ("MoBiQuant checkpoint").
-        retired: ``{old version: what changed}``, named in the one-line refusal of such a file.
         check_meta: ``(path, meta)``: the kind's own metadata fields (types, ranges, agreement).
         check_layer: ``(path, meta, info, tensors) -> names``: a layer's codes and the kind's
             own per-layer tensors; returns the names of those beyond codes/scale/zero/bias.
         check_model: ``(path, meta, tensors) -> names``: the kind's model-wide tensors.
+        retired: ``{old version: what changed}``, named in the one-line refusal of such a file.
     """
 
     name: str
@@ -189,8 +192,6 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def _meta_sha256(meta_json: str, tokenizer_json: str) -> str:
     return hashlib.sha256((meta_json + "\0" + tokenizer_json).encode()).hexdigest()
-
-
 
 
 # --- reading the header ---------------------------------------------------------
@@ -265,15 +266,15 @@ def read_header(path: Path, fmt: FileFormat) -> tuple[dict, dict, int]:
     return header, meta, size
 
 
-def read_meta(path: str | os.PathLike, fmt: FileFormat) -> tuple[dict, dict]:
-    """``(mbq_meta, raw header metadata)`` of an ``fmt`` file, checked, from its header only (no tensor is read).
+def read_meta(path: str | os.PathLike, fmt: FileFormat) -> dict:
+    """The checked ``mbq_meta`` dict of an ``fmt`` file, from its header only (no tensor is read).
 
     Checks the format, the version, the metadata hash and every metadata field (not the
     tensor payload: :func:`load_validated` does that).
     """
     path = Path(path)
     _, raw, _ = read_header(path, fmt)
-    return _parse_meta(path, raw, fmt), raw
+    return _parse_meta(path, raw, fmt)
 
 
 def _parse_meta(path: Path, raw: dict, fmt: FileFormat) -> dict:
@@ -285,7 +286,8 @@ def _parse_meta(path: Path, raw: dict, fmt: FileFormat) -> dict:
         raise TamperedCheckpointError(f"{path}: the mbq_meta header entry is a JSON {type(meta).__name__}, not an object")
     version = meta.get("format_version")
     if version != fmt.version:
-        why = f" ({fmt.retired[version]})" if version in fmt.retired else ""
+        known = is_int(version) and version in fmt.retired  # any JSON value can stand here
+        why = f" ({fmt.retired[version]})" if known else ""
         raise VersionMismatchError(
             f"{path} uses {fmt.what} format version {version}{why}, this mbq-ref reads version {fmt.version}; "
             "re-create it with this version's `mbq quantize` (or install the mbq-ref that wrote it)"

@@ -163,7 +163,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     Checks the format, the version and the metadata hash (not the tensor payload:
     :func:`load_checkpoint` does that).
     """
-    return read_meta(path, MOBIQUANT)[0]
+    return read_meta(path, MOBIQUANT)
 
 
 # --- saving ------------------------------------------------------------------
