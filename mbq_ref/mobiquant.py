@@ -255,7 +255,7 @@ def average_bits(model: nn.Module) -> float:
 
 @torch.no_grad()
 def measure_bits(model: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> float:
-    """Run the model over ``calib_ids`` (batches of ``batch_size`` windows) and return the :func:`average_bits` it routed."""
+    """Run the model over ``calib_ids`` ``[n, T]``, ``batch_size`` windows at a time; the :func:`average_bits` it routed."""
     reset_bit_stats(model)
     device = next(model.parameters()).device
     for i in range(0, len(calib_ids), batch_size):

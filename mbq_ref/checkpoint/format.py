@@ -535,7 +535,9 @@ def file_meta(fmt: FileFormat, model: nn.Module, base_id: str | None) -> dict:
     }
 
 
-def write_checkpoint(path: Path, fmt: FileFormat, meta: dict, tensors: dict[str, torch.Tensor], tokenizer_json: str = "") -> Path:
+def write_checkpoint(
+    path: Path, fmt: FileFormat, meta: dict, tensors: dict[str, torch.Tensor], tokenizer_json: str = ""
+) -> Path:
     """Write ``tensors`` and ``meta`` (plus its ``payload_sha256``) as an ``fmt`` file, atomically; returns ``path``.
 
     A temporary file in the same folder is fsynced, then renamed over ``path``

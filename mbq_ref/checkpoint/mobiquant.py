@@ -63,7 +63,9 @@ from .format import (
 if TYPE_CHECKING:
     from ..thresholds import ThresholdTable
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MOBIQUANT", "Checkpoint", "load_checkpoint", "read_metadata", "save_checkpoint"]
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "MOBIQUANT", "Checkpoint", "load_checkpoint", "read_metadata", "save_checkpoint",
+]  # fmt: skip
 
 #: Value of the ``format`` header entry of a MoBiQuant checkpoint.
 FORMAT = "mbq-ref/mobiquant"
