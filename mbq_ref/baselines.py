@@ -72,12 +72,15 @@ __all__ = [
     "memory_accounting",
 ]
 
-METHODS = ("rtn", "msb", "mobislice")
-MSB_MODES = ("mid", "edge", "round")
-
 
 class BaselineError(MBQError):
     """A baseline request that cannot be run (bad method, bits, group size or weight; message says why)."""
+
+
+#: The three ways to serve several bit-widths (module docstring): per-width RTN, MSB truncation, MoBiSlice.
+METHODS = ("rtn", "msb", "mobislice")
+#: How an MSB-truncated code is read back: the centre of the fine codes it stands for, their bottom, or MatQuant's rounding.
+MSB_MODES = ("mid", "edge", "round")
 
 
 # --- validation ------------------------------------------------------------

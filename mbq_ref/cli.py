@@ -95,7 +95,7 @@ def _float_range(lo: float, hi: float, what: str, lo_open: bool = False):
 
 # seeds feed torch, numpy and Python generators; 0..2^32-1 is what all of them accept
 _seed = _int_range(0, 2**32 - 1, "a seed")
-#: the smallest threshold-table spacing, as mobiquant.table_targets checks it (kept here so that
+#: the smallest threshold-table spacing, as thresholds.table_targets checks it (kept here so that
 #: parsing arguments does not import torch; tests/test_cli.py checks the two agree)
 MIN_TABLE_STEP = 0.05
 
@@ -188,7 +188,8 @@ def _cmd_quantize(args) -> int:
     from .checkpoint import save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .fakequant import check_group_size
-    from .mobiquant import MoBiConfig, table_targets
+    from .mobiquant import MoBiConfig
+    from .thresholds import table_targets
     from .tour import quantize_and_table
     from .zoo import load_model
 
@@ -399,6 +400,15 @@ PACKED_HELP = ("serve from bit-planes, scales and zero points only (mbq_ref/pack
                "on the CPU the torch reference of the kernels (slower, for checking)")  # fmt: skip
 
 
+def _serving_options(cmd: argparse.ArgumentParser, json_help: str) -> None:
+    """The options shared by the commands that run a checkpoint (``eval``, ``generate``): device, backend, output."""
+    cmd.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="default: cuda if available; cuda runs the packed backend on the Numba kernels")
+    cmd.add_argument("--packed", action="store_true", help=PACKED_HELP)
+    cmd.add_argument("--json", action="store_true", help=json_help)
+    cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mbq`` argument parser (one sub-command per task)."""
     p = _Parser(
@@ -453,11 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=_positive(int), default=None, help="evaluate only the first N windows (default: all)")
     e.add_argument("--batch-size", type=_positive(int), default=1, help="windows per forward pass (default 1)")
     e.add_argument("--static", action="store_true", help="every token reads the same slices (--bits must be 2, 4, 6 or 8)")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="default: cuda if available; cuda runs the packed backend on the Numba kernels")
-    e.add_argument("--packed", action="store_true", help=PACKED_HELP)
-    e.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _serving_options(e, json_help="print one JSON object instead of a sentence")
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="generate text, switching the bit budget between tokens", description=(
@@ -475,11 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_int_range(0, 2**31 - 1, "a token count"), default=0,
                    help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--seed", type=_seed, default=0, help="sampling seed, 0..2^32-1")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="default: cuda if available; cuda runs the packed backend on the Numba kernels")
-    g.add_argument("--packed", action="store_true", help=PACKED_HELP)
-    g.add_argument("--json", action="store_true", help="print one JSON object")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _serving_options(g, json_help="print one JSON object")
     g.set_defaults(func=_cmd_generate)
 
     i = sub.add_parser("info", help="print a checkpoint's metadata (checked, tensors not loaded)",

@@ -27,6 +27,7 @@ quantized; embeddings and ``lm_head`` stay full precision, as in the paper.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "quant_linears",
     "set_bits",
     "set_token_bits",
+    "short_name",
 ]
 
 #: ``(parent attribute, projection)`` of each quantized linear inside a decoder layer.
@@ -197,6 +199,17 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
                 )
             found[f"{prefix}.{i}.{parent}.{proj}"] = mod
     return found
+
+
+def short_name(path: str) -> str:
+    """A projection's module path as a plot or table label: ``"model.layers.3.self_attn.q_proj"`` -> ``"L3.q"``.
+
+    Paths that are not a decoder projection (:func:`quantizable_linears`) are returned unchanged.
+    """
+    m = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)_proj", path)
+    if m is None or (m.group(2), f"{m.group(3)}_proj") not in PROJECTIONS:
+        return path
+    return f"L{m.group(1)}.{m.group(3)}"
 
 
 def check_group_size(model: nn.Module, group_size: int | None) -> int | None:

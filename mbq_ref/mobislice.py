@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MBQError
+from .quantizer import group_view, round_ste
 
 __all__ = [
     "SliceError",
@@ -122,7 +123,7 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = w.shape
     if group_size <= 0 or k % group_size:
         raise SliceError(f"group size {group_size} does not divide the input dimension {k}")
-    return w.reshape(n, k // group_size, group_size)
+    return group_view(w, group_size)
 
 
 ZERO_GRIDS = ("finest", "base")
@@ -131,10 +132,6 @@ ZERO_GRIDS = ("finest", "base")
 def _floor_ste(x: torch.Tensor) -> torch.Tensor:
     """floor in the forward pass, identity gradient (straight-through estimator)."""
     return x + (torch.floor(x) - x).detach()
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 def _ceil_ste(x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +176,35 @@ def floor_scale_zero(
         return s_fine * 2**shift, z
     if zero_grid == "base":
         s = ((xmax - xmin) / (2 ** cum[0])).clamp(min=1e-8)
-        return s, _round_ste(-xmin / s) * 2**shift
+        return s, round_ste(-xmin / s) * 2**shift
     raise SliceError(f"unknown zero_grid {zero_grid!r}; use one of {ZERO_GRIDS}")
+
+
+def _residual_slices(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: tuple[int, ...], floor):
+    """The recursion of App. B, one slice at a time: yields ``(q_e, ΔŴ_e)`` for ``e = 1..E`` (``ΔŴ_1 = Ŵ_1``).
+
+    Base slice ``q_1 = clamp(floor(W/s + z_1), 0, 2^{b_1} - 1)``, ``Ŵ_1 = s (q_1 - z_1 + 1/2)``;
+    residual ``e``: ``s_e = s_{e-1} / 2^{b_e}``, ``q_e = clamp(floor((W - Ŵ_{e-1}) / s_e) + 2^{b_e-1}, 0, 2^{b_e} - 1)``,
+    ``ΔŴ_e = s_e (q_e - 2^{b_e-1} + 1/2)``. The one implementation behind :func:`slice_deltas`
+    (``floor`` may be straight-through) and :func:`slice_codes` (float64, exact).
+
+    Args:
+        wg: ``[N, G, g]`` grouped weight; scale, zero: ``[N, G]`` base scale ``s`` and finest-grid ``z_E``.
+        floor: ``torch.floor`` or its straight-through version.
+    """
+    s = scale.unsqueeze(-1)
+    z1 = zero_at(zero, bits, 1).unsqueeze(-1)  # base zero z_1 = z_E / 2^{B_E - B_1}, may be fractional
+    q = torch.clamp(floor(wg / s + z1), 0, 2 ** bits[0] - 1)  # base code q_1
+    w_hat = s * (q - z1 + 0.5)  # Ŵ_1
+    yield q, w_hat
+    s_e = s
+    for b in bits[1:]:
+        s_e = s_e / 2**b  # next slice's scale = previous / 2^b (App. B)
+        mid = 2 ** (b - 1)  # fixed mid-code zero point of residual slices
+        q_e = torch.clamp(floor((wg - w_hat) / s_e) + mid, 0, 2**b - 1)
+        delta = s_e * (q_e - mid + 0.5)
+        w_hat = w_hat + delta
+        yield q_e, delta
 
 
 def slice_deltas(
@@ -205,21 +229,8 @@ def slice_deltas(
     """
     bits = check_slice_bits(slice_bits)
     wg = _groups(w, group_size)  # [N, G, g]
-    s = scale.unsqueeze(-1)
-    z1 = zero_at(zero, bits, 1).unsqueeze(-1)  # base zero z_1 = z_E / 2^{B_E - B_1}, may be fractional
-    fl = _floor_ste if ste else torch.floor
-    q = torch.clamp(fl(wg / s + z1), 0, 2 ** bits[0] - 1)  # base code q_1
-    w_hat = s * (q - z1 + 0.5)  # Ŵ_1
-    out = [w_hat]
-    s_e = s
-    for b in bits[1:]:
-        s_e = s_e / 2**b  # next slice's scale = previous / 2^b (App. B)
-        mid = 2 ** (b - 1)  # fixed mid-code zero point of residual slices
-        q_e = torch.clamp(fl((wg - w_hat) / s_e) + mid, 0, 2**b - 1)
-        delta = s_e * (q_e - mid + 0.5)
-        w_hat = w_hat + delta
-        out.append(delta)
-    return [d.reshape_as(w) for d in out]
+    slices = _residual_slices(wg, scale, zero, bits, _floor_ste if ste else torch.floor)
+    return [delta.reshape_as(w) for _, delta in slices]
 
 
 @torch.no_grad()
@@ -239,17 +250,8 @@ def slice_codes(
     if not torch.isfinite(w).all():
         raise SliceError("weight contains NaN/inf; cannot slice it")
     wg = _groups(w, group_size).double()  # float64: exact floors for the integer codes
-    s = scale.double().unsqueeze(-1)
-    z1 = zero_at(zero.double(), bits, 1).unsqueeze(-1)
-    q = torch.clamp(torch.floor(wg / s + z1), 0, 2 ** bits[0] - 1)
-    code = q.clone()
-    w_hat = s * (q - z1 + 0.5)
-    s_e = s
-    for b in bits[1:]:
-        s_e = s_e / 2**b
-        mid = 2 ** (b - 1)
-        q_e = torch.clamp(torch.floor((wg - w_hat) / s_e) + mid, 0, 2**b - 1)
-        w_hat = w_hat + s_e * (q_e - mid + 0.5)
+    code = torch.zeros_like(wg)
+    for b, (q_e, _) in zip(bits, _residual_slices(wg, scale.double(), zero.double(), bits, torch.floor)):
         code = code * 2**b + q_e  # Q_k = Q_{k-1} << b_k | q_k
     total = sum(bits)
     dtype = torch.uint8 if total <= 8 else torch.int32

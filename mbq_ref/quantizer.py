@@ -37,6 +37,7 @@ __all__ = [
     "resolve_group_size",
     "check_weight",
     "group_minmax",
+    "group_view",
     "scale_zero",
     "round_ste",
     "quantize",
@@ -108,9 +109,9 @@ def check_weight(w: torch.Tensor, group_size: int | None, name: str | None = Non
     return resolve_group_size(w.shape[1], group_size, name)
 
 
-def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
-    # [N, K] -> [N, K/g, g]: one row of the last dim per (output row, group)
-    return w.float().reshape(w.shape[0], w.shape[1] // g, g)
+def group_view(w: torch.Tensor, g: int) -> torch.Tensor:
+    """``[N, K]`` -> ``[N, K/g, g]``: one row of the last dim per (output row, group); ``g`` must divide ``K``."""
+    return w.reshape(w.shape[0], w.shape[1] // g, g)
 
 
 def group_minmax(w: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +126,7 @@ def group_minmax(w: torch.Tensor, group_size: int | None = 128) -> tuple[torch.T
     if w.ndim != 2:
         raise QuantError(f"expected a 2-D weight [out_features, in_features], got {tuple(w.shape)}")
     g = resolve_group_size(w.shape[1], group_size)
-    wg = _grouped(w, g)  # [N, K/g, g]
+    wg = group_view(w.float(), g)  # [N, K/g, g]
     return wg.amin(dim=-1), wg.amax(dim=-1)
 
 
@@ -171,14 +172,14 @@ def quantize(
     """
     g = check_weight(w, group_size)
     qmax = 2 ** check_bits(bits) - 1
-    q = (_grouped(w, g) / _broadcast(s)).round() + _broadcast(z)
+    q = (group_view(w.float(), g) / _broadcast(s)).round() + _broadcast(z)
     return q.clamp(0, qmax).reshape(w.shape).to(torch.uint8)
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int | None = 128) -> torch.Tensor:
     """``Ŵ = s (q - z)`` for codes ``q`` ``[N, K]`` and per-group ``s``, ``z`` ``[N, K/g]``; float32 ``[N, K]``."""
     g = resolve_group_size(q.shape[1], group_size)
-    wq = (_grouped(q, g) - _broadcast(z)) * _broadcast(s)
+    wq = (group_view(q.float(), g) - _broadcast(z)) * _broadcast(s)
     return wq.reshape(q.shape)
 
 
@@ -204,7 +205,7 @@ def fake_quant(
     s, z = scale_zero(xmin, xmax, bits)
     s, z = _broadcast(s), _broadcast(z)  # [N, K/g, 1]
     # round_ste keeps a gradient for W and s; the clamp zeroes it for clipped weights
-    q = (round_ste(_grouped(w, g) / s) + z).clamp(0, qmax)
+    q = (round_ste(group_view(w.float(), g) / s) + z).clamp(0, qmax)
     return ((q - z) * s).reshape(w.shape).to(w.dtype)
 
 

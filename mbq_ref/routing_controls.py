@@ -4,7 +4,7 @@ The paper's claim is that the learned router puts the slices where they matter.
 At one *measured* average bit-width, one calibrated checkpoint is evaluated with:
 
 (a) ``router``   the trained routers at the controller's thresholds
-                 (:func:`mbq_ref.mobiquant.threshold_table`, default mode);
+                 (:func:`mbq_ref.thresholds.threshold_table`, default mode);
 (b) ``random``   the same per-layer slice-count histogram as (a) on the same inputs,
                  given to random tokens (a permutation of the router's counts):
                  same bits, no information;
@@ -179,7 +179,7 @@ def compare_controls(
 
     Args:
         model: a calibrated MoBiQuant model.
-        table: rows of :func:`mbq_ref.mobiquant.threshold_table` for the targets to compare.
+        table: rows of :func:`mbq_ref.thresholds.threshold_table` for the targets to compare.
         calib_ids: windows for the static mix's error measurement.
         test_ids: 1-D test token ids (GPTQ protocol windows of ``seqlen``).
     Returns:

@@ -60,8 +60,6 @@ from mbq_ref.mobiquant import (
     MoBiConfig,
     average_bits,
     bit_stats,
-    bits_sweep,
-    calibrate_threshold,
     layer_bits,
     mobi_layers,
     quantize_mobiquant,
@@ -70,12 +68,12 @@ from mbq_ref.mobiquant import (
     set_slices,
     set_threshold,
     set_token_slices,
-    threshold_table,
 )
 from mbq_ref.mobiroute import slice_counts, ste_masks, tau_to_logit
 from mbq_ref.routing_controls import CONTROLS, compare_controls, plot_controls
 from mbq_ref.perplexity import perplexity
 from mbq_ref.sensitivity import capture_linear_inputs, paired_gap, spearman
+from mbq_ref.thresholds import bits_sweep, calibrate_threshold, threshold_table
 from mbq_ref.zoo import load_model
 
 T0 = time.perf_counter()

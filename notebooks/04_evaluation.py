@@ -18,7 +18,7 @@
 # # Chapter 4 — Elastic evaluation: one checkpoint, every precision
 #
 # **Paper:** MoBiQuant (arXiv 2602.20191), Sec. 4.2 ("runtime precision switching"),
-# Sec. 5 (Table 1, Fig. 1, §5.3). **Package:** `mbq_ref.mobiquant` (`threshold_table`, the
+# Sec. 5 (Table 1, Fig. 1, §5.3). **Package:** `mbq_ref.thresholds` (`threshold_table`, the
 # package's one threshold controller), `mbq_ref.checkpoint`, `mbq_ref.baselines`,
 # `mbq_ref.generate`, `mbq_ref.tour` (`quantize_and_table`).
 # **Runtime:** about 2–3 minutes on 2 CPU cores the first time (it calibrates and saves
@@ -93,7 +93,7 @@ print("calibration:", cfg.calib.dataset, tuple(calib.shape), "| FP perplexity:",
 #
 # `quantize_and_table` runs the two-stage calibration of Alg. 1 (`MoBiConfig.tiny()`: 32
 # windows of 256 `austen` tokens) and then builds the **threshold table** with
-# `mbq_ref.mobiquant.threshold_table` (default mode, global): for each target average
+# `mbq_ref.thresholds.threshold_table` (default mode, global): for each target average
 # bit-width 2.0, 2.5, …, 8.0 it searches the one global threshold τ whose *measured* average
 # bits on calibration windows hits the target (each probe is a forward pass: routing in early
 # layers changes what later layers see), and stores the bits it measured. `save_checkpoint` writes
@@ -135,7 +135,7 @@ print(f"{ck.path.relative_to(ROOT)}: {ck.path.stat().st_size / 2**20:.2f} MiB, {
 # The static alternative calibrates OmniQuant's learnable weight clipping (LWC) **once per
 # width** — the paper's "bit-specific calibrated PTQ" — and ships one checkpoint per width.
 # We calibrate at 2, 3 and 4 bits with the same calibration windows and epochs as MoBiQuant,
-# and save each as a static checkpoint with bit-packed codes (`save_static_checkpoint`).
+# and save each as a static checkpoint with bit-plane codes (`save_static_checkpoint`).
 # RTN (round-to-nearest, no calibration) and MSB truncation of one 8-bit RTN code
 # (`mbq_ref.baselines`) need no calibration.
 

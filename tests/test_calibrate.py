@@ -6,14 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from helpers import random_llama
 
 from mbq_ref.calibrate import (
     CalibConfig,
@@ -28,25 +21,20 @@ from mbq_ref.fakequant import QuantLinear, quant_linears, quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "llama-eager": (LlamaConfig, LlamaForCausalLM, {"attn_implementation": "eager"}),  # explicit mask tensor
+ARCHS = {  # case: (architecture, extra config fields)
+    "llama": ("llama", {}),
+    "llama-eager": ("llama", {"attn_implementation": "eager"}),  # explicit mask tensor
     # layer 1 uses a sliding window, layer 0 full attention: one mask per layer
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 8}),
+    "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    "mistral": ("mistral", {"sliding_window": 8}),
 }
 CFG = CalibConfig(nsamples=8, seqlen=32, epochs=3, batch_size=2, lwc_lr=0.2)  # 12 steps per block
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
 def tiny(arch: str = "llama", seed: int = 0, heavy_tails: bool = False):
-    cfg_cls, model_cls, extra = ARCHS[arch]
-    cfg = cfg_cls(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
+    base, extra = ARCHS[arch]
+    model = random_llama(base, seed=seed, max_position_embeddings=128, **extra)
     if heavy_tails:  # a few large weights per group, as in trained LLMs: clipping pays off
         with torch.no_grad():
             for lin in model.modules():

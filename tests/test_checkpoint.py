@@ -1,4 +1,4 @@
-"""One-file MoBiQuant checkpoints: exact round trip, atomic save, and every refusal (mbq_ref.checkpoint)."""
+"""One-file checkpoints, MoBiQuant and static: exact round trip, atomic save, and every refusal (mbq_ref.checkpoint)."""
 
 import json
 import os
@@ -224,7 +224,7 @@ def _join(header: dict, data: bytes) -> bytes:
 
 
 def _rewrite_meta(src: Path, dst: Path, edit, rehash: bool) -> Path:
-    from mbq_ref.checkpoint import _meta_sha256
+    from mbq_ref.checkpoint.format import _meta_sha256
 
     header, data = _split(src)
     md = header["__metadata__"]
@@ -274,6 +274,9 @@ def test_version_mismatch_refused(saved, tmp_path):
     bad = _rewrite_meta(saved, tmp_path / "v2.safetensors", lambda m: m.update(format_version=FORMAT_VERSION + 1), rehash=True)
     with pytest.raises(VersionMismatchError, match=f"version {FORMAT_VERSION + 1}"):
         load_checkpoint(bad)
+    odd = _rewrite_meta(saved, tmp_path / "vlist.safetensors", lambda m: m.update(format_version=[1]), rehash=True)
+    with pytest.raises(VersionMismatchError, match=r"version \[1\], this mbq-ref"):  # not a version at all
+        load_checkpoint(odd)
 
 
 def test_version_1_checkpoint_refused_with_one_line_reason(saved, tmp_path):
@@ -410,7 +413,7 @@ def _rewrite_tensors(src: Path, dst: Path, edit) -> Path:
     """Edit the tensors and recompute both hashes, as a careful forger would."""
     from safetensors.torch import load_file, save_file
 
-    from mbq_ref.checkpoint import _meta_sha256
+    from mbq_ref.checkpoint.format import _meta_sha256
 
     header, _ = _split(src)
     md = dict(header["__metadata__"])
@@ -485,7 +488,7 @@ def test_header_metadata_of_wrong_type_refused(saved, tmp_path, md):
 
 
 def test_metadata_not_an_object_refused(saved, tmp_path):
-    from mbq_ref.checkpoint import _meta_sha256
+    from mbq_ref.checkpoint.format import _meta_sha256
 
     header, _ = _split(saved)
     md = dict(header["__metadata__"], mbq_meta="[1, 2]")
@@ -503,7 +506,7 @@ def test_lone_surrogate_in_header_refused(saved, tmp_path):
 
 
 def test_broken_embedded_tokenizer_refused(quantized, tmp_path, tiny_tokenizer):
-    from mbq_ref.checkpoint import _meta_sha256
+    from mbq_ref.checkpoint.format import _meta_sha256
 
     good = save_checkpoint(quantized, tmp_path / "tok.safetensors", {"base_model": "random-llama"}, tokenizer=tiny_tokenizer)
     header, data = _split(good)
@@ -586,22 +589,6 @@ def test_read_only_save_is_a_clear_error(quantized):
 
 
 # --- static per-bit checkpoints (the baseline) ----------------------------------------------------
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_pack_bits_roundtrip(bits):
-    from mbq_ref.checkpoint import pack_bits, unpack_bits
-
-    codes = torch.randint(0, 2**bits, (37, 50), generator=torch.Generator().manual_seed(bits))
-    packed = pack_bits(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-codes.numel() * bits // 8)
-    assert torch.equal(unpack_bits(packed, bits, codes.numel()).reshape(codes.shape), codes.to(torch.uint8))
-
-
-def test_pack_bits_known_answer():
-    from mbq_ref.checkpoint import pack_bits
-
-    assert pack_bits(torch.tensor([5, 1, 7]), 3).tolist() == [0b10100111, 0b10000000]
-
-
 @pytest.mark.parametrize("method", ["rtn", "lwc"])
 def test_static_checkpoint_roundtrip(tmp_path, method):
     from mbq_ref.checkpoint import load_static_checkpoint, save_static_checkpoint
@@ -622,8 +609,33 @@ def test_static_checkpoint_roundtrip(tmp_path, method):
         load_checkpoint(path)
 
 
+def test_static_checkpoint_stores_bitplanes_and_refuses_byte_stream_versions(tmp_path):
+    """Codes are the bit-planes of cuda_numba.packing (one packer); files of the byte-stream versions 1-2 are refused."""
+    from cuda_numba.packing import pack_bitplanes_ref
+    from safetensors import safe_open
+
+    from mbq_ref.checkpoint import STATIC_FORMAT_VERSION, load_static_checkpoint, save_static_checkpoint
+    from mbq_ref.fakequant import quant_linears, quantize_model
+    from mbq_ref.quantizer import quantize, scale_zero
+
+    model = quantize_model(random_llama("llama", layers=1), bits=3, group_size=128)
+    path = save_static_checkpoint(model, tmp_path / "w3.safetensors")
+    name, m = next(iter(quant_linears(model).items()))
+    with torch.no_grad():
+        s, z = scale_zero(*m.clip_range(), 3, ste=False)
+        want = pack_bitplanes_ref(quantize(m.weight, s, z, 3, m.group_size).numpy(), 3)  # uint32 [3, N, K/32]
+    with safe_open(str(path), "pt") as f:
+        got = f.get_tensor(f"q.{name}.codes")
+    assert got.dtype == torch.uint32 and torch.equal(got, torch.from_numpy(want))
+    for version in (1, 2):
+        old = _rewrite_meta(path, tmp_path / f"v{version}.safetensors", lambda meta, v=version: meta.update(format_version=v), rehash=True)
+        with pytest.raises(VersionMismatchError, match=f"version {version} packed the codes as one byte stream.*reads version {STATIC_FORMAT_VERSION}") as exc:
+            load_static_checkpoint(old)
+        assert "\n" not in str(exc.value)
+
+
 def test_static_file_is_smaller_per_width(saved, tmp_path, quantized):
-    """Bit-packed codes: a 2-bit static file stores a quarter of the code bytes of the 8-bit MoBiQuant file."""
+    """Bit-plane codes: a 2-bit static file stores a quarter of the code bytes of the 8-bit MoBiQuant file."""
     from safetensors import safe_open
 
     from mbq_ref.checkpoint import save_static_checkpoint
@@ -631,9 +643,9 @@ def test_static_file_is_smaller_per_width(saved, tmp_path, quantized):
 
     path = save_static_checkpoint(quantize_model(random_llama("llama", layers=1), bits=2), tmp_path / "w2.safetensors")
     with safe_open(str(path), "pt") as f:
-        static_codes = sum(f.get_tensor(k).numel() for k in f.keys() if k.endswith(".codes"))
+        static_codes = sum(f.get_tensor(k).nbytes for k in f.keys() if k.endswith(".codes"))
     with safe_open(str(saved), "pt") as f:
-        mobi_codes = sum(f.get_tensor(k).numel() for k in f.keys() if k.endswith(".codes"))
+        mobi_codes = sum(f.get_tensor(k).nbytes for k in f.keys() if k.endswith(".codes"))
     assert static_codes * 4 == mobi_codes
 
 
@@ -689,7 +701,7 @@ def test_fuzzed_header_loads_the_original_or_is_refused(fuzz_base, tmp_path_fact
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from mbq_ref.checkpoint import _config_dict, _meta_sha256
+    from mbq_ref.checkpoint.format import _config_dict, _meta_sha256
 
     header, data, meta, orig, want_logits, paths = fuzz_base
     folder = tmp_path_factory.mktemp("fuzz")
@@ -754,21 +766,3 @@ def test_sigterm_during_save_leaves_no_temporary_file(quantized, saved, tmp_path
         save_checkpoint(quantized, path, {"base_model": "changed"})
     monkeypatch.undo()
     assert path.read_bytes() == before and _leftovers(tmp_path, path) == []
-
-
-def test_threshold_table_refuses_what_it_cannot_reach():
-    """A row that measured 2.75 bits for a 2.5 target: asking for 2.5 is an error, not 2.75 bits in silence."""
-    from mbq_ref.checkpoint import ThresholdTable
-
-    table = ThresholdTable(
-        torch.tensor([2.5, 3.0, 7.5], dtype=torch.float64),
-        torch.tensor([[3.0, 3.0], [2.0, 2.0], [-3.0, -3.0]], dtype=torch.float64),
-        ["a", "b"],
-        [2.75, 3.0, 7.41],
-    )
-    with pytest.raises(CheckpointError, match="reaches 2.750..7.410 measured bits, not 2.5"):
-        table.logits_for(2.5)
-    with pytest.raises(CheckpointError, match="not 7.6"):
-        table.logits_for(7.6)
-    assert table.logits_for(2.8) == pytest.approx({"a": 3.0 - 0.2, "b": 3.0 - 0.2})  # blend by measured bits
-    assert table.logits_for(7.5) == {"a": -3.0, "b": -3.0}  # 0.09 from its measurement: within reach

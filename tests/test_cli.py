@@ -227,16 +227,21 @@ def test_bits_not_a_number(capsys, ckpt):
     assert "expected a number of bits" in capsys.readouterr().err
 
 
-def test_static_needs_whole_slices(capsys, ckpt):
-    _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--static", match="--static")
+#: requests the checkpoint cannot serve: (command, arguments after the file, what the one-line error names)
+BAD_REQUESTS = {
+    "static-needs-whole-slices": ("eval", ["--bits", "3", "--static"], "--static"),
+    "unknown-dataset": ("eval", ["--bits", "3", "--dataset", "klingon"], "unknown dataset 'klingon'"),
+    "seqlen-over-context": ("eval", ["--bits", "3", "--seqlen", "4096"], "exceeds the model's context of 512"),
+    **{f"bad-schedule-{s}": ("generate", ["--prompt", "x", "--schedule", s], "schedule") for s in ("2:8,6:4", "2-8", "x:3", "2:0")},
+    "schedule-bits-out-of-range": ("generate", ["--prompt", "x", "--schedule", "2:4,9:8"], "out of range"),
+    "generate-past-the-context": ("generate", ["--prompt", "x", "--max-new-tokens", "600"], "context"),
+}
 
 
-def test_unknown_dataset(capsys, ckpt):
-    _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--dataset", "klingon", match="unknown dataset 'klingon'")
-
-
-def test_seqlen_over_context(capsys, ckpt):
-    _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--seqlen", "4096", match="exceeds the model's context of 512")
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_is_one_line(capsys, ckpt, case):
+    cmd, args, match = BAD_REQUESTS[case]
+    _one_line_error(capsys, cmd, ckpt, *args, match=match)
 
 
 def test_hub_dataset_offline_is_a_clear_error(capsys, ckpt, monkeypatch):
@@ -244,19 +249,6 @@ def test_hub_dataset_offline_is_a_clear_error(capsys, ckpt, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _one_line_error(capsys, "eval", ckpt, "--bits", "3", "--dataset", "wikitext2", "--seqlen", "128", "--max-windows", "1",
                     match="cannot load 'wikitext2'")  # fmt: skip
-
-
-@pytest.mark.parametrize("schedule", ["2:8,6:4", "2-8", "x:3", "2:0"])
-def test_bad_schedule(capsys, ckpt, schedule):
-    _one_line_error(capsys, "generate", ckpt, "--prompt", "x", "--schedule", schedule, match="schedule")
-
-
-def test_schedule_bits_out_of_range(capsys, ckpt):
-    _one_line_error(capsys, "generate", ckpt, "--prompt", "x", "--schedule", "2:4,9:8", match="out of range")
-
-
-def test_generate_past_the_context(capsys, ckpt):
-    _one_line_error(capsys, "generate", ckpt, "--prompt", "x", "--max-new-tokens", "600", match="context")
 
 
 def test_quantize_bad_inputs(capsys, tmp_path, monkeypatch):
@@ -303,7 +295,7 @@ def _edited_copy(src, dst, edit):
     """A copy of checkpoint ``src`` with its metadata edited and the metadata hash recomputed."""
     import struct
 
-    from mbq_ref.checkpoint import _meta_sha256
+    from mbq_ref.checkpoint.format import _meta_sha256
 
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -431,6 +423,6 @@ def test_sigterm_exits_143_like_an_interrupt(capsys, monkeypatch):
 
 
 def test_table_step_bound_agrees_with_the_table():
-    from mbq_ref import cli, mobiquant
+    from mbq_ref import cli, thresholds
 
-    assert cli.MIN_TABLE_STEP == mobiquant.MIN_TABLE_STEP
+    assert cli.MIN_TABLE_STEP == thresholds.MIN_TABLE_STEP

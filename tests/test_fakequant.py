@@ -4,14 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from helpers import random_llama
 
 from mbq_ref.fakequant import (
     QuantLinear,
@@ -20,27 +13,18 @@ from mbq_ref.fakequant import (
     quantize_model,
     set_bits,
     set_token_bits,
+    short_name,
 )
 from mbq_ref.quantizer import QuantError, rtn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 16}),
-}
+ARCHS = {"llama": {}, "qwen2": {}, "mistral": {"sliding_window": 16}}  # architecture: extra config fields
 
 
 def tiny(arch: str, seed: int = 0):
-    cfg_cls, model_cls, extra = ARCHS[arch]
-    cfg = cfg_cls(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return model_cls(cfg).eval()
+    return random_llama(arch, seed=seed, max_position_embeddings=128, **ARCHS[arch])
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -155,3 +139,12 @@ def test_errors():
         bad.weight[0, 0] = float("nan")
     with pytest.raises(QuantError, match="NaN/inf.*'blk.fc'"):
         QuantLinear(bad, group_size=32, name="blk.fc")
+
+
+def test_short_name_labels_every_projection_and_nothing_else():
+    names = list(quantizable_linears(tiny("llama")))
+    short = [short_name(n) for n in names]
+    assert short[:7] == ["L0.q", "L0.k", "L0.v", "L0.o", "L0.gate", "L0.up", "L0.down"] and short[-1] == "L1.down"
+    assert len(set(short)) == len(names)  # labels stay unique
+    for other in ("lm_head", "model.embed_tokens", "model.layers.0.mlp.act_fn", "model.layers.0.self_attn.x_proj"):
+        assert short_name(other) == other

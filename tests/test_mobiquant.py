@@ -11,24 +11,15 @@ from helpers import random_llama
 from mbq_ref.calibrate import CalibConfig, calibrate_blocks
 from mbq_ref.fakequant import quantizable_linears
 from mbq_ref.mobilinear import MoBiError, MoBiLinear
-from mbq_ref.mobiquant import (
-    MoBiConfig,
-    average_bits,
-    bit_stats,
-    calibrate_threshold,
-    layer_bits,
-    mobi_layers,
-    quantize_mobiquant,
-    reset_bit_stats,
-    set_slices,
-    set_threshold,
-    set_token_slices,
+from mbq_ref.mobiquant import MoBiConfig, average_bits, bit_stats, layer_bits, mobi_layers, quantize_mobiquant
+from mbq_ref.mobiquant import reset_bit_stats, set_slices, set_threshold, set_token_slices, thresholds
+from mbq_ref.thresholds import (
     DEFAULT_THRESHOLD_MODE,
     THRESHOLD_MODES,
+    calibrate_threshold,
     table_targets,
     threshold_ends,
     threshold_table,
-    thresholds,
 )
 from mbq_ref.errors import MBQError
 

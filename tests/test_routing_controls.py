@@ -5,7 +5,7 @@ import torch
 from helpers import random_llama
 
 from mbq_ref.calibrate import CalibConfig
-from mbq_ref.mobiquant import MoBiConfig, average_bits, bit_stats, mobi_layers, quantize_mobiquant, threshold_table
+from mbq_ref.mobiquant import MoBiConfig, average_bits, bit_stats, mobi_layers, quantize_mobiquant
 from mbq_ref.mobiroute import slice_counts
 from mbq_ref.routing_controls import (
     CONTROLS,
@@ -16,6 +16,7 @@ from mbq_ref.routing_controls import (
     random_routing,
     static_mix,
 )
+from mbq_ref.thresholds import threshold_table
 
 VOCAB = 256
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mbq_ref.checkpoint import load_checkpoint
-from mbq_ref.mobiquant import threshold_table
+from mbq_ref.thresholds import threshold_table
 from mbq_ref.tour import TourSettings, run_tour
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
