@@ -14,12 +14,12 @@ each repetition. Effective GB/s counts the packed-weight bytes a method must rea
 planes of every precision/slice it launches, plus scales and zero points), compared with
 fp16 weights (2 bytes each) and with the HBM roofline ``bytes / peak bandwidth``.
 
-Kernel names (``slice_gemm.CASES``): ``gemv1-5``, ``gemm1-3`` (``slice_linear(method="grouped")``;
-gemv4-5 are the look-up-table GEMVs of ``slice_gemv.py``), ``streams-gemv2``, ``streams-gemv5``,
-``streams-gemm2``, ``streams-gemm3`` (``method="streams"``), ``fused-gemv6`` (``method="fused"``:
-one launch, k_t on the device, output preallocated: the decode call path), ``bmm1-3`` (integer AND+popcount,
-8-bit activations pre-quantized and packed, all tokens at the precision nearest the
-average), ``pack1-2`` (offline packing, once per shape), ``fp16`` (``x @ W^T`` in torch).
+Kernel names are the modules' public case lists: ``slice_linear.CASES`` (``gemv1-5`` and
+``gemm1-3`` through ``slice_linear(method="grouped")``, ``streams-gemv2/-gemv5/-gemm2/-gemm3``
+through ``method="streams"``, ``fused-gemv6``: one launch, k_t on the device, output
+preallocated, the decode call path), ``binary_matmul.CASES`` (``bmm1-3``: integer AND+popcount,
+8-bit activations pre-quantized and packed, all tokens at the precision nearest the average),
+``packing.CASES`` (``pack1-2``: offline packing, once per shape), and ``fp16`` (``x @ W^T`` in torch).
 
 Exit codes: 0 ok, 1 a kernel disagreed with the reference, 2 no real GPU (without ``--sim``).
 """
@@ -40,15 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "parse_shapes", "token_mix"]
+__all__ = ["all_kernels", "main", "parse_shapes", "token_mix"]
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,4096x14336,14336x4096"
 DEFAULT_TOKENS = "1,8,64,512,2048"
 DEFAULT_BITS = "2,3,4,6,8"
-ALL_KERNELS = (
-    "gemv1,gemv2,gemv3,gemv4,gemv5,fused-gemv6,gemm1,gemm2,gemm3,streams-gemv2,streams-gemv5,streams-gemm2,"
-    "streams-gemm3,bmm1,bmm2,bmm3,pack1,pack2,fp16"
-)
 SIM_SHAPES = "96x37"
 SIM_TOKENS = "3"
 SIM_BITS = "3"
@@ -75,18 +71,25 @@ class Kernel:
     method: str = "grouped"
 
 
+def all_kernels() -> str:
+    """Every benchmark name, comma-separated: the modules' ``CASES`` and the fp16 baseline."""
+    from . import binary_matmul, packing, slice_linear
+
+    return ",".join([*slice_linear.CASES, *binary_matmul.CASES, *packing.CASES, "fp16"])
+
+
 def _kernel(name: str) -> Kernel:
-    from .slice_gemm import CASES
+    from . import binary_matmul, packing, slice_linear
 
     if name == "fp16":
         return Kernel(name, "fp16")
-    if name in CASES:
-        method, kind, version = CASES[name]
+    if name in slice_linear.CASES:
+        method, kind, version = slice_linear.CASES[name]
         return Kernel(name, "slice", kind, version, method)
-    m = re.fullmatch(r"(bmm|pack)([123])", name)
-    if m and not (m.group(1) == "pack" and m.group(2) == "3"):
-        return Kernel(name, m.group(1), version=int(m.group(2)))
-    raise argparse.ArgumentTypeError(f"unknown kernel {name!r}; choose from {ALL_KERNELS}")
+    for family, cases in (("bmm", binary_matmul.CASES), ("pack", packing.CASES)):
+        if name in cases:
+            return Kernel(name, family)
+    raise argparse.ArgumentTypeError(f"unknown kernel {name!r}; choose from {all_kernels()}")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -269,7 +272,7 @@ class _Weights:
         """float32 ``x[t] @ W_{k_t}^T`` computed with torch on ``ref_device``."""
         import torch
 
-        from .slice_gemm import slice_linear_ref
+        from .slice_linear import slice_linear_ref
 
         codes, scale, zero = self.torch_params()
         xt = torch.as_tensor(x).to(self.ref_device).float()
@@ -317,8 +320,9 @@ class _Case:
         from numba import cuda
 
         from . import binary_matmul as bm
+        from . import dequant as dq
         from . import packing as pk
-        from . import slice_gemm as sg
+        from . import slice_linear as sl
 
         w, wt = self.w, self.wt
         if kern.family == "slice":
@@ -329,30 +333,30 @@ class _Case:
                 dout = cuda.device_array((T, w.N), np.float16)
 
                 def call():
-                    return sg.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=6, out=dout)
+                    return sl.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=6, out=dout)
 
                 def kernels_only():
-                    sg.run_kernels("fused", "gemv", 6, self.dx, w, self.k_t, out=dout, dk=dk)
+                    sl.run_kernels(kern.name, self.dx, w, self.k_t, out=dout, dk=dk)
 
                 return call, kernels_only, lambda y: _rel_check(y.copy_to_host(), self.slice_reference())
 
             def call():
-                return sg.slice_linear(
+                return sl.slice_linear(
                     self.dx, w, self.k_t, method=kern.method, kind=kern.kind, version=kern.version, streams=streams
                 )
 
-            perm, _ = sg.route_permutation(self.k_t, len(wt.slice_bits))
+            perm, _ = sl.route_permutation(self.k_t, len(wt.slice_bits))
             dxs = cuda.to_device(np.ascontiguousarray(self.x[perm]))  # sorted once, outside the timing
             ybuf = cuda.device_array((len(wt.slice_bits), T, w.N), np.float32)
 
             def kernels_only():
-                sg.run_kernels(kern.method, kern.kind, kern.version, dxs, w, self.k_t, ybuf, self.streams)
+                sl.run_kernels(kern.name, dxs, w, self.k_t, ybuf, self.streams)
 
             return call, kernels_only, lambda y: _rel_check(y.copy_to_host(), self.slice_reference())
         if kern.family == "pack":
             dcodes = cuda.to_device(wt.codes)
             dplanes = cuda.device_array(w.planes.shape, np.uint32)
-            launch = pk._PACK[kern.version]
+            launch = pk.CASES[kern.name]
 
             def call():
                 launch(dcodes, dplanes)
@@ -370,8 +374,8 @@ class _Case:
             dxz = cuda.to_device(zx)
             dwp = w.planes[: w.bits_at(k)]
             dout = cuda.device_array((self.x.shape[0], w.N), np.int64)
-            gw = int(w.planes.shape[2]) if w.n_groups == 1 else wt.group_size // pk.WORD_BITS
-            launch = bm._BMM[kern.version]
+            gw = dq.group_words(w)
+            launch = bm.CASES[kern.name]
 
             def call():
                 launch(dxp, dwp, dxz, w.zero, w.K, gw, dout, block=(16, 8))
@@ -392,7 +396,7 @@ class _Case:
         E = len(wt.slice_bits)
         if wt.w16 is None:
             codes, scale, zero = wt.torch_params()
-            wt.w16 = sg.dequant_codes(codes, scale, zero, wt.slice_bits, E, wt.group_size).to("cuda", torch.float16)
+            wt.w16 = dq.dequant_codes(codes, scale, zero, wt.slice_bits, E, wt.group_size).to("cuda", torch.float16)
         x16 = torch.as_tensor(self.x).to("cuda")
         w16 = wt.w16
 
@@ -646,7 +650,7 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
     ap.add_argument("--shapes", default=None, help=f"KxN list (default {DEFAULT_SHAPES}; --sim: {SIM_SHAPES})")
     ap.add_argument("--tokens", default=None, help=f"token counts (default {DEFAULT_TOKENS}; --sim: {SIM_TOKENS})")
     ap.add_argument("--bits", default=None, help=f"average bits (default {DEFAULT_BITS}; --sim: {SIM_BITS})")
-    ap.add_argument("--kernels", default=ALL_KERNELS, help="comma-separated kernels (default: all)")
+    ap.add_argument("--kernels", default=None, help="comma-separated kernels (default: all)")
     ap.add_argument("--slice-bits", default="2,2,2,2", help="MoBiSlice slice widths (default 2,2,2,2)")
     ap.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per case (default 20)")
@@ -695,6 +699,7 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     if args.sim and (rc := enter_simulator("cuda_numba.bench", argv)) is not None:
         return rc
     sim = bool(args.sim)
+    args.kernels = args.kernels or all_kernels()
     if not args.sim:
         from . import _common
 

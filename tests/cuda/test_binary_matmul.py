@@ -17,7 +17,7 @@ from cuda_numba.binary_matmul import (
     quantize_activations,
 )
 from cuda_numba.packing import pack_bitplanes_ref, pack_mobislice
-from cuda_numba.slice_gemm import slice_linear_ref
+from cuda_numba.slice_linear import slice_linear_ref
 
 VERSIONS = [1, 2, 3]
 IDS = ["v1_naive", "v2_sums_registers", "v3_shared_tiles"]
