@@ -122,6 +122,25 @@ def _decode_word(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, K, n, w, a, 
     return s_eff, jmax
 
 
+@cuda.jit(device=True)
+def _tree_sum(part, red, tseg, tid, lane, width):
+    """red[i, tid - lane] = sum over the ``width`` lanes of part[i] (a power of two), for i < tseg.
+
+    Shared-memory tree reduction (no warp shuffles, so it runs in the simulator): after the
+    step with stride s, lane l < s holds the sum of lanes l, l + s, l + 2s, ...
+    """
+    for i in range(tseg):
+        red[i, tid] = part[i]
+    cuda.syncthreads()
+    stride = width // 2
+    while stride > 0:
+        if lane < stride:
+            for i in range(tseg):
+                red[i, tid] += red[i, tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+
+
 @cuda.jit
 def gemv_kernel2(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, out):
     """v2: block per row n, thread per K-word (strided), all tseg <= MAX_T tokens per thread."""
@@ -143,16 +162,7 @@ def gemv_kernel2(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
             for j in range(jmax):
                 acc += float32(x[t0 + i, w * WORD_BITS + j]) * qf[j]
             part[i] += s_eff * acc
-    for i in range(tseg):
-        red[i, tid] = part[i]
-    cuda.syncthreads()
-    stride = nthr // 2  # tree reduction in shared memory (no warp shuffles: runs in the simulator)
-    while stride > 0:
-        if tid < stride:
-            for i in range(tseg):
-                red[i, tid] += red[i, tid + stride]
-        cuda.syncthreads()
-        stride //= 2
+    _tree_sum(part, red, tseg, tid, tid, nthr)  # over all the block's words
     if tid == 0:
         for i in range(tseg):
             out[t0 + i, n] = red[i, 0]
@@ -196,16 +206,7 @@ def gemv_kernel3(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
                     acc += xs[i, j, tx] * qf[j]
                 part[i] += s_eff * acc
         cuda.syncthreads()
-    for i in range(tseg):
-        red[i, tid] = part[i]
-    cuda.syncthreads()
-    stride = bx // 2  # reduce over the words of each row (tx), rows stay apart
-    while stride > 0:
-        if tx < stride:
-            for i in range(tseg):
-                red[i, tid] += red[i, tid + stride]
-        cuda.syncthreads()
-        stride //= 2
+    _tree_sum(part, red, tseg, tid, tx, bx)  # over the words of each row (tx); rows stay apart
     if tx == 0 and n < N:
         for i in range(tseg):
             out[t0 + i, n] = red[i, tid]
