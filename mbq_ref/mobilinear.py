@@ -22,9 +22,16 @@ Two ways to evaluate it:
   ``index_copy_`` scatters the rows back (:func:`sliced_matmul`). Tokens and bits
   are counted in :attr:`MoBiLinear.stats`.
 
-Inference has three routing modes, checked in this order: an explicit per-token
-override (``token_slices``), a fixed slice count for every token (``fixed_k``: a
-static 2/4/6/8-bit model), and the router with threshold ``τ``.
+Layout. :class:`RoutedSlices` is what every served layer shares: the routing policy
+(:meth:`RoutedSlices.route`, one function from layer and input to slice counts; three
+modes, checked in this order: an explicit per-token override ``token_slices``, a fixed
+slice count ``fixed_k`` for every token — a static 2/4/6/8-bit model —, and the router
+with threshold ``τ``), the bit statistics, and the inference forward, which calls one
+backend method, :meth:`RoutedSlices.slice_matmul`. :class:`MoBiLinear` is the torch
+backend (float slice deltas, the CPU reference) plus calibration; the packed backend,
+:class:`mbq_ref.packed.PackedMoBiLinear`, serves the same routing from bit-planes
+through the kernels. The router's budget during calibration (loss, multiplier, offset
+control) is a :class:`mbq_ref.mobiroute.RouterBudget`.
 """
 
 from __future__ import annotations
@@ -39,25 +46,23 @@ from .errors import MBQError
 from .mobiroute import (
     BitStats,
     MoBiRouter,
-    budget_loss,
+    RouterBudget,
     counts_to_bits,
-    dual_step,
     logit_to_tau,
     mask_bits,
     slice_counts,
     ste_masks,
     tau_to_logit,
-    warmup_weight,
 )
-from .mobislice import ZERO_GRIDS, SlicedWeight, check_slice_bits, cumulative_bits, floor_scale_zero, slice_codes, slice_deltas
+from .mobislice import ZERO_GRIDS, SlicedWeight, check_slice_bits, floor_scale_zero, slice_codes, slice_deltas
 from .quantizer import LearnableClip, check_weight
 
-__all__ = ["STAGES", "MoBiError", "MoBiLinear", "sliced_matmul"]
+__all__ = ["STAGES", "MoBiError", "MoBiLinear", "RoutedSlices", "sliced_matmul"]
 
 #: Calibration stages of Alg. 1: first-slice stabilisation, then slices + router jointly.
 STAGES = ("base", "joint")
 
-TokenSlices = torch.Tensor | Callable[["MoBiLinear", torch.Tensor], torch.Tensor] | None
+TokenSlices = torch.Tensor | Callable[["RoutedSlices", torch.Tensor], torch.Tensor] | None
 
 
 class MoBiError(MBQError):
@@ -96,101 +101,25 @@ def sliced_matmul(
     return y if order is None else torch.empty_like(y).index_copy_(0, order, y)  # scatter back
 
 
-class MoBiLinear(nn.Module):
-    """A linear layer served by MoBiSlice slices and a MoBiRoute router (Sec. 4, Eq. 6).
+class RoutedSlices(nn.Module):
+    """A served linear layer whose token ``t`` reads ``k_t`` slices (Eq. 6): routing, statistics, forward.
 
-    Args:
-        linear: the ``nn.Linear`` to wrap; weight ``[N, K]`` and bias are shared and frozen.
-        slice_bits: bits per slice (App. C.1: ``2 2 2 2``).
-        group_size: ``g`` dividing ``K`` (128 in the paper); ``None`` = per-channel.
-        router_hidden: hidden width of the router MLP.
-        name: module path, used in every error message.
-        train_bits: the target mean bits of the budget loss (Sec. 5.3: the same for every layer).
-        budget_weight: ``λ`` of the budget loss after warm-up (dimensionless, see :mod:`mbq_ref.mobiroute`).
-        budget_warmup_steps: optimizer steps over which ``λ`` ramps up from 0.
-        fixed_k_weight: weight of the optional fixed-slice-count reconstruction terms
-            (our addition, not in the paper; 0 = off), see :meth:`calib_loss`.
-        tau: routing threshold ``τ`` (training uses it too; 0.5 = score 0).
-        score_bound: ``S`` of the router's bounded score (:class:`mbq_ref.mobiroute.MoBiRouter`).
-        surrogate_temperature: ``T`` of the straight-through soft mask ``σ((r - logit(τ)) / T)``.
-        budget_dual_step: ``η`` of the budget multiplier's dual ascent (0 = fixed penalty only).
-        budget_offset_step: ``κ`` of the integral correction of the router's score offset
-            (``offset -= κ d`` on the hard bits after each step; 0 = off).
-        clip_init, router_init_bias: initial LWC logit (OmniQuant: 4.0) and router bias.
-        zero_grid: scale/zero rule of :func:`mbq_ref.mobislice.floor_scale_zero`
-            (``"finest"``: no weight inside the learned range is clipped; ``"base"``: the earlier rule).
+    Subclasses hold the weight in some form and implement one backend method,
+    :meth:`slice_matmul` (``y_t = x_t Ŵ_{k_t}^T + bias``); everything else — which
+    ``k_t`` each token gets, the bits counted, the checks — is here, once.
 
-    Calibration contract (``docs/design.md``): :meth:`calib_parameters`,
-    :meth:`calib_loss`, :meth:`fp_forward` and ``calib_stage``. Setting
-    ``calib_stage`` drops the frozen slices; the next inference call re-freezes.
+    Attributes set by subclasses: ``name``, ``slice_bits``, ``in_features``,
+    ``out_features``, ``bias``, ``router`` (:class:`mbq_ref.mobiroute.MoBiRouter`),
+    ``tau_logit``, ``fixed_k``, ``token_slices``, ``stats``
+    (:class:`mbq_ref.mobiroute.BitStats`); :meth:`_init_routing` sets the last four.
     """
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        slice_bits=(2, 2, 2, 2),
-        group_size: int | None = 128,
-        router_hidden: int = 64,
-        name: str | None = None,
-        train_bits: float = 3.0,
-        budget_weight: float = 1.0,
-        budget_warmup_steps: int = 0,
-        fixed_k_weight: float = 0.0,
-        tau: float = 0.5,
-        clip_init: float = 4.0,
-        router_init_bias: float = 1.0,
-        zero_grid: str = "finest",
-        score_bound: float = 8.0,
-        surrogate_temperature: float = 1.0,
-        budget_dual_step: float = 0.0,
-        budget_offset_step: float = 0.0,
-    ):
-        super().__init__()
-        self.name = name
-        if zero_grid not in ZERO_GRIDS:
-            raise MoBiError(f"unknown zero_grid {zero_grid!r}; use one of {ZERO_GRIDS} (layer {name!r})")
-        self.zero_grid = zero_grid
-        try:
-            self.slice_bits = check_slice_bits(slice_bits)
-        except MBQError as exc:
-            raise MoBiError(f"{exc} (layer {name!r})") from exc
-        if len(self.slice_bits) < 2:
-            raise MoBiError(f"MoBiLinear needs at least 2 slices to route, got {self.slice_bits} (layer {name!r})")
-        self.group_size = check_weight(linear.weight.detach(), group_size, name)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.requires_grad_(False)
-        self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
-        dev = self.weight.device
-        self.clip = LearnableClip(self.out_features, self.in_features, self.group_size, clip_init).to(dev)
-        self.router = MoBiRouter(
-            self.in_features, self.num_slices - 1, router_hidden, router_init_bias, score_bound, surrogate_temperature
-        ).to(dev)
-        cum = cumulative_bits(self.slice_bits)
-        if not cum[0] <= train_bits <= cum[-1]:
-            raise MoBiError(f"train_bits {train_bits} outside {cum[0]}..{cum[-1]} (layer {name!r})")
-        self.train_bits, self.budget_weight = float(train_bits), float(budget_weight)
-        self.budget_warmup_steps, self.fixed_k_weight = int(budget_warmup_steps), float(fixed_k_weight)
-        if not surrogate_temperature > 0 or not budget_dual_step >= 0:
-            raise MoBiError(
-                f"surrogate_temperature must be > 0 and budget_dual_step >= 0, got {surrogate_temperature}, "
-                f"{budget_dual_step} (layer {name!r})"
-            )
-        self.surrogate_temperature, self.budget_dual_step = float(surrogate_temperature), float(budget_dual_step)
-        self.budget_offset_step = float(budget_offset_step)
-        self.budget_multiplier = 0.0  # μ of the budget constraint (dual ascent, see mobiroute.dual_step)
+    def _init_routing(self, tau: float) -> None:
         self.tau = tau
         self.fixed_k: int | None = None
         self.token_slices: TokenSlices = None
-        self.sliced: SlicedWeight | None = None
         self.stats = BitStats(self.num_slices)
-        self._deltas: list[torch.Tensor] | None = None
-        self._stage: str | None = None
-        self._step = 0  # joint-stage optimizer steps (budget warm-up clock)
-        self._ref: float | None = None  # base-slice output MSE at the start of the joint stage
-        self._e0: torch.Tensor | None = None  # fixed-k output MSEs at the first joint step
-        self._last: dict = {}  # what calib_loss needs from the latest calibration forward
 
-    # --- settings -----------------------------------------------------------
     @property
     def num_slices(self) -> int:
         """``E``, the number of slices (the base slice plus ``E - 1`` routed residual slices)."""
@@ -214,6 +143,135 @@ class MoBiLinear(nn.Module):
             raise MoBiError(f"k must be an int in 1..{self.num_slices} slices, got {k!r} (layer {self.name!r})")
         return k
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise MoBiError(
+                f"input has {x.shape[-1]} features, layer {self.name!r} expects {self.in_features} (shape {tuple(x.shape)})"
+            )
+        if not torch.isfinite(x).all():
+            raise MoBiError(f"input to layer {self.name!r} contains NaN/inf; check the layers before it")
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """The routing policy: slices per token, long ``x.shape[:-1]``, values ``1..E``."""
+        lead = x.shape[:-1]
+        if self.token_slices is not None:
+            ks = self.token_slices(self, x) if callable(self.token_slices) else self.token_slices
+            ks = torch.as_tensor(ks, device=x.device).long()
+            if tuple(ks.shape) != tuple(lead):
+                raise MoBiError(
+                    f"token_slices has shape {tuple(ks.shape)} but the input has tokens {tuple(lead)} (layer {self.name!r})"
+                )
+            if ks.numel() and (ks.min() < 1 or ks.max() > self.num_slices):
+                raise MoBiError(f"token_slices must be in 1..{self.num_slices} (layer {self.name!r})")
+            return ks
+        if self.fixed_k is not None:
+            return torch.full(lead, self.check_k(self.fixed_k), dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            return slice_counts(self.router(x), self.tau_logit)  # [...]
+
+    def slice_matmul(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The backend: ``[T, K]`` inputs and long ``[T]`` slice counts -> ``[T, N]`` outputs, bias included."""
+        raise NotImplementedError
+
+    def serve(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: ``x`` ``[..., K]`` -> ``[..., N]``; routes, calls the backend, counts tokens and bits."""
+        self._check_input(x)
+        lead = x.shape[:-1]
+        counts = self.route(x).reshape(-1)  # [T]
+        y = self.slice_matmul(x.reshape(-1, self.in_features), counts)
+        self.stats.update(counts, counts_to_bits(counts, self.slice_bits))
+        return y.reshape(*lead, self.out_features)
+
+    forward = serve
+
+    @property
+    def avg_bits(self) -> float:
+        """Mean bits per token since the last :meth:`reset_stats` (inference calls only)."""
+        return self.stats.avg_bits
+
+    def reset_stats(self) -> None:
+        """Zero the token / bit counters of :attr:`stats`."""
+        self.stats.reset()
+
+
+class MoBiLinear(RoutedSlices):
+    """A linear layer served by MoBiSlice slices and a MoBiRoute router (Sec. 4, Eq. 6), torch backend.
+
+    Args:
+        linear: the ``nn.Linear`` to wrap; weight ``[N, K]`` and bias are shared and frozen.
+        slice_bits: bits per slice (App. C.1: ``2 2 2 2``).
+        group_size: ``g`` dividing ``K`` (128 in the paper); ``None`` = per-channel.
+        router_hidden: hidden width of the router MLP.
+        name: module path, used in every error message.
+        budget: the router's bit budget in the joint stage (:class:`mbq_ref.mobiroute.RouterBudget`;
+            default: 3 bits, ``λ = 1``, no warm-up, no dual ascent or offset control).
+        fixed_k_weight: weight of the optional fixed-slice-count reconstruction terms
+            (our addition, not in the paper; 0 = off), see :meth:`calib_loss`.
+        tau: routing threshold ``τ`` (training uses it too; 0.5 = score 0).
+        clip_init, router_init_bias: initial LWC logit (OmniQuant: 4.0) and router bias.
+        zero_grid: scale/zero rule of :func:`mbq_ref.mobislice.floor_scale_zero`
+            (``"finest"``: no weight inside the learned range is clipped; ``"base"``: the earlier rule).
+        score_bound: ``S`` of the router's bounded score (:class:`mbq_ref.mobiroute.MoBiRouter`).
+        surrogate_temperature: ``T`` of the straight-through soft mask ``σ((r - logit(τ)) / T)``.
+
+    Calibration contract (``docs/design.md``): :meth:`calib_parameters`,
+    :meth:`calib_loss`, :meth:`fp_forward` and ``calib_stage``. Setting
+    ``calib_stage`` drops the frozen slices; the next inference call re-freezes.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        slice_bits=(2, 2, 2, 2),
+        group_size: int | None = 128,
+        router_hidden: int = 64,
+        name: str | None = None,
+        budget: RouterBudget | None = None,
+        fixed_k_weight: float = 0.0,
+        tau: float = 0.5,
+        clip_init: float = 4.0,
+        router_init_bias: float = 1.0,
+        zero_grid: str = "finest",
+        score_bound: float = 8.0,
+        surrogate_temperature: float = 1.0,
+    ):
+        super().__init__()
+        self.name = name
+        if zero_grid not in ZERO_GRIDS:
+            raise MoBiError(f"unknown zero_grid {zero_grid!r}; use one of {ZERO_GRIDS} (layer {name!r})")
+        self.zero_grid = zero_grid
+        try:
+            self.slice_bits = check_slice_bits(slice_bits)
+            if len(self.slice_bits) < 2:
+                raise MoBiError(f"MoBiLinear needs at least 2 slices to route, got {self.slice_bits}")
+            self.budget = (budget or RouterBudget()).check(self.slice_bits)
+            if not surrogate_temperature > 0:
+                raise MoBiError(f"surrogate_temperature must be > 0, got {surrogate_temperature}")
+        except MBQError as exc:
+            raise MoBiError(f"{exc} (layer {name!r})") from exc
+        self.group_size = check_weight(linear.weight.detach(), group_size, name)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight.requires_grad_(False)
+        self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        dev = self.weight.device
+        self.clip = LearnableClip(self.out_features, self.in_features, self.group_size, clip_init).to(dev)
+        self.router = MoBiRouter(
+            self.in_features, self.num_slices - 1, router_hidden, router_init_bias, score_bound, surrogate_temperature
+        ).to(dev)
+        self.fixed_k_weight = float(fixed_k_weight)
+        self.surrogate_temperature = float(surrogate_temperature)
+        self._init_routing(tau)
+        self.sliced: SlicedWeight | None = None
+        self._deltas: list[torch.Tensor] | None = None  # float slice deltas of `sliced` (the torch backend)
+        self._stage: str | None = None
+        self._e0: torch.Tensor | None = None  # fixed-k output MSEs at the first joint step
+        self._last: dict = {}  # what calib_loss needs from the latest calibration forward
+
+    @property
+    def train_bits(self) -> float:
+        """The budget's target mean bits (``budget.train_bits``)."""
+        return self.budget.train_bits
+
     @property
     def calib_stage(self) -> str | None:
         """``"base"`` / ``"joint"`` while :mod:`mbq_ref.calibrate` trains this layer, ``None`` at inference."""
@@ -227,7 +285,8 @@ class MoBiLinear(nn.Module):
         if stage is not None:
             self.sliced, self._deltas = None, None  # parameters will change: re-freeze afterwards
             if stage == "joint" and self._stage != "joint":
-                self._step, self._ref, self._e0, self.budget_multiplier = 0, None, None, 0.0
+                self.budget.reset()
+                self._e0 = None
         self._stage = stage
 
     # --- quantizer ----------------------------------------------------------
@@ -284,57 +343,28 @@ class MoBiLinear(nn.Module):
         w = self.weight.float()
         return torch.stack([((x2 @ (w - self.dequant(k)).T) ** 2).sum(-1) for k in range(1, self.num_slices + 1)])
 
-    # --- routing --------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
-            raise MoBiError(
-                f"input has {x.shape[-1]} features, layer {self.name!r} expects {self.in_features} (shape {tuple(x.shape)})"
-            )
-        if not torch.isfinite(x).all():
-            raise MoBiError(f"input to layer {self.name!r} contains NaN/inf; check the layers before it")
-
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Slices per token in the current inference mode: long ``x.shape[:-1]``, values ``1..E``."""
-        lead = x.shape[:-1]
-        if self.token_slices is not None:
-            ks = self.token_slices(self, x) if callable(self.token_slices) else self.token_slices
-            ks = torch.as_tensor(ks, device=x.device).long()
-            if tuple(ks.shape) != tuple(lead):
-                raise MoBiError(
-                    f"token_slices has shape {tuple(ks.shape)} but the input has tokens {tuple(lead)} (layer {self.name!r})"
-                )
-            if ks.numel() and (ks.min() < 1 or ks.max() > self.num_slices):
-                raise MoBiError(f"token_slices must be in 1..{self.num_slices} (layer {self.name!r})")
-            return ks
-        if self.fixed_k is not None:
-            return torch.full(lead, self.check_k(self.fixed_k), dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            return slice_counts(self.router(x), self.tau_logit)  # [...]
-
     # --- forward --------------------------------------------------------------
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Full-precision reference ``x W^T + bias`` (used by calibration for the teacher output)."""
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., K]`` -> ``[..., N]``: calibration mode if ``calib_stage`` is set, else inference."""
+        """``x`` ``[..., K]`` -> ``[..., N]``: calibration mode if ``calib_stage`` is set, else inference (:meth:`serve`)."""
+        if self._stage is None:
+            return self.serve(x)
         self._check_input(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [T, K]
-        y = self._calib_forward(x2) if self._stage is not None else self._infer(x2, lead)
-        return y.reshape(*lead, self.out_features)
+        y = self._calib_forward(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _infer(self, x2: torch.Tensor, lead) -> torch.Tensor:
+    def slice_matmul(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Torch backend: :func:`sliced_matmul` over the float slice deltas of the frozen codes."""
         if self._deltas is None:
             self.freeze()
-        counts = self.route(x2.reshape(*lead, self.in_features)).reshape(-1)  # [T]
         deltas = [d.to(x2.device, x2.dtype) for d in self._deltas]
         if deltas[0].data_ptr() != self._deltas[0].data_ptr() and torch.finfo(x2.dtype).bits >= 32:
             self._deltas = deltas  # cache the cast for the next call
         # (never cache a bf16/fp16 cast: it would replace the float32 readings for every later float32 call)
-        y = sliced_matmul(x2, deltas, counts, self.bias)
-        self.stats.update(counts, counts_to_bits(counts, self.slice_bits))
-        return y
+        return sliced_matmul(x2, deltas, counts, self.bias)
 
     def _calib_forward(self, x2: torch.Tensor) -> torch.Tensor:
         if self.router.in_scale <= 0:
@@ -343,15 +373,15 @@ class MoBiLinear(nn.Module):
         deltas = self.slice_deltas()  # E x [N, K], differentiable in the clip
         y = xf @ deltas[0].T  # base slice for every token (the shared expert): [T, N]
         if self._stage == "joint":
-            if self._ref is None:  # first joint step: start on budget, scores spread over the surrogate
+            if self.budget.ref is None:  # first joint step: start on budget, scores spread over the surrogate
                 self.router.init_from_data(xf, self.tau_logit, self.slice_bits, self.train_bits)
             # [T, E-1], hard forward / soft backward centred on the training threshold
             m = ste_masks(self.router(xf), self.tau_logit, self.surrogate_temperature)
             for e in range(1, self.num_slices):
                 y = y + m[:, e - 1 : e] * (xf @ deltas[e].T)
-            if self._ref is None:  # base-slice output MSE: the scale of what routing can win back
+            if self.budget.ref is None:  # base-slice output MSE: the scale of what routing can win back
                 with torch.no_grad():
-                    self._ref = float(((xf @ (self.weight.float() - deltas[0]).T) ** 2).mean().clamp_min(1e-12))
+                    self.budget.ref = float(((xf @ (self.weight.float() - deltas[0]).T) ** 2).mean().clamp_min(1e-12))
             self._last = {"bits": mask_bits(m, self.slice_bits).mean(), "x": xf, "deltas": deltas}
         if self.bias is not None:
             y = y + self.bias.float()
@@ -371,38 +401,18 @@ class MoBiLinear(nn.Module):
         """Extra loss of one optimizer step (call after the forward of that step).
 
         ``"base"``: 0 (Alg. 1 stage 1 fits the base slice to the block output alone).
-        ``"joint"``: the budget loss (augmented Lagrangian, :func:`mbq_ref.mobiroute.budget_loss`)
-        on the straight-through mean bits of the last forward, warmed up over
-        ``budget_warmup_steps``; its multiplier ``μ`` then takes one dual-ascent step
-        (:func:`mbq_ref.mobiroute.dual_step`, size ``budget_dual_step``) on the hard
-        bits of that forward, so the layer is pushed until it meets ``train_bits``, and the
-        router's score offset is corrected by ``budget_offset_step`` times the same error; plus, if
-        ``fixed_k_weight > 0``, our addition (not in the paper) that keeps every
-        fixed precision usable: ``fixed_k_weight · ref · mean_k e_k / e_k^0`` with
-        ``e_k`` the layer-output MSE when every token reads ``k`` slices and
+        ``"joint"``: the budget loss of :meth:`mbq_ref.mobiroute.RouterBudget.step` on the
+        straight-through mean bits of the last forward (which also takes the dual-ascent
+        and offset-control steps); plus, if ``fixed_k_weight > 0``, our addition (not in
+        the paper) that keeps every fixed precision usable: ``fixed_k_weight · ref · mean_k e_k / e_k^0``
+        with ``e_k`` the layer-output MSE when every token reads ``k`` slices and
         ``e_k^0`` its value at the first joint step.
         """
         if stage == "base" or not self._last:
             return 0.0
-        ramp = warmup_weight(self._step, self.budget_warmup_steps, 1.0)
-        self._step += 1
-        bits = self._last["bits"]
-        loss = budget_loss(
-            bits, self.train_bits, self.slice_bits, ramp * self.budget_weight, self._ref, ramp * self.budget_multiplier
-        )
-        # the multiplier follows the hard bits (the value of the straight-through estimate)
-        self.budget_multiplier = dual_step(
-            self.budget_multiplier, float(bits.detach()), self.train_bits, self.slice_bits, ramp * self.budget_dual_step
-        )
-        if self.budget_offset_step > 0:
-            # integral control: the gradient moves the offset by about one learning rate per
-            # step (Adam), too slow to follow the shape of the scores as the MLP learns; the
-            # hard-bits error of this step shifts it directly (same sign as the multiplier)
-            with torch.no_grad():
-                d = dual_step(0.0, float(bits.detach()), self.train_bits, self.slice_bits, 1.0)
-                self.router.offset.sub_(ramp * self.budget_offset_step * d)
+        loss = self.budget.step(self._last["bits"], self.slice_bits, self.router)
         if self.fixed_k_weight > 0:
-            loss = loss + self.fixed_k_weight * self._ref * self._fixed_k_term()
+            loss = loss + self.fixed_k_weight * self.budget.ref * self._fixed_k_term()
         self._last = {}
         return loss
 
@@ -418,16 +428,6 @@ class MoBiLinear(nn.Module):
         if self._e0 is None:
             self._e0 = e.detach().clamp_min(1e-12)
         return (e / self._e0).mean()
-
-    # --- statistics -----------------------------------------------------------
-    @property
-    def avg_bits(self) -> float:
-        """Mean bits per token since the last :meth:`reset_stats` (inference calls only)."""
-        return self.stats.avg_bits
-
-    def reset_stats(self) -> None:
-        """Zero the token / bit counters of :attr:`stats`."""
-        self.stats.reset()
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.group_size == self.in_features else self.group_size

@@ -62,6 +62,7 @@ __all__ = [
     "BitStats",
     "MoBiRouter",
     "RouteError",
+    "RouterBudget",
     "budget_loss",
     "counts_to_bits",
     "dual_step",
@@ -194,11 +195,39 @@ class MoBiRouter(nn.Module):
         self.score_std.copy_(raw.std(0).clamp_min(1e-6))
         self.offset.zero_()
         z = self.spread * (raw - self.score_mean) / self.score_std
-        s = float(self.score_bound)
-        u = tau_logit if not math.isfinite(s) else s * math.atanh(max(min(tau_logit / s, 1 - 1e-7), -1 + 1e-7))
         u_star = threshold_for_bits(z, slice_bits, target_bits)
         if math.isfinite(u_star):
-            self.offset.fill_(u - u_star)
+            self.offset.fill_(self._unbounded(tau_logit) - u_star)
+
+    def _unbounded(self, r: float) -> float:
+        """The normalised score ``n`` with ``S tanh(n / S) = r`` (the bound is monotone, so thresholds map 1:1)."""
+        s = float(self.score_bound)
+        return r if not math.isfinite(s) else s * math.atanh(max(min(r / s, 1 - 1e-7), -1 + 1e-7))
+
+    @torch.no_grad()
+    def settle_offset(self, scores: torch.Tensor, tau_logit: float, slice_bits, target_bits: float) -> float:
+        """Shift the score offset so that these tokens read ``target_bits`` on average at ``logit(τ)``.
+
+        The budget settle that ends the joint stage (:func:`mbq_ref.mobiquant.settle_budget`).
+        The offset is a bias added to every normalised score, so the shift moves every
+        token by the same amount: the ranking the router learned (who gets slices) is
+        unchanged; only the level (how many) is set, exactly, on the calibration tokens.
+
+        Args:
+            scores: ``[T, E-1]`` router outputs ``r`` (bounded) on calibration tokens, at
+                the current offset and the running score statistics (inference mode).
+            tau_logit: the trained threshold ``logit(τ)``.
+            target_bits: the layer's ``train_bits``.
+        Returns:
+            the shift added to the offset (normalised-score units: 1 = one standard
+            deviation of the scores); 0 if the target is met by all-on / all-off.
+        """
+        u_star = threshold_for_bits(scores, slice_bits, target_bits)  # in r (bounded) space
+        if not math.isfinite(u_star):
+            return 0.0
+        shift = self._unbounded(tau_logit) - self._unbounded(u_star)
+        self.offset.add_(shift)
+        return shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores ``r = S tanh(n / S)``, ``n`` the normalised MLP output; ``[..., E-1]`` (float32) for ``x`` ``[..., K]``."""
@@ -331,6 +360,68 @@ def warmup_weight(step: int, warmup_steps: int, weight: float) -> float:
     if warmup_steps <= 0:
         return float(weight)
     return float(weight) * min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class RouterBudget:
+    """The joint stage's bit budget for one layer's router: settings and the state they drive.
+
+    One optimizer step (:meth:`step`) given the straight-through mean bits ``b̄`` of its forward:
+
+    1. loss ``ramp · ref · (μ d + λ d²)``, ``d = (b̄ - b*) / (B_E - B_1)`` (:func:`budget_loss`),
+       ``ramp`` rising from 0 to 1 over ``warmup_steps`` (:func:`warmup_weight`);
+    2. dual ascent ``μ <- μ + ramp · η d_hard`` (:func:`dual_step`), on the hard bits;
+    3. integral control of the router's score offset, ``offset <- offset - ramp · κ d_hard``.
+
+    Attributes:
+        train_bits: ``b*``, the layer's target mean bits (Sec. 5.3: the same for every layer).
+        weight: ``λ`` after warm-up (dimensionless: the loss is scaled by ``ref``).
+        warmup_steps: optimizer steps of the linear ramp.
+        dual_step: ``η`` (0 = fixed penalty only).
+        offset_step: ``κ`` (0 = off; 1 = one score standard deviation per unit of ``d``).
+        ref: the layer's error scale (set by the layer at the first joint step; ``None`` before).
+        multiplier: ``μ``; ``steps``: optimizer steps taken in this joint stage.
+    """
+
+    train_bits: float = 3.0
+    weight: float = 1.0
+    warmup_steps: int = 0
+    dual_step: float = 0.0
+    offset_step: float = 0.0
+    ref: float | None = None
+    multiplier: float = 0.0
+    steps: int = 0
+
+    def check(self, slice_bits) -> RouterBudget:
+        """Return self if ``train_bits`` is reachable with ``slice_bits`` and the step sizes are >= 0."""
+        cum = cumulative_bits(check_slice_bits(slice_bits))
+        if not cum[0] <= self.train_bits <= cum[-1]:
+            raise RouteError(f"train_bits {self.train_bits} outside {cum[0]}..{cum[-1]}")
+        if not (self.weight >= 0 and self.dual_step >= 0 and self.offset_step >= 0 and self.warmup_steps >= 0):
+            raise RouteError(f"budget weight, warm-up and step sizes must be >= 0, got {self}")
+        return self
+
+    def reset(self) -> None:
+        """Start a new joint stage: no reference scale, ``μ = 0``, warm-up from step 0."""
+        self.ref, self.multiplier, self.steps = None, 0.0, 0
+
+    def step(self, bits: torch.Tensor, slice_bits, router: MoBiRouter) -> torch.Tensor:
+        """The budget loss of one optimizer step (differentiable in ``bits``), then the dual and offset updates."""
+        if self.ref is None:
+            raise RouteError("RouterBudget.ref is unset: the layer sets it at the first joint forward")
+        ramp = warmup_weight(self.steps, self.warmup_steps, 1.0)
+        self.steps += 1
+        loss = budget_loss(bits, self.train_bits, slice_bits, ramp * self.weight, self.ref, ramp * self.multiplier)
+        hard = float(bits.detach())  # the straight-through value is the hard mean bits
+        self.multiplier = dual_step(self.multiplier, hard, self.train_bits, slice_bits, ramp * self.dual_step)
+        if self.offset_step > 0:
+            # integral control: Adam moves the offset by about one learning rate per step, too
+            # slow to follow the shape of the scores as the MLP learns; the hard-bits error of
+            # this step shifts it directly (same sign as the multiplier)
+            with torch.no_grad():
+                d = dual_step(0.0, hard, self.train_bits, slice_bits, 1.0)
+                router.offset.sub_(ramp * self.offset_step * d)
+        return loss
 
 
 @torch.no_grad()

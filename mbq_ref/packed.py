@@ -18,7 +18,8 @@ Forward (``backend``): ``"kernels"`` runs :func:`cuda_numba.slice_linear.slice_l
 grouped GEMM v3), ``"torch"`` dequantizes ``Ŵ_k`` from the planes and multiplies in torch
 (the CPU reference), ``"auto"`` (default) = kernels for CUDA inputs, torch otherwise. Under
 Numba's CUDA simulator ``"kernels"`` also runs on CPU tensors (that is how the tests check it).
-Routing is :meth:`MoBiLinear.route` itself, so both layers route identically.
+Both layers are :class:`mbq_ref.mobilinear.RoutedSlices`: the same routing policy, checks,
+statistics and forward; this one only supplies the backend, :meth:`PackedMoBiLinear.slice_matmul`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .mobilinear import MoBiError, MoBiLinear
-from .mobiroute import BitStats, counts_to_bits
+from .mobilinear import MoBiError, MoBiLinear, RoutedSlices
 
 __all__ = ["BACKENDS", "PackedMoBiLinear", "pack_model", "packed_layers"]
 
@@ -36,15 +36,8 @@ BACKENDS = ("auto", "kernels", "torch")
 DECODE_MAX_T = 8  # up to this many tokens: the routed GEMV (one launch); more: grouped GEMM
 
 
-class PackedMoBiLinear(nn.Module):
+class PackedMoBiLinear(RoutedSlices):
     """MoBiLinear inference from bit-planes (see the module docstring); build with :meth:`from_mobilinear`."""
-
-    # one routing implementation: MoBiLinear's, on the same attributes (tau / tau_logit, fixed_k,
-    # token_slices, router), so mobiquant's set_slices / set_threshold settings apply unchanged
-    route = MoBiLinear.route
-    tau = MoBiLinear.tau
-    check_k = MoBiLinear.check_k
-    _check_input = MoBiLinear._check_input
 
     def __init__(self, planes, scale, zero, slice_bits, group_size, in_features, bias, router, tau_logit, name=None):
         super().__init__()
@@ -57,11 +50,9 @@ class PackedMoBiLinear(nn.Module):
         self.register_buffer("zero", zero)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.router = router
+        self._init_routing(0.5)
         self.tau_logit = float(tau_logit)
-        self.fixed_k: int | None = None
-        self.token_slices = None
         self.backend = "auto"
-        self.stats = BitStats(self.num_slices)
         self._packed = {}  # device -> cuda_numba PackedWeight viewing the buffers (no copy)
 
     @classmethod
@@ -94,10 +85,6 @@ class PackedMoBiLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     @property
-    def num_slices(self) -> int:
-        return len(self.slice_bits)
-
-    @property
     def nbytes(self) -> int:
         """Bytes of the packed weight: planes + scales + zero points (bias and router not counted)."""
         return sum(t.numel() * t.element_size() for t in (self.planes, self.scale, self.zero))
@@ -105,13 +92,6 @@ class PackedMoBiLinear(nn.Module):
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes / (self.out_features * self.in_features)
-
-    @property
-    def avg_bits(self) -> float:
-        return self.stats.avg_bits
-
-    def reset_stats(self) -> None:
-        self.stats.reset()
 
     def _weight(self, device):
         """cuda_numba PackedWeight viewing this layer's buffers on ``device`` (cached)."""
@@ -162,17 +142,15 @@ class PackedMoBiLinear(nn.Module):
         )  # fmt: skip
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., K]`` -> ``[..., N]`` in x's dtype: ``y_t = x_t Ŵ_{k_t}^T + bias`` with k_t routed as MoBiLinear does."""
-        self._check_input(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        counts = self.route(x).reshape(-1)  # [T] long, on x's device
+    def slice_matmul(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Packed backend: ``[T, K]``, long ``[T]`` -> ``[T, N]`` in x's dtype (kernels or the torch reference), bias added."""
         y = self._kernels(x2, counts) if self._use_kernels(x2) else self._torch(x2, counts)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        self.stats.update(counts, counts_to_bits(counts, self.slice_bits))
-        return y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]``: ``y_t = x_t Ŵ_{k_t}^T + bias``, routed as every RoutedSlices layer (:meth:`serve`)."""
+        return self.serve(x)
 
     def extra_repr(self) -> str:
         return (

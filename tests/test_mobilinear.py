@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mbq_ref.mobilinear import MoBiError, MoBiLinear, sliced_matmul
+from mbq_ref.mobiroute import RouterBudget
 from mbq_ref.quantizer import QuantError
 
 K, N, G = 256, 96, 64
@@ -109,7 +110,7 @@ def test_token_slices_override_and_bits():
 
 
 def test_router_gets_gradient_from_output_and_budget():
-    layer, _ = _layer(budget_weight=1.0, train_bits=2.0, budget_dual_step=6.0)
+    layer, _ = _layer(budget=RouterBudget(train_bits=2.0, weight=1.0, dual_step=6.0))
     layer.calib_stage = "joint"
     x = _x()
     y = layer(x)
@@ -125,7 +126,7 @@ def test_router_gets_gradient_from_output_and_budget():
     layer(x)
     layer.calib_loss("joint").backward()
     assert (layer.router.offset.grad > 0).all()
-    assert layer.budget_multiplier > 0  # and the dual step raised the multiplier
+    assert layer.budget.multiplier > 0  # and the dual step raised the multiplier
 
 
 def test_calib_parameters_per_stage():
@@ -157,12 +158,12 @@ def test_setting_a_stage_drops_the_frozen_codes():
 
 
 def test_fixed_k_reconstruction_term():
-    layer, _ = _layer(fixed_k_weight=1.0, budget_weight=0.0)
+    layer, _ = _layer(fixed_k_weight=1.0, budget=RouterBudget(weight=0.0))
     layer.calib_stage = "joint"
     layer(_x())
     loss = layer.calib_loss("joint")
     # first step: every e_k / e_k^0 = 1
-    assert loss.item() == pytest.approx(layer._ref, rel=1e-5)
+    assert loss.item() == pytest.approx(layer.budget.ref, rel=1e-5)
     loss.backward()
     assert layer.clip.gamma.grad.abs().sum() > 0
 
@@ -198,7 +199,7 @@ def test_errors_name_the_layer():
     with pytest.raises(QuantError, match="does not divide"):
         MoBiLinear(lin, group_size=100, name="x")
     with pytest.raises(MoBiError, match="train_bits"):
-        MoBiLinear(lin, group_size=G, train_bits=9.0, name="x")
+        MoBiLinear(lin, group_size=G, budget=RouterBudget(train_bits=9.0), name="x")
 
 
 def test_no_bias_and_fp16_inputs():
