@@ -180,6 +180,13 @@ def _zp_dot(dot, sx, sw, zx, zw, cnt):
 
 
 @cuda.jit(device=True)
+def _group_span(g, group_words, W):
+    """Words [w0, w1) of group g."""
+    w0 = g * group_words
+    return w0, min(w0 + group_words, W)
+
+
+@cuda.jit(device=True)
 def _dot_and_sums(xp, nbx, t, wp, nbw, n, w0, w1):
     """Over words [w0, w1): (<xq, wq>, sum xq, sum wq) by AND + popcount."""
     dot = int64(0)
@@ -231,8 +238,7 @@ def bmm_kernel1(xp, wp, x_zero, w_zero, K, group_words, out):
         zx = int64(x_zero[t])
         acc = int64(0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot, sx, sw = _dot_and_sums(xp, nbx, t, wp, nbw, n, w0, w1)
             acc += _zp_dot(dot, sx, sw, zx, int64(w_zero[n, g]), _group_count(K, g, group_words))
         out[t, n] = acc
@@ -263,8 +269,7 @@ def bmm_kernel2(xp, wp, x_zero, w_zero, x_sums, w_sums, K, group_words, out):
         zx = int64(x_zero[t])
         acc = int64(0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot = _dot_cached(xp, nbx, t, wp, nbw, n, w0, w1)
             cnt = _group_count(K, g, group_words)
             acc += _zp_dot(dot, x_sums[t, g], w_sums[n, g], zx, int64(w_zero[n, g]), cnt)
@@ -423,8 +428,7 @@ def blinear_kernel1(xp, x_scale, x_zero, wp, nbw, w_scale, w_zero, K, group_word
         zx = int64(x_zero[t])
         y = float32(0.0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot, sx, sw = _dot_and_sums(xp, nbx, t, wp, nbw, n, w0, w1)
             c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2  # D (z_k - 1/2), D = dmul
             # sum (xq - zx)(D Q_k - c): the integer dot product with D wq and zero point c
@@ -444,10 +448,9 @@ def blinear_kernel2(xp, x_scale, x_zero, x_sums, wp, nbw, w_scale, w_zero, w_sum
         zx = int64(x_zero[t])
         y = float32(0.0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot = _dot_cached(xp, nbx, t, wp, nbw, n, w0, w1)
-            c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2
+            c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2  # D (z_k - 1/2)
             cnt = _group_count(K, g, group_words)
             d = _zp_dot(int64(dmul) * dot, x_sums[t, g], int64(dmul) * w_sums[n, g], zx, c, cnt)
             y += float32(w_scale[n, g]) * float32(smul) * float32(d)

@@ -296,6 +296,20 @@ def _block_sum(acc, red, i, t, tx, ty, wc):
 
 
 @cuda.jit(device=True)
+def _write_row_sums(acc, red, dst, toff, tseg):
+    """dst[toff + t, n] = this block's sum over its word slots, for each of its rows n and tokens t < tseg."""
+    wc, rb = cuda.blockDim.x, cuda.blockDim.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    nrow0 = cuda.blockIdx.x * rb * RPT + ty
+    for i in range(RPT):
+        n = nrow0 + i * rb
+        for t in range(tseg):
+            s = _block_sum(acc, red, i, t, tx, ty, wc)
+            if tx == 0 and n < dst.shape[1]:
+                dst[toff + t, n] = s
+
+
+@cuda.jit(device=True)
 def _finish_split_k(acc, red, last, part, count, out, t0, tseg):
     """Split-K epilogue: write this block's partials, and if it is the last of its row block, sum all S.
 
@@ -307,15 +321,8 @@ def _finish_split_k(acc, red, last, part, count, out, t0, tseg):
     N = part.shape[2]
     S = cuda.gridDim.y
     wc, rb = cuda.blockDim.x, cuda.blockDim.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    tid, nthr = ty * wc + tx, wc * rb
-    nrow0 = cuda.blockIdx.x * rb * RPT + ty
-    for i in range(RPT):
-        n = nrow0 + i * rb
-        for t in range(tseg):
-            s = _block_sum(acc, red, i, t, tx, ty, wc)
-            if tx == 0 and n < N:
-                part[cuda.blockIdx.y, t, n] = s
+    tid, nthr = cuda.threadIdx.y * wc + cuda.threadIdx.x, wc * rb
+    _write_row_sums(acc, red, part[cuda.blockIdx.y], 0, tseg)  # this split's partials [MAX_T, N]
     cuda.threadfence()  # partials visible to the block that finishes last
     cuda.syncthreads()
     if tid == 0:
@@ -364,17 +371,9 @@ def gemv_kernel4(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
     xsum = cuda.shared.array(XSUM_LEN, float32)
     red = cuda.shared.array((MAX_THREADS, 8), float32)
     acc = cuda.local.array(ACC_LEN, float32)
-    wc, rb = cuda.blockDim.x, cuda.blockDim.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    N, W = planes.shape[1], planes.shape[2]
+    wc, W = cuda.blockDim.x, planes.shape[2]
     _lut_chunks(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, 0, (W + wc - 1) // wc, tab, nib, xsum, acc)
-    nrow0 = cuda.blockIdx.x * rb * RPT + ty
-    for i in range(RPT):
-        n = nrow0 + i * rb
-        for t in range(tseg):
-            s = _block_sum(acc, red, i, t, tx, ty, wc)
-            if tx == 0 and n < N:
-                out[t0 + t, n] = s
+    _write_row_sums(acc, red, out, t0, tseg)
 
 
 @cuda.jit
