@@ -11,6 +11,7 @@ launchers ``*_v1..N`` and one dispatcher taking ``version=``.
 * ``slice_gemm``    -- prefill GEMM ladder (v1 naive, v2 shared-memory tiles, v3 register tiles)
 * ``slice_linear``  -- per-token routed precision: sort by ``k_t``, grouped / streams / fused; ``CASES``
 * ``bench``         -- ``python -m cuda_numba.bench`` (real GPU), ``--sim`` for a simulator demo
+* ``bench_env``     -- commit, versions, device and the simulator switch, recorded by bench and e2e
 * ``e2e``           -- ``python -m cuda_numba.e2e``: decode tok/s and memory, fp16 vs ``mbq_ref.packed``
 
 Each kernel module exposes ``LAUNCHERS`` (version -> launcher) and, where the benchmark times
@@ -24,6 +25,7 @@ the repository's ``conftest.py``); it must be set before ``numba.cuda`` is first
 
 __all__ = [
     "bench",
+    "bench_env",
     "binary_matmul",
     "dequant",
     "e2e",

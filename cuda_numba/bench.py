@@ -29,16 +29,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .bench_env import REPO, device_info, enter_simulator, git_commit, slug, versions
 
 __all__ = ["all_kernels", "main", "parse_shapes", "token_mix"]
 
@@ -49,17 +48,6 @@ SIM_SHAPES = "96x37"
 SIM_TOKENS = "3"
 SIM_BITS = "3"
 GEMV_MAX_TOKENS = 8  # GEMV kernels are for decode; larger T is skipped unless --gemv-max-tokens says so
-REPO = Path(__file__).resolve().parents[1]
-# Peak HBM bandwidth (GB/s) by device name when the driver attributes are unavailable.
-KNOWN_PEAK_GBS = {
-    "H200": 4800.0,
-    "H100 80GB HBM3": 3350.0,
-    "H100 PCIe": 2000.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100-SXM4-40GB": 1555.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100-PCIE-40GB": 1555.0,
-}
 
 
 @dataclass(frozen=True)
@@ -127,81 +115,6 @@ def token_mix(T: int, avg_bits: float, slice_bits=(2, 2, 2, 2), seed: int = 0) -
     n_hi = int(np.floor(frac * T + 0.5))
     k_t = np.array([hi + 1] * n_hi + [lo + 1] * (T - n_hi), dtype=np.int64)
     return np.random.default_rng(seed).permutation(k_t)
-
-
-# ---------------------------------------------------------------------------------------
-# environment
-
-
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if sha.returncode:
-            return "unknown (no commit)"
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict:
-    import numba
-    import torch
-
-    out = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "torch": torch.__version__,
-    }
-    try:
-        from importlib.metadata import version
-
-        out["numba_cuda"] = version("numba-cuda")
-    except Exception:  # noqa: BLE001 - optional
-        out["numba_cuda"] = "not installed"
-    return out
-
-
-def _device_info(peak_override: float | None) -> dict:
-    from numba import cuda
-    from numba.cuda.cudadrv import driver as drv
-
-    dev = cuda.get_current_device()
-    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-    info = {"name": name, "compute_capability": ".".join(map(str, dev.compute_capability))}
-    try:
-        info["driver_version"] = ".".join(map(str, drv.driver.get_version()))
-    except Exception as exc:  # noqa: BLE001
-        info["driver_version"] = f"unknown ({exc.__class__.__name__})"
-    try:
-        info["cuda_runtime"] = ".".join(map(str, cuda.runtime.get_version()))
-    except Exception:  # noqa: BLE001
-        info["cuda_runtime"] = "unknown"
-    try:
-        info["l2_bytes"] = int(dev.L2_CACHE_SIZE)
-    except Exception:  # noqa: BLE001
-        info["l2_bytes"] = 64 * 2**20
-    peak, source = peak_override, "--peak-gbs"
-    if peak is None:
-        try:  # DDR: two transfers per clock; clock in kHz, bus width in bits
-            peak = 2 * int(dev.MEMORY_CLOCK_RATE) * 1e3 * int(dev.GLOBAL_MEMORY_BUS_WIDTH) / 8 / 1e9
-            source = "device attributes (2 x memory clock x bus width)"
-        except Exception:  # noqa: BLE001
-            peak = next((v for k, v in KNOWN_PEAK_GBS.items() if k in name), None)
-            source = "table of published peaks" if peak else "unknown"
-    info["hbm_peak_gbs"] = peak
-    info["hbm_peak_source"] = source
-    return info
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,8 +377,8 @@ def _run_grid(args, sim: bool) -> dict:
     slice_bits = tuple(_ints(args.slice_bits))
     meta = {
         "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "versions": _versions(),
+        "git_commit": git_commit(),
+        "versions": versions(),
         "simulator": sim,
         "argv": sys.argv[1:],
         "slice_bits": list(slice_bits),
@@ -485,7 +398,7 @@ def _run_grid(args, sim: bool) -> dict:
         meta["device"] = {"name": "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"}
         flush = None
     else:
-        meta["device"] = _device_info(args.peak_gbs)
+        meta["device"] = device_info(args.peak_gbs)
         flush = None if args.no_flush else _make_flush(meta["device"]["l2_bytes"])
     try:
         import torch
@@ -583,13 +496,9 @@ def _run_grid(args, sim: bool) -> dict:
     return {"meta": meta, "results": results, "failures": failures}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
-
-
 def _write(report: dict, out_dir: Path, plot: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{_slug(report['meta']['device']['name'])}_{report['meta']['utc'][:10]}"
+    stem = f"{slug(report['meta']['device']['name'])}_{report['meta']['utc'][:10]}"
     path = out_dir / f"{stem}.json"
     n = 2
     while path.exists():  # never overwrite an earlier run
@@ -670,25 +579,6 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
         help="tiny correctness demo in the CUDA simulator (timings are NOT performance numbers)",
     )
     return ap
-
-
-def enter_simulator(module: str, argv) -> int | None:
-    """Turn Numba's CUDA simulator on for a ``--sim`` run (it must be on before ``numba.cuda`` is imported).
-
-    In this process when ``numba.cuda`` is not imported yet (returns None); otherwise re-runs
-    ``python -m module argv`` in a child with it on and returns the child's exit code.
-    """
-    import numba
-
-    if numba.config.ENABLE_CUDASIM:
-        return None
-    if "numba.cuda" in sys.modules or "numba_cuda" in sys.modules:  # too late to switch: re-run in a child
-        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-        cmd = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
-        return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    numba.config.reload_config()
-    return None
 
 
 def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParser) -> int:

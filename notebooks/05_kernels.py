@@ -550,7 +550,7 @@ print("k_t =", k_m.tolist())
 # which catches typing problems the simulator cannot see.) Committed results, if any:
 
 # %%
-results_dir = Path(pk.__file__).resolve().parents[1] / "benchmarks" / "results"
+results_dir = REPO / "benchmarks" / "results"
 reports = sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []
 if not reports:
     print("No GPU results measured yet: run `python -m cuda_numba.bench` on a machine with a CUDA GPU "

@@ -59,7 +59,7 @@ def test_gpu_path_bookkeeping_dry_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("cuda_numba._common.real_gpu_available", lambda: True)
     monkeypatch.setattr(
         bench,
-        "_device_info",
+        "device_info",
         lambda peak: {
             "name": "Fake GPU 9000",
             "driver_version": "0",
