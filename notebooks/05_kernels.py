@@ -449,7 +449,7 @@ print("(fp16 outputs: errors are half-precision rounding; simulator seconds are 
 # layer (`x Wᵀ` with the unquantized weight), next to the bytes each precision reads.
 
 # %%
-y_fp = (x_all[:T_dec] @ lin.weight[:N_SUB].T).numpy()
+y_fp = (x_all[:T_dec] @ lin.weight[:N_SUB].detach().T).numpy()  # the unquantized layer
 rel = []
 for kk in range(1, E + 1):
     y_k = sv.slice_gemv(x_dec, w_real, kk, version=5)
