@@ -293,9 +293,12 @@ for k in range(1, E + 1):
 print("planes", w_real.planes.shape, "| W_k from the planes' reference == the package's SlicedWeight.dequant(k)")
 
 # %% [markdown]
-# What a kernel must read, for every projection of the model (shapes from its config): the
-# first `B_k` planes, `B_k · N · ⌈K/32⌉ · 4` bytes, plus a float32 scale and an int32 zero point
-# per group, against 2 bytes per weight in fp16.
+# What a kernel must read at precision `k`, summed over every projection `[N, K]` of the model
+# (shapes from the loaded model): the first `B_k` planes plus a float32 scale and an int32 zero
+# point per group of `g` weights, against 2 bytes per weight in fp16,
+#
+# $$\text{bytes}_k = \sum_{\text{proj}} \Big( B_k\, N \,\lceil K/32\rceil \cdot 4 \;+\; N\,\frac{K}{g}\,(4 + 4) \Big)
+#   \qquad\text{vs}\qquad \sum_{\text{proj}} 2NK .$$
 
 # %%
 projs = {n: m for n, m in fp_model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("proj")}
