@@ -70,6 +70,7 @@ __all__ = [
     "slice_gemv",
     "slice_gemv_ref",
     "splits",
+    "workspace_counters_clear",
 ]
 
 MAX_T = 8  # tokens per launch (decode); larger T is processed 8 at a time
