@@ -62,7 +62,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, count failures
 PYTEST_OPTS=(-q -o addopts="-p no:cacheprovider" -W ignore::DeprecationWarning)  # no nbval on the GPU image
 if [ $SIM = 1 ]; then
     say "SIMULATOR DRY RUN: tiny shapes, correctness only, no JSON"
-    step pytest 600 env NUMBA_ENABLE_CUDASIM=1 $PY -m pytest "${PYTEST_OPTS[@]}" tests/cuda/test_slice_gemv.py -k "fused or versions"
+    step pytest 600 env NUMBA_ENABLE_CUDASIM=1 $PY -m pytest "${PYTEST_OPTS[@]}" tests/cuda/test_slice_gemv.py tests/cuda/test_slice_gemm.py tests/cuda/test_slice_linear.py -k "versions or every_case or fused"
     BENCH=($PY -m cuda_numba.bench --sim)
     SH_DEC=96x13 SH_MIX=64x11 SH_PRE=64x11 T_DEC=1,3 T_PRE=9 BITS_DEC=2,8
     E2E=(env NUMBA_ENABLE_CUDASIM=1 $PY -m mbq_ref.cli bench --e2e --sim --models tiny --prompt 2 --new-tokens 1 --settings 2)

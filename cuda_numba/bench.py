@@ -14,12 +14,12 @@ each repetition. Effective GB/s counts the packed-weight bytes a method must rea
 planes of every precision/slice it launches, plus scales and zero points), compared with
 fp16 weights (2 bytes each) and with the HBM roofline ``bytes / peak bandwidth``.
 
-Kernel names (``slice_gemm.CASES``): ``gemv1-5``, ``gemm1-3`` (``slice_linear(method="grouped")``;
-gemv4-5 are the look-up-table GEMVs of ``slice_gemv.py``), ``streams-gemv2``, ``streams-gemv5``,
-``streams-gemm2``, ``streams-gemm3`` (``method="streams"``), ``fused-gemv6`` (``method="fused"``:
-one launch, k_t on the device, output preallocated: the decode call path), ``bmm1-3`` (integer AND+popcount,
-8-bit activations pre-quantized and packed, all tokens at the precision nearest the
-average), ``pack1-2`` (offline packing, once per shape), ``fp16`` (``x @ W^T`` in torch).
+Kernel names are the modules' public case lists: ``slice_linear.CASES`` (``gemv1-5`` and
+``gemm1-3`` through ``slice_linear(method="grouped")``, ``streams-gemv2/-gemv5/-gemm2/-gemm3``
+through ``method="streams"``, ``fused-gemv6``: one launch, k_t on the device, output
+preallocated, the decode call path), ``binary_matmul.CASES`` (``bmm1-3``: integer AND+popcount,
+8-bit activations pre-quantized and packed, all tokens at the precision nearest the average),
+``packing.CASES`` (``pack1-2``: offline packing, once per shape), and ``fp16`` (``x @ W^T`` in torch).
 
 Exit codes: 0 ok, 1 a kernel disagreed with the reference, 2 no real GPU (without ``--sim``).
 """
@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,30 +37,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "parse_shapes", "token_mix"]
+from .bench_env import REPO, device_info, enter_simulator, git_commit, slug, versions
+
+__all__ = ["all_kernels", "main", "parse_shapes", "token_mix"]
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,4096x14336,14336x4096"
 DEFAULT_TOKENS = "1,8,64,512,2048"
 DEFAULT_BITS = "2,3,4,6,8"
-ALL_KERNELS = (
-    "gemv1,gemv2,gemv3,gemv4,gemv5,fused-gemv6,gemm1,gemm2,gemm3,streams-gemv2,streams-gemv5,streams-gemm2,"
-    "streams-gemm3,bmm1,bmm2,bmm3,pack1,pack2,fp16"
-)
 SIM_SHAPES = "96x37"
 SIM_TOKENS = "3"
 SIM_BITS = "3"
 GEMV_MAX_TOKENS = 8  # GEMV kernels are for decode; larger T is skipped unless --gemv-max-tokens says so
-REPO = Path(__file__).resolve().parents[1]
-# Peak HBM bandwidth (GB/s) by device name when the driver attributes are unavailable.
-KNOWN_PEAK_GBS = {
-    "H200": 4800.0,
-    "H100 80GB HBM3": 3350.0,
-    "H100 PCIe": 2000.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100-SXM4-40GB": 1555.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100-PCIE-40GB": 1555.0,
-}
 
 
 @dataclass(frozen=True)
@@ -75,18 +59,25 @@ class Kernel:
     method: str = "grouped"
 
 
+def all_kernels() -> str:
+    """Every benchmark name, comma-separated: the modules' ``CASES`` and the fp16 baseline."""
+    from . import binary_matmul, packing, slice_linear
+
+    return ",".join([*slice_linear.CASES, *binary_matmul.CASES, *packing.CASES, "fp16"])
+
+
 def _kernel(name: str) -> Kernel:
-    from .slice_gemm import CASES
+    from . import binary_matmul, packing, slice_linear
 
     if name == "fp16":
         return Kernel(name, "fp16")
-    if name in CASES:
-        method, kind, version = CASES[name]
+    if name in slice_linear.CASES:
+        method, kind, version = slice_linear.CASES[name]
         return Kernel(name, "slice", kind, version, method)
-    m = re.fullmatch(r"(bmm|pack)([123])", name)
-    if m and not (m.group(1) == "pack" and m.group(2) == "3"):
-        return Kernel(name, m.group(1), version=int(m.group(2)))
-    raise argparse.ArgumentTypeError(f"unknown kernel {name!r}; choose from {ALL_KERNELS}")
+    for family, cases in (("bmm", binary_matmul.CASES), ("pack", packing.CASES)):
+        if name in cases:
+            return Kernel(name, family)
+    raise argparse.ArgumentTypeError(f"unknown kernel {name!r}; choose from {all_kernels()}")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -124,81 +115,6 @@ def token_mix(T: int, avg_bits: float, slice_bits=(2, 2, 2, 2), seed: int = 0) -
     n_hi = int(np.floor(frac * T + 0.5))
     k_t = np.array([hi + 1] * n_hi + [lo + 1] * (T - n_hi), dtype=np.int64)
     return np.random.default_rng(seed).permutation(k_t)
-
-
-# ---------------------------------------------------------------------------------------
-# environment
-
-
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if sha.returncode:
-            return "unknown (no commit)"
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict:
-    import numba
-    import torch
-
-    out = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "torch": torch.__version__,
-    }
-    try:
-        from importlib.metadata import version
-
-        out["numba_cuda"] = version("numba-cuda")
-    except Exception:  # noqa: BLE001 - optional
-        out["numba_cuda"] = "not installed"
-    return out
-
-
-def _device_info(peak_override: float | None) -> dict:
-    from numba import cuda
-    from numba.cuda.cudadrv import driver as drv
-
-    dev = cuda.get_current_device()
-    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-    info = {"name": name, "compute_capability": ".".join(map(str, dev.compute_capability))}
-    try:
-        info["driver_version"] = ".".join(map(str, drv.driver.get_version()))
-    except Exception as exc:  # noqa: BLE001
-        info["driver_version"] = f"unknown ({exc.__class__.__name__})"
-    try:
-        info["cuda_runtime"] = ".".join(map(str, cuda.runtime.get_version()))
-    except Exception:  # noqa: BLE001
-        info["cuda_runtime"] = "unknown"
-    try:
-        info["l2_bytes"] = int(dev.L2_CACHE_SIZE)
-    except Exception:  # noqa: BLE001
-        info["l2_bytes"] = 64 * 2**20
-    peak, source = peak_override, "--peak-gbs"
-    if peak is None:
-        try:  # DDR: two transfers per clock; clock in kHz, bus width in bits
-            peak = 2 * int(dev.MEMORY_CLOCK_RATE) * 1e3 * int(dev.GLOBAL_MEMORY_BUS_WIDTH) / 8 / 1e9
-            source = "device attributes (2 x memory clock x bus width)"
-        except Exception:  # noqa: BLE001
-            peak = next((v for k, v in KNOWN_PEAK_GBS.items() if k in name), None)
-            source = "table of published peaks" if peak else "unknown"
-    info["hbm_peak_gbs"] = peak
-    info["hbm_peak_source"] = source
-    return info
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,7 +185,7 @@ class _Weights:
         """float32 ``x[t] @ W_{k_t}^T`` computed with torch on ``ref_device``."""
         import torch
 
-        from .slice_gemm import slice_linear_ref
+        from .slice_linear import slice_linear_ref
 
         codes, scale, zero = self.torch_params()
         xt = torch.as_tensor(x).to(self.ref_device).float()
@@ -317,8 +233,9 @@ class _Case:
         from numba import cuda
 
         from . import binary_matmul as bm
+        from . import dequant as dq
         from . import packing as pk
-        from . import slice_gemm as sg
+        from . import slice_linear as sl
 
         w, wt = self.w, self.wt
         if kern.family == "slice":
@@ -329,30 +246,30 @@ class _Case:
                 dout = cuda.device_array((T, w.N), np.float16)
 
                 def call():
-                    return sg.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=6, out=dout)
+                    return sl.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=6, out=dout)
 
                 def kernels_only():
-                    sg.run_kernels("fused", "gemv", 6, self.dx, w, self.k_t, out=dout, dk=dk)
+                    sl.run_kernels(kern.name, self.dx, w, self.k_t, out=dout, dk=dk)
 
                 return call, kernels_only, lambda y: _rel_check(y.copy_to_host(), self.slice_reference())
 
             def call():
-                return sg.slice_linear(
+                return sl.slice_linear(
                     self.dx, w, self.k_t, method=kern.method, kind=kern.kind, version=kern.version, streams=streams
                 )
 
-            perm, _ = sg.route_permutation(self.k_t, len(wt.slice_bits))
+            perm, _ = sl.route_permutation(self.k_t, len(wt.slice_bits))
             dxs = cuda.to_device(np.ascontiguousarray(self.x[perm]))  # sorted once, outside the timing
             ybuf = cuda.device_array((len(wt.slice_bits), T, w.N), np.float32)
 
             def kernels_only():
-                sg.run_kernels(kern.method, kern.kind, kern.version, dxs, w, self.k_t, ybuf, self.streams)
+                sl.run_kernels(kern.name, dxs, w, self.k_t, ybuf, self.streams)
 
             return call, kernels_only, lambda y: _rel_check(y.copy_to_host(), self.slice_reference())
         if kern.family == "pack":
             dcodes = cuda.to_device(wt.codes)
             dplanes = cuda.device_array(w.planes.shape, np.uint32)
-            launch = pk._PACK[kern.version]
+            launch = pk.CASES[kern.name]
 
             def call():
                 launch(dcodes, dplanes)
@@ -370,8 +287,8 @@ class _Case:
             dxz = cuda.to_device(zx)
             dwp = w.planes[: w.bits_at(k)]
             dout = cuda.device_array((self.x.shape[0], w.N), np.int64)
-            gw = int(w.planes.shape[2]) if w.n_groups == 1 else wt.group_size // pk.WORD_BITS
-            launch = bm._BMM[kern.version]
+            gw = dq.group_words(w)
+            launch = bm.CASES[kern.name]
 
             def call():
                 launch(dxp, dwp, dxz, w.zero, w.K, gw, dout, block=(16, 8))
@@ -392,7 +309,7 @@ class _Case:
         E = len(wt.slice_bits)
         if wt.w16 is None:
             codes, scale, zero = wt.torch_params()
-            wt.w16 = sg.dequant_codes(codes, scale, zero, wt.slice_bits, E, wt.group_size).to("cuda", torch.float16)
+            wt.w16 = dq.dequant_codes(codes, scale, zero, wt.slice_bits, E, wt.group_size).to("cuda", torch.float16)
         x16 = torch.as_tensor(self.x).to("cuda")
         w16 = wt.w16
 
@@ -460,8 +377,8 @@ def _run_grid(args, sim: bool) -> dict:
     slice_bits = tuple(_ints(args.slice_bits))
     meta = {
         "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "versions": _versions(),
+        "git_commit": git_commit(),
+        "versions": versions(),
         "simulator": sim,
         "argv": sys.argv[1:],
         "slice_bits": list(slice_bits),
@@ -481,7 +398,7 @@ def _run_grid(args, sim: bool) -> dict:
         meta["device"] = {"name": "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"}
         flush = None
     else:
-        meta["device"] = _device_info(args.peak_gbs)
+        meta["device"] = device_info(args.peak_gbs)
         flush = None if args.no_flush else _make_flush(meta["device"]["l2_bytes"])
     try:
         import torch
@@ -579,13 +496,9 @@ def _run_grid(args, sim: bool) -> dict:
     return {"meta": meta, "results": results, "failures": failures}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
-
-
 def _write(report: dict, out_dir: Path, plot: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{_slug(report['meta']['device']['name'])}_{report['meta']['utc'][:10]}"
+    stem = f"{slug(report['meta']['device']['name'])}_{report['meta']['utc'][:10]}"
     path = out_dir / f"{stem}.json"
     n = 2
     while path.exists():  # never overwrite an earlier run
@@ -646,7 +559,7 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
     ap.add_argument("--shapes", default=None, help=f"KxN list (default {DEFAULT_SHAPES}; --sim: {SIM_SHAPES})")
     ap.add_argument("--tokens", default=None, help=f"token counts (default {DEFAULT_TOKENS}; --sim: {SIM_TOKENS})")
     ap.add_argument("--bits", default=None, help=f"average bits (default {DEFAULT_BITS}; --sim: {SIM_BITS})")
-    ap.add_argument("--kernels", default=ALL_KERNELS, help="comma-separated kernels (default: all)")
+    ap.add_argument("--kernels", default=None, help="comma-separated kernels (default: all)")
     ap.add_argument("--slice-bits", default="2,2,2,2", help="MoBiSlice slice widths (default 2,2,2,2)")
     ap.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per case (default 20)")
@@ -668,25 +581,6 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
     return ap
 
 
-def enter_simulator(module: str, argv) -> int | None:
-    """Turn Numba's CUDA simulator on for a ``--sim`` run (it must be on before ``numba.cuda`` is imported).
-
-    In this process when ``numba.cuda`` is not imported yet (returns None); otherwise re-runs
-    ``python -m module argv`` in a child with it on and returns the child's exit code.
-    """
-    import numba
-
-    if numba.config.ENABLE_CUDASIM:
-        return None
-    if "numba.cuda" in sys.modules or "numba_cuda" in sys.modules:  # too late to switch: re-run in a child
-        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-        cmd = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
-        return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    numba.config.reload_config()
-    return None
-
-
 def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParser) -> int:
     """Entry point (``python -m cuda_numba.bench``, later ``mbq bench``); returns the exit code."""
     args = build_parser(prog, parser_class).parse_args(argv)
@@ -695,6 +589,7 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     if args.sim and (rc := enter_simulator("cuda_numba.bench", argv)) is not None:
         return rc
     sim = bool(args.sim)
+    args.kernels = args.kernels or all_kernels()
     if not args.sim:
         from . import _common
 

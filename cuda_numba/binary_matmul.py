@@ -50,6 +50,8 @@ from ._common import cdiv, finish, is_device_array, output_array, to_device, to_
 from .packing import MAX_BITS, WORD_BITS, PackedWeight, check_groups, n_words, pack_bitplanes
 
 __all__ = [
+    "CASES",
+    "LAUNCHERS",
     "binary_linear",
     "binary_linear_ref",
     "binary_matmul",
@@ -172,6 +174,19 @@ def _group_count(K, g, group_words):
 
 
 @cuda.jit(device=True)
+def _zp_dot(dot, sx, sw, zx, zw, cnt):
+    """``sum_g (xq - zx)(wq - zw)`` from ``<xq, wq>_g``, ``sum xq``, ``sum wq`` and the group's count."""
+    return dot - zw * sx - zx * sw + zx * zw * cnt
+
+
+@cuda.jit(device=True)
+def _group_span(g, group_words, W):
+    """Words [w0, w1) of group g."""
+    w0 = g * group_words
+    return w0, min(w0 + group_words, W)
+
+
+@cuda.jit(device=True)
 def _dot_and_sums(xp, nbx, t, wp, nbw, n, w0, w1):
     """Over words [w0, w1): (<xq, wq>, sum xq, sum wq) by AND + popcount."""
     dot = int64(0)
@@ -223,11 +238,9 @@ def bmm_kernel1(xp, wp, x_zero, w_zero, K, group_words, out):
         zx = int64(x_zero[t])
         acc = int64(0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot, sx, sw = _dot_and_sums(xp, nbx, t, wp, nbw, n, w0, w1)
-            zw = int64(w_zero[n, g])
-            acc += dot - zw * sx - zx * sw + zx * zw * _group_count(K, g, group_words)
+            acc += _zp_dot(dot, sx, sw, zx, int64(w_zero[n, g]), _group_count(K, g, group_words))
         out[t, n] = acc
 
 
@@ -256,11 +269,10 @@ def bmm_kernel2(xp, wp, x_zero, w_zero, x_sums, w_sums, K, group_words, out):
         zx = int64(x_zero[t])
         acc = int64(0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot = _dot_cached(xp, nbx, t, wp, nbw, n, w0, w1)
-            zw = int64(w_zero[n, g])
-            acc += dot - zw * x_sums[t, g] - zx * w_sums[n, g] + zx * zw * _group_count(K, g, group_words)
+            cnt = _group_count(K, g, group_words)
+            acc += _zp_dot(dot, x_sums[t, g], w_sums[n, g], zx, int64(w_zero[n, g]), cnt)
         out[t, n] = acc
 
 
@@ -314,8 +326,8 @@ def bmm_kernel3(xp, wp, x_zero, w_zero, x_sums, w_sums, K, group_words, out):
                 if (w + 1) % group_words == 0 or w + 1 == W:
                     g = w // group_words
                     if n < N and t < T:
-                        zw = int64(w_zero[n, g])
-                        acc += dot - zw * x_sums[t, g] - zx * w_sums[n, g] + zx * zw * _group_count(K, g, group_words)
+                        cnt = _group_count(K, g, group_words)
+                        acc += _zp_dot(dot, x_sums[t, g], w_sums[n, g], zx, int64(w_zero[n, g]), cnt)
                     dot = int64(0)
         cuda.syncthreads()
     if n < N and t < T:
@@ -361,7 +373,9 @@ def binary_matmul_v3(dxp, dwp, dxz, dwz, K, group_words, dout, block=None, strea
     bmm_kernel3[grid, (TILE_N, TILE_T), stream](dxp, dwp, dxz, dwz, dxs, dws, K, group_words, dout)
 
 
-_BMM = {1: binary_matmul_v1, 2: binary_matmul_v2, 3: binary_matmul_v3}
+LAUNCHERS = {1: binary_matmul_v1, 2: binary_matmul_v2, 3: binary_matmul_v3}
+# Benchmarkable cases: name -> launcher ``launch(dxp, dwp, dxz, dwz, K, group_words, dout, block)``.
+CASES = {f"bmm{v}": launch for v, launch in LAUNCHERS.items()}
 
 
 def _group_words(K, W, group_size, G):
@@ -382,8 +396,8 @@ def binary_matmul(
     versions 1-2; v3's block is fixed by its tiles. Host input -> NumPy, device -> device;
     ``out`` (int64 [T, N]) is written in place when given.
     """
-    if version not in _BMM:
-        raise ValueError(f"unknown binary_matmul version {version}; have {sorted(_BMM)}")
+    if version not in LAUNCHERS:
+        raise ValueError(f"unknown binary_matmul version {version}; have {sorted(LAUNCHERS)}")
     on_device = is_device_array(x_planes)
     dxp = to_device(x_planes, np.uint32)
     dwp = to_device(w_planes, np.uint32)
@@ -395,7 +409,7 @@ def binary_matmul(
     dwz = to_device(np.zeros((N, 1), np.int32) if w_zero is None else w_zero, np.int32)
     gw = _group_words(K, W, group_size, dwz.shape[1])
     dout = output_array(out, (T, N), np.int64)
-    _BMM[version](dxp, dwp, dxz, dwz, K, gw, dout, block=block or (16, 8))
+    LAUNCHERS[version](dxp, dwp, dxz, dwz, K, gw, dout, block=block or (16, 8))
     return finish(dout, out, on_device)
 
 
@@ -414,11 +428,11 @@ def blinear_kernel1(xp, x_scale, x_zero, wp, nbw, w_scale, w_zero, K, group_word
         zx = int64(x_zero[t])
         y = float32(0.0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot, sx, sw = _dot_and_sums(xp, nbx, t, wp, nbw, n, w0, w1)
             c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2  # D (z_k - 1/2), D = dmul
-            d = int64(dmul) * dot - c * sx - int64(dmul) * zx * sw + zx * c * _group_count(K, g, group_words)
+            # sum (xq - zx)(D Q_k - c): the integer dot product with D wq and zero point c
+            d = _zp_dot(int64(dmul) * dot, sx, int64(dmul) * sw, zx, c, _group_count(K, g, group_words))
             y += float32(w_scale[n, g]) * float32(smul) * float32(d)
         out[t, n] = float32(x_scale[t]) * y
 
@@ -434,12 +448,11 @@ def blinear_kernel2(xp, x_scale, x_zero, x_sums, wp, nbw, w_scale, w_zero, w_sum
         zx = int64(x_zero[t])
         y = float32(0.0)
         for g in range(G):
-            w0 = g * group_words
-            w1 = min(w0 + group_words, W)
+            w0, w1 = _group_span(g, group_words, W)
             dot = _dot_cached(xp, nbx, t, wp, nbw, n, w0, w1)
-            c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2
-            d = int64(dmul) * dot - c * x_sums[t, g] - int64(dmul) * zx * w_sums[n, g]
-            d += zx * c * _group_count(K, g, group_words)
+            c = 2 * int64(w_zero[n, g]) - int64(dmul) // 2  # D (z_k - 1/2)
+            cnt = _group_count(K, g, group_words)
+            d = _zp_dot(int64(dmul) * dot, x_sums[t, g], int64(dmul) * w_sums[n, g], zx, c, cnt)
             y += float32(w_scale[n, g]) * float32(smul) * float32(d)
         out[t, n] = float32(x_scale[t]) * y
 

@@ -205,9 +205,9 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     args = ap.parse_args(argv)
     import numba
 
-    from . import bench
+    from . import bench_env
 
-    if args.sim and (rc := bench.enter_simulator("cuda_numba.e2e", argv)) is not None:
+    if args.sim and (rc := bench_env.enter_simulator("cuda_numba.e2e", argv)) is not None:
         return rc
     for key, (gpu, sim_default) in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -245,11 +245,11 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     report = {
         "meta": {
             "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": bench._git_commit(),
-            "versions": bench._versions(),
+            "git_commit": bench_env.git_commit(),
+            "versions": bench_env.versions(),
             "simulator": sim,
             "argv": sys.argv[1:] if argv is None else list(argv),
-            "device": {"name": "CUDA simulator"} if sim else bench._device_info(None),
+            "device": {"name": "CUDA simulator"} if sim else bench_env.device_info(None),
             "method": "greedy decode with KV cache, random weights; tok/s = new tokens / synchronised wall time",
             "paper_a100_tok_s": {str(b): t for b, t in PAPER_TOK_S.items()},
         },
@@ -258,7 +258,7 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     if not sim and not args.no_write:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"e2e_{bench._slug(report['meta']['device']['name'])}_{report['meta']['utc'][:10]}"
+        stem = f"e2e_{bench_env.slug(report['meta']['device']['name'])}_{report['meta']['utc'][:10]}"
         path, n = out / f"{stem}.json", 2
         while path.exists():
             path, n = out / f"{stem}-{n}.json", n + 1

@@ -28,7 +28,8 @@ Versions (``pack_bitplanes(..., version=V)``):
    registers (a local array), then writes them.
 
 ``unpack_bitplanes(..., version=1)``: one thread per element, shift-and-add over planes.
-Packing is an offline step; the inference kernels live in ``slice_gemm.py``.
+Packing is an offline step; the inference kernels live in ``slice_gemv.py`` (decode) and
+``slice_gemm.py`` (prefill), routed by ``slice_linear.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from numba import cuda, int64, uint32
 from ._common import cdiv, finish, is_device_array, output_array, to_device, to_host
 
 __all__ = [
+    "CASES",
+    "LAUNCHERS",
     "MAX_BITS",
     "WORD_BITS",
     "PackedWeight",
@@ -199,6 +202,13 @@ def unpack_kernel1(planes, codes):
 # Launchers: device arrays in, device arrays out
 
 
+def _grid_2d(nx: int, ny: int, block_size: int):
+    """(grid, block) over an nx x ny index space: up to 32 threads along x, ``block_size`` in all."""
+    bx = min(block_size, 32, nx)
+    by = max(1, min(block_size // bx, ny))
+    return (cdiv(nx, bx), cdiv(ny, by)), (bx, by)
+
+
 def pack_bitplanes_v1(d_codes, d_planes, block_size: int = 128, stream=0):
     """Launch v1 (thread per output word)."""
     total = d_planes.shape[0] * d_planes.shape[1] * d_planes.shape[2]
@@ -208,21 +218,21 @@ def pack_bitplanes_v1(d_codes, d_planes, block_size: int = 128, stream=0):
 def pack_bitplanes_v2(d_codes, d_planes, block_size: int = 128, stream=0):
     """Launch v2 (thread per (row, word)); blocks of (bx <= 32 words) x (block_size // bx rows)."""
     _, N, W = d_planes.shape
-    bx = min(block_size, 32, W)
-    by = max(1, min(block_size // bx, N))
-    pack_kernel2[(cdiv(W, bx), cdiv(N, by)), (bx, by), stream](d_codes, d_planes)
+    grid, block = _grid_2d(W, N, block_size)
+    pack_kernel2[grid, block, stream](d_codes, d_planes)
 
 
 def unpack_bitplanes_v1(d_planes, d_codes, block_size: int = 128, stream=0):
     """Launch the unpacking kernel (thread per element)."""
     N, K = d_codes.shape
-    bx = min(block_size, 32, K)
-    by = max(1, min(block_size // bx, N))
-    unpack_kernel1[(cdiv(K, bx), cdiv(N, by)), (bx, by), stream](d_planes, d_codes)
+    grid, block = _grid_2d(K, N, block_size)
+    unpack_kernel1[grid, block, stream](d_planes, d_codes)
 
 
-_PACK = {1: pack_bitplanes_v1, 2: pack_bitplanes_v2}
-_UNPACK = {1: unpack_bitplanes_v1}
+LAUNCHERS = {1: pack_bitplanes_v1, 2: pack_bitplanes_v2}
+UNPACK_LAUNCHERS = {1: unpack_bitplanes_v1}
+# Benchmarkable cases: name -> launcher ``launch(d_codes, d_planes)`` on device arrays.
+CASES = {f"pack{v}": launch for v, launch in LAUNCHERS.items()}
 
 
 def pack_bitplanes(codes, bits: int = 8, version: int = 2, block_size: int = 128, out=None):
@@ -231,29 +241,29 @@ def pack_bitplanes(codes, bits: int = 8, version: int = 2, block_size: int = 128
     Returns NumPy for host input, a device array for device input; ``out`` (NumPy or device,
     uint32 [bits, N, W]) is written in place when given.
     """
-    if version not in _PACK:
-        raise ValueError(f"unknown pack version {version}; have {sorted(_PACK)}")
+    if version not in LAUNCHERS:
+        raise ValueError(f"unknown pack version {version}; have {sorted(LAUNCHERS)}")
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in 1..{MAX_BITS}")
     on_device = is_device_array(codes)
     d_codes = to_device(codes, np.uint8)
     N, K = d_codes.shape
     d_planes = output_array(out, (bits, N, n_words(K)), np.uint32)
-    _PACK[version](d_codes, d_planes, block_size)
+    LAUNCHERS[version](d_codes, d_planes, block_size)
     return finish(d_planes, out, on_device)
 
 
 def unpack_bitplanes(planes, K: int, version: int = 1, block_size: int = 128, out=None):
     """Unpack ``planes uint32 [nb, N, W]`` into ``uint8 [N, K]`` (``Q_k`` when given ``planes[:B_k]``)."""
-    if version not in _UNPACK:
-        raise ValueError(f"unknown unpack version {version}; have {sorted(_UNPACK)}")
+    if version not in UNPACK_LAUNCHERS:
+        raise ValueError(f"unknown unpack version {version}; have {sorted(UNPACK_LAUNCHERS)}")
     on_device = is_device_array(planes)
     d_planes = to_device(planes, np.uint32)
     N = d_planes.shape[1]
     if K > d_planes.shape[2] * WORD_BITS:
         raise ValueError(f"K={K} does not fit in {d_planes.shape[2]} words")
     d_codes = output_array(out, (N, K), np.uint8)
-    _UNPACK[version](d_planes, d_codes, block_size)
+    UNPACK_LAUNCHERS[version](d_planes, d_codes, block_size)
     return finish(d_codes, out, on_device)
 
 

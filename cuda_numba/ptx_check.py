@@ -26,6 +26,7 @@ def _signatures():
     from . import packing as pk
     from . import slice_gemm as sg
     from . import slice_gemv as sv
+    from . import slice_linear as sl
 
     def arr(dtype, ndim):
         return nt.Array(dtype, ndim, "C")
@@ -61,9 +62,11 @@ def _signatures():
     for xdt in (nt.float16, nt.float32):
         x2 = arr(xdt, 2)
         seg = (x2, i64, i64, u32_3, i64, i64, f32_2, i32_2, nt.float32, nt.float32, i64, i64)  # smul, zmul f32
-        for name in ("slice_kernel1", "gemv_kernel2", "gemv_kernel3", "gemm_kernel2", "gemm_kernel3"):
+        for mod, name in (("slice_gemm", "gemm_kernel1"), ("slice_gemv", "gemv_kernel2"), ("slice_gemv", "gemv_kernel3"),
+                          ("slice_gemm", "gemm_kernel2"), ("slice_gemm", "gemm_kernel3")):
+            kern = getattr(sg if mod == "slice_gemm" else sv, name)
             for odt in (nt.float32,) if xdt == nt.float32 else (nt.float16, nt.float32):
-                sigs.append((f"slice_gemm.{name}[x={xdt}, out={odt}]", getattr(sg, name), seg + (arr(odt, 2),)))
+                sigs.append((f"{mod}.{name}[x={xdt}, out={odt}]", kern, seg + (arr(odt, 2),)))
         for odt in (nt.float32,) if xdt == nt.float32 else (nt.float16, nt.float32):
             o2 = arr(odt, 2)
             sigs.append((f"slice_gemv.gemv_kernel4[x={xdt}, out={odt}]", sv.gemv_kernel4, seg + (o2,)))
@@ -71,9 +74,9 @@ def _signatures():
             for kt in (i64_1, i32_1):  # routed k_t: int64 from NumPy/torch, int32 from the host path
                 sig6 = (x2, i64, i64, kt, i32_1, u32_3, f32_2, i32_2, i64, o2, f32_3, i32_1)
                 sigs.append((f"slice_gemv.gemv_kernel6[x={xdt}, out={odt}, k_t={kt.dtype}]", sv.gemv_kernel6, sig6))
-        sigs.append((f"slice_gemm.gather_rows_kernel[{xdt}]", sg.gather_rows_kernel, (x2, i64_1, x2)))
+        sigs.append((f"slice_linear.gather_rows_kernel[{xdt}]", sl.gather_rows_kernel, (x2, i64_1, x2)))
         sigs.append(
-            (f"slice_gemm.combine_scatter_kernel[{xdt}]", sg.combine_scatter_kernel, (f32_3, i64_1, i64_1, x2))
+            (f"slice_linear.combine_scatter_kernel[{xdt}]", sl.combine_scatter_kernel, (f32_3, i64_1, i64_1, x2))
         )
     return sigs
 

@@ -1,98 +1,220 @@
-"""Decode GEMV (T = 1..8 tokens) from bit-planes with look-up tables of activation sums (Sec. 4.3).
+"""Decode GEMV from bit-planes: ``y = x @ W_k^T`` for T = 1..8 tokens, reading only planes ``[lo, hi)`` (Sec. 4.3).
 
-``y[t] = x[t] @ W_k^T`` with ``W_k = s_k (Q_k - z_k + 1/2)`` as in :mod:`cuda_numba.slice_gemm`
-(same plane ranges ``[lo, hi)`` and offsets ``smul, zmul, zadd``, so these kernels also run
-residual slices). What changes is the decode. GEMV v1-v3 rebuild every weight's integer by
-shift-and-add: about 30 instructions per weight, so the 11-29 H200 run found them bound by
-instructions at ~1 % of HBM bandwidth, with the same time at 2, 4 and 8 bits.
+``W_k = s_k (Q_k - z_k + 1/2)`` and the plane-range contract (``[lo, hi)``, ``smul, zmul, zadd``,
+one kernel for a prefix or a residual slice) are those of :mod:`cuda_numba.dequant`. A decode
+step multiplies a few tokens by a whole layer, so every weight should be read and decoded once
+for all tokens, and many threads must share a row.
 
-The plane decomposition removes the per-weight decode. For one K-word (32 weights) of a row
-read at ``nb`` planes, MSB first,
+Versions 1-3 rebuild each weight's integer by shift-and-add (about 30 instructions per weight;
+the 11-29 H200 run found them bound by instructions at ~1 % of HBM bandwidth, at the same time
+for 2, 4 and 8 bits). Versions 4-6 remove the rebuild with the plane decomposition: for one
+K-word (32 weights) of a row read at ``nb`` planes, MSB first,
 
-    sum_j x_j q_j = sum_p 2^(nb-1-p) sum_j x_j bit_pj          (q_j = sum_p 2^(nb-1-p) bit_pj)
+    sum_j x_j q_j = sum_p 2^(nb-1-p) sum_j x_j bit_pj                  (q_j = sum_p 2^(nb-1-p) bit_pj)
 
-and a plane word's inner sum splits into its 4 bytes. For each 8 consecutive activations
-build once a 256-entry **table of partial sums**, ``tab[v] = sum_{i<8} x_i bit_i(v)``
-(Any-Precision-LLM / LUT-GEMM style; here the table holds activation sums, not centroids).
-Then a plane byte is one shared-memory read:
+and for each 8 consecutive activations a 256-entry **table of partial sums**
+``tab[v] = sum_{i<8} x_i bit_i(v)`` (Any-Precision-LLM / LUT-GEMM style; here the table holds
+activation sums, not centroids) turns a plane byte into one shared-memory read:
 
     sum_j x_j bit_pj = tab_0[byte 0] + tab_1[byte 1] + tab_2[byte 2] + tab_3[byte 3]
 
 so a 32-weight word costs ``4 nb`` table reads and ``nb`` multiply-adds per token: decode work
-and bytes read both grow with ``nb``, which is what makes time fall with the bits read. A
-table is built from two 16-entry nibble tables (``tab[v] = lo[v & 15] + hi[v >> 4]``: one add
-per entry), once per block and K-chunk, and amortized over all the rows of the block.
+and bytes read both grow with ``nb``. A table is built from two 16-entry nibble tables
+(``tab[v] = lo[v & 15] + hi[v >> 4]``, one add per entry), once per block and K-chunk.
 ``tab[255]`` is the sum of the 8 activations: the zero point comes in through ``sum x``.
 
-Versions (appended to the numbered ladder of ``slice_gemm``; ``slice_linear(kind="gemv",
-version=4|5)`` runs them):
+Versions (``slice_gemv(..., version=V)``; ``slice_linear(kind="gemv", version=V)`` runs them on
+routed tokens, 8 tokens per launch):
 
-4. LUT GEMV: a block of ``WC x RB`` threads owns ``RPT * RB`` rows and walks K in chunks of
-   ``WC`` words (``32 WC`` activations). Per chunk it builds the ``tseg x 4 WC`` tables in
-   shared memory (``tseg * WC <= 8``: 32 KB), then each thread reads the plane words of word
-   slot ``tx`` of its ``RPT`` rows (threads of a row read consecutive words) and looks them up
-   for every token. Each thread keeps one partial per (row, token); at the end the ``WC``
-   slots of a row are summed through shared memory (no warp shuffles: runs in the simulator).
-5. v4 + **split-K**: with one block per ``RPT * RB`` rows a 4096-row layer has only 32 blocks
-   for 132 SMs. v5 adds ``S`` K-splits (grid ``(row blocks, S)``, ``S`` chosen for about two
-   blocks per SM); each block writes its partial sums to a workspace, counts itself done with
-   an atomic add on a per-row-block counter after a memory fence, and the **last** block of a
-   row block sums the ``S`` partials and writes the output (and resets the counter, so the
-   preallocated workspace needs no clearing). One launch, no second reduction kernel.
-
+1. naive: one thread per output (t, n): GEMM v1 of :mod:`cuda_numba.slice_gemm`.
+2. one block per output row, one thread per K-word; each weight is decoded once and used for
+   all <= 8 tokens; shared-memory tree reduction over the block.
+3. v2 with several rows per block and the activations staged in shared memory (coalesced
+   loads, padded against bank conflicts), so a block reads x once for all its rows.
+4. look-up tables instead of the rebuild: a block of ``WC x RB`` threads owns ``RPT * RB``
+   rows and walks K in chunks of ``WC`` words; per chunk it builds the ``tseg x 4 WC``
+   tables in shared memory (``tseg * WC <= 8``: 32 KB), then each thread looks up the plane
+   words of word slot ``tx`` of its ``RPT`` rows for every token. The ``WC`` slots of a row
+   are summed through shared memory (no warp shuffles: runs in the simulator).
+5. v4 + **split-K**: ``S`` K-splits (grid ``(row blocks, S)``, about two blocks per SM); each
+   block writes its partial sums to a workspace, fences, counts itself done with an atomic add
+   per row block, and the **last** block sums the ``S`` partials, writes the output and resets
+   the counter. One launch, no second reduction kernel.
 6. v5 + **per-token precision in one launch** (the decode call path, ``slice_linear(...,
-   method="fused")``): the routed ``k_t`` stays on the device and each token's Horner sum
-   stops at its own ``B_{k_t}`` planes, with its own ``s_k, z_k``; the block loads the planes
-   of the largest precision among its tokens once. No sort, gather or scatter, no host round
-   trip, no allocation per call (workspace and output buffers cached by shape): one kernel
-   launch per 8 tokens, which is all a decode step's 30 us budget has room for (a Numba
-   launch from Python costs ~20 us on the 11-29 H200).
+   method="fused")``): ``k_t`` stays on the device, each token's Horner sum stops at its own
+   ``B_{k_t}`` planes with its own ``s_k, z_k``; the block loads the largest precision's planes
+   once. No sort, gather, scatter, host round trip or allocation per call.
 
-Reference: :func:`slice_gemv_ref` (= ``slice_linear_ref`` with one k). Dispatcher:
-:func:`gemv` (``version=4`` or ``5``). Launchers match ``slice_gemm.LAUNCHERS``' signature.
+Launch geometry is the same on a GPU and in the simulator: block sizes are parameters with one
+default each, clamped to the problem (a 37-row layer gets 10 row slots, not 32).
+Reference :func:`slice_gemv_ref`; dispatcher :func:`slice_gemv`; launchers ``LAUNCHERS`` (v1-v5,
+signature ``launch(args, tseg, N, block, stream)``); v6 :func:`gemv_routed`.
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from ._common import cdiv
+from ._common import cdiv, finish, is_device_array, output_array, to_device
+from .dequant import group_params, group_words, load_words, rebuild, run_uniform, uniform_ref
 from .packing import MAX_BITS, WORD_BITS, PackedWeight
+from .slice_gemm import launch_gemm1
 
-__all__ = ["GEMV_VERSIONS", "LAUNCHERS", "MAX_T", "gemv", "gemv_geometry", "gemv_routed", "slice_gemv_ref", "splits"]
+__all__ = [
+    "LAUNCHERS",
+    "MAX_T",
+    "VERSIONS",
+    "gemv_geometry",
+    "gemv_routed",
+    "slice_gemv",
+    "slice_gemv_ref",
+    "splits",
+    "workspace_counters_clear",
+]
 
-MAX_T = 8  # tokens per launch (as slice_gemm.MAX_T)
-TAB_ROWS = 32  # tables in shared memory: tseg * (4 * WC) <= 32 tables of 256 float32 = 32 KB
+MAX_T = 8  # tokens per launch (decode); larger T is processed 8 at a time
+MAX_THREADS = 256  # threads per block, at most (sizes the shared reduction buffers)
+V2_THREADS = 128  # v2: threads per row (clamped to the words of K)
+V3_BLOCK = (32, 8)  # v3: (K-words per chunk, rows per block), clamped to the problem
+XS_PAD = V3_BLOCK[0] + 1  # v3: padded row of the staged-x tile (conflict-free shared memory)
+TAB_ROWS = 32  # v4-v6: tables in shared memory, tseg * (4 * WC) <= 32 tables of 256 float32 = 32 KB
 TAB_LEN = 256  # one entry per byte value
-RPT = 4  # rows per thread
+RPT = 4  # v4-v6: rows per thread
 XSUM_LEN = TAB_ROWS // 4  # sum x per (token, word slot): tseg * WC <= 8
 ACC_LEN = RPT * MAX_T  # partial sums per thread: (row slot, token)
-_SIM = bool(numba.config.ENABLE_CUDASIM)
-NTHREADS = 16 if _SIM else 256  # threads per block (WC * RB)
-GEMV_VERSIONS = (4, 5, 6)
+LUT_THREADS = 256  # v4-v6: threads per block (WC * RB), before clamping the rows to N
+DEFAULT_SMS = 132  # v5/v6 split count when the device does not report its SM count (simulator)
 
 
 def slice_gemv_ref(x, codes, scale, zero, slice_bits, k: int, group_size: int):
-    """Reference: ``y[t] = x[t] @ W_k^T`` (float32 math, torch) -> [T, N] in x's dtype."""
-    from .slice_gemm import slice_linear_ref
-
-    return slice_linear_ref(x, codes, scale, zero, slice_bits, k, group_size)
+    """Reference: ``y = x @ W_k^T`` (float32 math, torch) -> [T, N] in x's dtype."""
+    return uniform_ref(x, codes, scale, zero, slice_bits, k, group_size)
 
 
-def gemv_geometry(tseg: int, nthreads: int = NTHREADS) -> tuple[int, int, int]:
-    """(WC, RB, rows per block): WC words per chunk with ``tseg * WC <= 8`` (tables fit 32 KB)."""
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def gemv_geometry(tseg: int, nthreads: int = LUT_THREADS, N: int | None = None) -> tuple[int, int, int]:
+    """v4-v6 block ``(WC, RB)`` and rows per block: ``tseg * WC <= 8`` (tables fit 32 KB), RB clamped to N."""
     wc = 8
     while wc > 1 and tseg * wc > TAB_ROWS // 4:
         wc //= 2
     wc = min(wc, nthreads)
     rb = max(1, nthreads // wc)
+    if N is not None:
+        rb = max(1, min(rb, cdiv(N, RPT)))  # no idle row slots on a small layer
     return wc, rb, rb * RPT
 
 
 # ---------------------------------------------------------------------------------------
-# Device helpers
+# v2, v3: shift-and-add decode
+
+
+@cuda.jit(device=True)
+def _decode_word(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, K, n, w, a, qf):
+    """qf[j] = q_j - z_eff for the 32 elements of word w of row n; returns (s_eff, valid elements)."""
+    s_eff, z_eff = group_params(scale, zero, n, w // gw, smul, zmul, zadd)
+    load_words(planes, lo, hi, n, w, a)
+    jmax = min(WORD_BITS, K - w * WORD_BITS)
+    for j in range(jmax):
+        qf[j] = float32(rebuild(a, hi - lo, j)) - z_eff
+    return s_eff, jmax
+
+
+@cuda.jit(device=True)
+def _tree_sum(part, red, tseg, tid, lane, width):
+    """red[i, tid - lane] = sum over the ``width`` lanes of part[i] (a power of two), for i < tseg.
+
+    Shared-memory tree reduction (no warp shuffles, so it runs in the simulator): after the
+    step with stride s, lane l < s holds the sum of lanes l, l + s, l + 2s, ...
+    """
+    for i in range(tseg):
+        red[i, tid] = part[i]
+    cuda.syncthreads()
+    stride = width // 2
+    while stride > 0:
+        if lane < stride:
+            for i in range(tseg):
+                red[i, tid] += red[i, tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+
+
+@cuda.jit
+def gemv_kernel2(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, out):
+    """v2: block per row n, thread per K-word (strided), all tseg <= MAX_T tokens per thread."""
+    red = cuda.shared.array((MAX_T, MAX_THREADS), float32)
+    K = x.shape[1]
+    W = planes.shape[2]
+    n = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nthr = cuda.blockDim.x
+    a = cuda.local.array(MAX_BITS, uint32)
+    qf = cuda.local.array(WORD_BITS, float32)  # decoded (q - z_eff) of this word
+    part = cuda.local.array(MAX_T, float32)
+    for i in range(MAX_T):
+        part[i] = float32(0.0)
+    for w in range(tid, W, nthr):
+        s_eff, jmax = _decode_word(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, K, n, w, a, qf)
+        for i in range(tseg):  # weights decoded once, reused for every token
+            acc = float32(0.0)
+            for j in range(jmax):
+                acc += float32(x[t0 + i, w * WORD_BITS + j]) * qf[j]
+            part[i] += s_eff * acc
+    _tree_sum(part, red, tseg, tid, tid, nthr)  # over all the block's words
+    if tid == 0:
+        for i in range(tseg):
+            out[t0 + i, n] = red[i, 0]
+
+
+@cuda.jit
+def gemv_kernel3(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, out):
+    """v3: block = (BX words) x (BY rows); x staged in shared memory once per chunk for all BY rows."""
+    xs = cuda.shared.array((MAX_T, WORD_BITS, XS_PAD), float32)  # [token, j, word] (+1 pad)
+    red = cuda.shared.array((MAX_T, MAX_THREADS), float32)
+    K = x.shape[1]
+    N, W = planes.shape[1], planes.shape[2]
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    bx = cuda.blockDim.x
+    nthr = bx * cuda.blockDim.y
+    tid = ty * bx + tx
+    n = cuda.blockIdx.x * cuda.blockDim.y + ty
+    a = cuda.local.array(MAX_BITS, uint32)
+    qf = cuda.local.array(WORD_BITS, float32)
+    part = cuda.local.array(MAX_T, float32)
+    for i in range(MAX_T):
+        part[i] = float32(0.0)
+    for c0 in range(0, W, bx):
+        # stage x[t0:t0+tseg, c0*32 : (c0+bx)*32]: consecutive threads load consecutive elements
+        for e in range(tid, tseg * bx * WORD_BITS, nthr):
+            i = e // (bx * WORD_BITS)
+            r = e % (bx * WORD_BITS)
+            kk = c0 * WORD_BITS + r
+            v = float32(0.0)
+            if kk < K:
+                v = float32(x[t0 + i, kk])
+            xs[i, r % WORD_BITS, r // WORD_BITS] = v
+        cuda.syncthreads()
+        w = c0 + tx
+        if n < N and w < W:
+            s_eff, jmax = _decode_word(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, K, n, w, a, qf)
+            for i in range(tseg):
+                acc = float32(0.0)
+                for j in range(jmax):
+                    acc += xs[i, j, tx] * qf[j]
+                part[i] += s_eff * acc
+        cuda.syncthreads()
+    _tree_sum(part, red, tseg, tid, tx, bx)  # over the words of each row (tx); rows stay apart
+    if tx == 0 and n < N:
+        for i in range(tseg):
+            out[t0 + i, n] = red[i, tid]
+
+
+# ---------------------------------------------------------------------------------------
+# v4-v6: look-up tables of activation sums
 
 
 @cuda.jit(device=True)
@@ -154,10 +276,8 @@ def _chunk_rows(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, tab, xsum, ts
     for i in range(RPT):
         n = nrow0 + i * rb
         if n < N:
-            for p in range(lo, hi):
-                a[p - lo] = uint32(planes[p, n, w])
-            s_eff = float32(scale[n, g]) * float32(smul)
-            z_eff = float32(zero[n, g]) * float32(zmul) + float32(zadd) - float32(0.5)
+            load_words(planes, lo, hi, n, w, a)
+            s_eff, z_eff = group_params(scale, zero, n, g, smul, zmul, zadd)
             for t in range(tseg):
                 xq = _lookup(a, nb, tab, t * 4 * wc + 4 * tx)
                 acc[i * MAX_T + t] += s_eff * (xq - z_eff * xsum[t * wc + tx])
@@ -177,7 +297,21 @@ def _block_sum(acc, red, i, t, tx, ty, wc):
 
 
 @cuda.jit(device=True)
-def _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, tx, ty, tid, nthr):
+def _write_row_sums(acc, red, dst, toff, tseg):
+    """dst[toff + t, n] = this block's sum over its word slots, for each of its rows n and tokens t < tseg."""
+    wc, rb = cuda.blockDim.x, cuda.blockDim.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    nrow0 = cuda.blockIdx.x * rb * RPT + ty
+    for i in range(RPT):
+        n = nrow0 + i * rb
+        for t in range(tseg):
+            s = _block_sum(acc, red, i, t, tx, ty, wc)
+            if tx == 0 and n < dst.shape[1]:
+                dst[toff + t, n] = s
+
+
+@cuda.jit(device=True)
+def _finish_split_k(acc, red, last, part, count, out, t0, tseg):
     """Split-K epilogue: write this block's partials, and if it is the last of its row block, sum all S.
 
     part float32 [S, MAX_T, N], count int32 [row blocks] (0 on entry and again on exit), last a
@@ -187,12 +321,9 @@ def _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, t
     """
     N = part.shape[2]
     S = cuda.gridDim.y
-    for i in range(RPT):
-        n = nrow0 + i * rb
-        for t in range(tseg):
-            s = _block_sum(acc, red, i, t, tx, ty, wc)
-            if tx == 0 and n < N:
-                part[cuda.blockIdx.y, t, n] = s
+    wc, rb = cuda.blockDim.x, cuda.blockDim.y
+    tid, nthr = cuda.threadIdx.y * wc + cuda.threadIdx.x, wc * rb
+    _write_row_sums(acc, red, part[cuda.blockIdx.y], 0, tseg)  # this split's partials [MAX_T, N]
     cuda.threadfence()  # partials visible to the block that finishes last
     cuda.syncthreads()
     if tid == 0:
@@ -217,33 +348,33 @@ def _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, t
 # Kernels
 
 
+@cuda.jit(device=True)
+def _lut_chunks(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, c_begin, c_end, tab, nib, xsum, acc):
+    """v4/v5 main loop: chunks [c_begin, c_end) of WC words into acc[i * MAX_T + t] (this thread's rows)."""
+    K = x.shape[1]
+    wc, rb = cuda.blockDim.x, cuda.blockDim.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    nrow0 = cuda.blockIdx.x * rb * RPT + ty
+    for e in range(ACC_LEN):
+        acc[e] = float32(0.0)
+    for c in range(c_begin, c_end):
+        c0 = c * wc
+        _build_tables(x, t0, tseg, c0, K, wc, tab, nib, xsum, ty * wc + tx, wc * rb)
+        _chunk_rows(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, tab, xsum, tseg, wc, c0 + tx, tx, nrow0, rb, acc)
+        cuda.syncthreads()  # the next chunk overwrites the tables
+
+
 @cuda.jit
 def gemv_kernel4(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, out):
     """v4: LUT GEMV; block (WC, RB) owns RPT * RB rows and all of K."""
     tab = cuda.shared.array((TAB_ROWS, TAB_LEN), float32)
     nib = cuda.shared.array((TAB_ROWS, 32), float32)
     xsum = cuda.shared.array(XSUM_LEN, float32)
-    red = cuda.shared.array((NTHREADS, 8), float32)
-    K = x.shape[1]
-    W = planes.shape[2]
-    wc, rb = cuda.blockDim.x, cuda.blockDim.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    tid, nthr = ty * wc + tx, wc * rb
-    nrow0 = cuda.blockIdx.x * rb * RPT + ty
+    red = cuda.shared.array((MAX_THREADS, 8), float32)
     acc = cuda.local.array(ACC_LEN, float32)
-    for e in range(ACC_LEN):
-        acc[e] = float32(0.0)
-    for c0 in range(0, W, wc):
-        _build_tables(x, t0, tseg, c0, K, wc, tab, nib, xsum, tid, nthr)
-        _chunk_rows(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, tab, xsum, tseg, wc, c0 + tx, tx, nrow0, rb, acc)
-        cuda.syncthreads()  # the next chunk overwrites the tables
-    N = planes.shape[1]
-    for i in range(RPT):
-        n = nrow0 + i * rb
-        for t in range(tseg):
-            s = _block_sum(acc, red, i, t, tx, ty, wc)
-            if tx == 0 and n < N:
-                out[t0 + t, n] = s
+    wc, W = cuda.blockDim.x, planes.shape[2]
+    _lut_chunks(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, 0, (W + wc - 1) // wc, tab, nib, xsum, acc)
+    _write_row_sums(acc, red, out, t0, tseg)
 
 
 @cuda.jit
@@ -256,26 +387,15 @@ def gemv_kernel5(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
     tab = cuda.shared.array((TAB_ROWS, TAB_LEN), float32)
     nib = cuda.shared.array((TAB_ROWS, 32), float32)
     xsum = cuda.shared.array(XSUM_LEN, float32)
-    red = cuda.shared.array((NTHREADS, 8), float32)
+    red = cuda.shared.array((MAX_THREADS, 8), float32)
     last = cuda.shared.array(1, int32)
-    K = x.shape[1]
-    W = planes.shape[2]
-    S = cuda.gridDim.y
-    wc, rb = cuda.blockDim.x, cuda.blockDim.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    tid, nthr = ty * wc + tx, wc * rb
-    nrow0 = cuda.blockIdx.x * rb * RPT + ty
     acc = cuda.local.array(ACC_LEN, float32)
-    for e in range(ACC_LEN):
-        acc[e] = float32(0.0)
-    n_chunks = (W + wc - 1) // wc
-    per = (n_chunks + S - 1) // S  # chunks per split
-    for c in range(cuda.blockIdx.y * per, min((cuda.blockIdx.y + 1) * per, n_chunks)):
-        c0 = c * wc
-        _build_tables(x, t0, tseg, c0, K, wc, tab, nib, xsum, tid, nthr)
-        _chunk_rows(planes, lo, hi, scale, zero, smul, zmul, zadd, gw, tab, xsum, tseg, wc, c0 + tx, tx, nrow0, rb, acc)
-        cuda.syncthreads()
-    _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, tx, ty, tid, nthr)
+    n_chunks = (planes.shape[2] + cuda.blockDim.x - 1) // cuda.blockDim.x
+    per = (n_chunks + cuda.gridDim.y - 1) // cuda.gridDim.y  # chunks per split
+    c_begin = cuda.blockIdx.y * per
+    c_end = min(c_begin + per, n_chunks)
+    _lut_chunks(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, c_begin, c_end, tab, nib, xsum, acc)
+    _finish_split_k(acc, red, last, part, count, out, t0, tseg)
 
 
 @cuda.jit(device=True)
@@ -307,7 +427,7 @@ def gemv_kernel6(x, t0, tseg, kt, bk, planes, scale, zero, gw, out, part, count)
     tab = cuda.shared.array((TAB_ROWS, TAB_LEN), float32)
     nib = cuda.shared.array((TAB_ROWS, 32), float32)
     xsum = cuda.shared.array(XSUM_LEN, float32)
-    red = cuda.shared.array((NTHREADS, 8), float32)
+    red = cuda.shared.array((MAX_THREADS, 8), float32)
     last = cuda.shared.array(1, int32)
     K = x.shape[1]
     W = planes.shape[2]
@@ -339,11 +459,51 @@ def gemv_kernel6(x, t0, tseg, kt, bk, planes, scale, zero, gw, out, part, count)
             planes, scale, zero, gw, tab, xsum, tseg, tnb, tsm, tzm, nbmax, wc, c0 + tx, tx, nrow0, rb, acc
         )
         cuda.syncthreads()
-    _finish_split_k(acc, red, last, part, count, out, t0, tseg, nrow0, rb, wc, tx, ty, tid, nthr)
+    _finish_split_k(acc, red, last, part, count, out, t0, tseg)
 
 
 # ---------------------------------------------------------------------------------------
-# Launchers (signature of slice_gemm.LAUNCHERS) and workspaces
+# Launchers: one segment [t0, t0 + tseg) of x; the same geometry on a GPU and in the simulator
+
+
+def launch_gemv2(args, tseg, N, block=None, stream=0):
+    """v2: N blocks of ``block`` threads (default V2_THREADS), clamped to the words of K (a power of two)."""
+    W = args[3].shape[2]
+    nthr = min(block or V2_THREADS, _pow2_at_least(W))
+    if nthr & (nthr - 1) or nthr > MAX_THREADS:
+        raise ValueError(f"GEMV v2 block must be a power of two <= {MAX_THREADS}")
+    gemv_kernel2[N, nthr, stream](*args)
+
+
+def launch_gemv3(args, tseg, N, block=None, stream=0):
+    """v3: ``block`` = (words per chunk, rows per block), default V3_BLOCK, clamped to (W, N)."""
+    W = args[3].shape[2]
+    bx, by = block or V3_BLOCK
+    bx, by = min(bx, _pow2_at_least(W)), max(1, min(by, N))
+    if bx & (bx - 1) or bx > V3_BLOCK[0] or bx * by > MAX_THREADS:
+        raise ValueError(f"GEMV v3 block (bx, by): bx a power of two <= {V3_BLOCK[0]}, bx*by <= {MAX_THREADS}")
+    gemv_kernel3[cdiv(N, by), (bx, by), stream](*args)
+
+
+def launch_gemv4(args, tseg, N, block=None, stream=0):
+    """v4: ``block`` threads (default LUT_THREADS) as (WC, RB), one block per RPT * RB rows."""
+    wc, rb, rows = gemv_geometry(tseg, block or LUT_THREADS, N)
+    gemv_kernel4[cdiv(N, rows), (wc, rb), stream](*args)
+
+
+def launch_gemv5(args, tseg, N, block=None, stream=0):
+    """v5: v4's blocks times S K-splits (:func:`splits`), with a cached workspace."""
+    nthr = block or LUT_THREADS
+    wc, rb, rows = gemv_geometry(tseg, nthr, N)
+    S = splits(N, args[3].shape[2], tseg, nthr)
+    nrb = cdiv(N, rows)
+    part, count = _workspace(S, N, nrb, stream)
+    gemv_kernel5[(nrb, S), (wc, rb), stream](*args, part, count)
+
+
+LAUNCHERS = {1: launch_gemm1, 2: launch_gemv2, 3: launch_gemv3, 4: launch_gemv4, 5: launch_gemv5}
+VERSIONS = (*LAUNCHERS, 6)  # v6 runs through gemv_routed
+TOKENS_PER_LAUNCH = MAX_T
 
 
 _WORKSPACES = {}  # (S, N, row blocks, stream key) -> (part, count): allocated once per shape
@@ -358,61 +518,46 @@ def _workspace(S, N, nrb, stream):
     return _WORKSPACES[key]
 
 
+def workspace_counters_clear() -> bool:
+    """True when every split-K counter is back to 0 (each v5/v6 launch must reset its own)."""
+    return all(not count.copy_to_host().any() for _, count in _WORKSPACES.values())
+
+
 _SM_COUNT = []  # the current device's multiprocessor count, read once
 
 
 def _n_sm() -> int:
     if not _SM_COUNT:
         try:
-            _SM_COUNT.append(2 if _SIM else int(cuda.get_current_device().MULTIPROCESSOR_COUNT))
-        except Exception:  # noqa: BLE001
-            _SM_COUNT.append(132)
+            _SM_COUNT.append(int(cuda.get_current_device().MULTIPROCESSOR_COUNT))
+        except Exception:  # noqa: BLE001 - the simulator's device has no attributes
+            _SM_COUNT.append(DEFAULT_SMS)
     return _SM_COUNT[0]
 
 
-def splits(N: int, W: int, tseg: int, nthreads: int = NTHREADS) -> int:
-    """K-splits for v5: about two blocks per SM, at most one split per chunk."""
-    wc, _, rows = gemv_geometry(tseg, nthreads)
-    nrb = cdiv(N, rows)
-    return max(1, min(cdiv(W, wc), cdiv(2 * _n_sm(), nrb)))
+def splits(N: int, W: int, tseg: int, nthreads: int = LUT_THREADS) -> int:
+    """K-splits for v5/v6: about two blocks per SM, at most one split per chunk of WC words."""
+    wc, _, rows = gemv_geometry(tseg, nthreads, N)
+    return max(1, min(cdiv(W, wc), cdiv(2 * _n_sm(), cdiv(N, rows))))
 
 
-def _launch_gemv4(args, tseg, N, block=None, stream=0):
-    wc, rb, rows = gemv_geometry(tseg, block or NTHREADS)
-    gemv_kernel4[cdiv(N, rows), (wc, rb), stream](*args)
+def slice_gemv(x, w: PackedWeight, k: int, version: int = 5, block=None, out=None):
+    """Decode GEMV dispatcher: ``y = x @ W_k^T`` reading only planes ``[0, B_k)`` (Sec. 4.3).
 
-
-def _launch_gemv5(args, tseg, N, block=None, stream=0):
-    nthr = block or NTHREADS
-    wc, rb, rows = gemv_geometry(tseg, nthr)
-    W = args[3].shape[2]
-    S = splits(N, W, tseg, nthr)
-    nrb = cdiv(N, rows)
-    part, count = _workspace(S, N, nrb, stream)
-    gemv_kernel5[(nrb, S), (wc, rb), stream](*args, part, count)
-
-
-LAUNCHERS = {4: _launch_gemv4, 5: _launch_gemv5}
-
-
-def gemv(x, w: PackedWeight, k: int, version: int = 5, block=None, out=None):
-    """Decode GEMV ``y = x @ W_k^T`` with look-up tables (v4), split-K (v5), the routed kernel (v6).
-
-    x [T, K] fp16/fp32 (processed 8 tokens per launch), ``w`` a PackedWeight, k in 1..E;
-    ``block`` = threads per block (a power of two <= 256). Same contract as
-    :func:`cuda_numba.slice_gemm.slice_gemv`, which this calls.
+    x [T, K] fp16/fp32 (decode: 1-8 tokens; more are processed 8 per launch), ``w`` a
+    PackedWeight, one precision k in 1..E for every token -> y [T, N] in x's dtype. Host input
+    -> NumPy, device input -> device array; ``out`` is written in place if given. ``block``:
+    v1 and v3 a pair (see the launchers), v2 and v4-v6 a thread count.
     """
-    if version not in GEMV_VERSIONS:
-        raise ValueError(f"unknown LUT GEMV version {version}; have {list(GEMV_VERSIONS)}")
-    if block is not None and (block & (block - 1) or not 1 <= block <= NTHREADS):
-        raise ValueError(f"block must be a power of two <= {NTHREADS}")
+    if version not in VERSIONS:
+        raise ValueError(f"unknown GEMV version {version}; have {list(VERSIONS)}")
+    if version >= 4 and block is not None and (block & (block - 1) or not 1 <= block <= MAX_THREADS):
+        raise ValueError(f"block must be a power of two <= {MAX_THREADS}")
     if not 1 <= k <= len(w.slice_bits):
         raise ValueError(f"k={k} outside 1..{len(w.slice_bits)}")
     if version == 6:  # the routed kernel with every token at precision k
         return gemv_routed(x, w, np.full(x.shape[0], k, np.int32), block=block, out=out)
-    from .slice_gemm import slice_gemv
-
-    return slice_gemv(x, w, k, version=version, block=block, out=out)
+    return run_uniform(LAUNCHERS[version], TOKENS_PER_LAUNCH, x, w, k, block, out)
 
 
 _BK = {}  # slice_bits -> device int32 [E + 1] = (0, B_1, ..., B_E)
@@ -444,11 +589,9 @@ def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
     host) is written in place. No host round trip and no Numba allocation when x, k_t and
     ``out`` are on the device (workspaces are cached by shape).
     """
-    from ._common import finish, is_device_array, output_array, to_device
-
-    nthr = block or NTHREADS
-    if nthr & (nthr - 1) or not 1 <= nthr <= NTHREADS:
-        raise ValueError(f"block must be a power of two <= {NTHREADS}")
+    nthr = block or LUT_THREADS
+    if nthr & (nthr - 1) or not 1 <= nthr <= MAX_THREADS:
+        raise ValueError(f"block must be a power of two <= {MAX_THREADS}")
     on_device = is_device_array(x)
     torch_x = getattr(x, "is_cuda", False)
     dx = to_device(x)
@@ -471,7 +614,7 @@ def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
             raise ValueError(f"k_t must be in 1..{E}")
         dk = cuda.to_device(np.ascontiguousarray(kh), stream=stream)
     dw = w.to_device()
-    gw = dw.planes.shape[2] if dw.n_groups == 1 else dw.group_size // WORD_BITS
+    gw = group_words(dw)
     res = None
     if out is None and torch_x:
         res = _new_output(x, (T, w.N), dx.dtype)
@@ -481,7 +624,7 @@ def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
     W = dw.planes.shape[2]
     for s0 in range(0, T, MAX_T):
         tseg = min(MAX_T, T - s0)
-        wc, rb, rows = gemv_geometry(tseg, nthr)
+        wc, rb, rows = gemv_geometry(tseg, nthr, w.N)
         S = splits(w.N, W, tseg, nthr)
         nrb = cdiv(w.N, rows)
         part, count = _workspace(S, w.N, nrb, stream)

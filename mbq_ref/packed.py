@@ -11,9 +11,9 @@ deltas for its torch matmuls (the reference: 20-40 bytes per weight at inference
 
 that is ``B_E + 64 / g`` bits per weight (8.5 for slices 2,2,2,2 and g = 128). Precision k
 reads the first ``B_k`` planes: ``Ŵ_k = s_k (Q_k - z_k + 1/2)``, ``s_k = s / 2^(B_k - b_1)``,
-``z_k = z_E / 2^(B_E - B_k)`` (``cuda_numba/slice_gemm.py``).
+``z_k = z_E / 2^(B_E - B_k)`` (``cuda_numba/dequant.py``).
 
-Forward (``backend``): ``"kernels"`` runs :func:`cuda_numba.slice_gemm.slice_linear`
+Forward (``backend``): ``"kernels"`` runs :func:`cuda_numba.slice_linear.slice_linear`
 (decode, T <= 8: the one-launch routed GEMV v6 with k_t kept on the device; more tokens:
 grouped GEMM v3), ``"torch"`` dequantizes ``Ŵ_k`` from the planes and multiplies in torch
 (the CPU reference), ``"auto"`` (default) = kernels for CUDA inputs, torch otherwise. Under
@@ -118,7 +118,7 @@ class PackedMoBiLinear(RoutedSlices):
         return self.backend == "kernels"
 
     def _kernels(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        from cuda_numba.slice_gemm import slice_linear
+        from cuda_numba.slice_linear import slice_linear
 
         w = self._weight(x2.device)
         if x2.is_cuda:
@@ -133,7 +133,7 @@ class PackedMoBiLinear(RoutedSlices):
 
     def _torch(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from cuda_numba.packing import unpack_bitplanes_ref
-        from cuda_numba.slice_gemm import slice_linear_ref
+        from cuda_numba.slice_linear import slice_linear_ref
 
         codes = unpack_bitplanes_ref(self.planes.cpu().numpy().view(np.uint32), self.in_features)
         return slice_linear_ref(

@@ -89,8 +89,9 @@ def test_mobiquant_and_checkpoint_at_group_64(tmp_path, one_thread):
 
 def test_kernel_references_and_packing_at_group_64():
     from cuda_numba.binary_matmul import binary_linear_ref
+    from cuda_numba.dequant import dequant_codes
     from cuda_numba.packing import pack_mobislice
-    from cuda_numba.slice_gemm import dequant_codes, slice_linear_ref
+    from cuda_numba.slice_linear import slice_linear_ref
 
     torch.manual_seed(0)
     w = torch.randn(48, 192)

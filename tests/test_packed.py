@@ -116,7 +116,7 @@ def test_pack_model_errors():
 def test_zero_point_is_on_the_finest_grid(models):
     """The packed zero point reproduces the package's dequantization at every precision (any stored grid)."""
     from cuda_numba.packing import unpack_bitplanes_ref
-    from cuda_numba.slice_gemm import dequant_codes
+    from cuda_numba.dequant import dequant_codes
 
     ref, packed, _ = models
     layer_ref, layer = ref.model.layers[0].self_attn.o_proj, packed.model.layers[0].self_attn.o_proj

@@ -48,3 +48,24 @@ def assert_close(y, ref, dtype):
     assert not np.isnan(y).any(), "some outputs were never written (NaN poison survived)"
     tol = 4e-3 if dtype == np.float16 else 2e-5
     np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+
+
+def odd_shape(rng, max_tokens=7):
+    """Fresh small odd sizes (T, N, K, group_size): T odd <= max_tokens, N odd, and either K a
+    multiple of 32 with groups of 32 or an odd K (not a word multiple) with one group per row."""
+    T = int(rng.choice(np.arange(1, max_tokens + 1, 2)))
+    N = int(rng.integers(4, 20)) * 2 + 1  # 9..39
+    if rng.random() < 0.5:
+        K = 32 * int(rng.integers(2, 6))  # 2..5 groups
+        return T, N, K, 32
+    K = int(rng.integers(16, 60)) * 2 + 1  # 33..119: a ragged last word
+    return T, N, K, K
+
+
+def setup_layer(rng, T, N, K, g=32, slice_bits=(2, 2, 2, 2), dtype=np.float16):
+    """Activations x [T, K] and one random MoBiSlice layer, raw and packed: (x, codes, scale, zero, packed)."""
+    from cuda_numba.packing import pack_mobislice
+
+    codes, scale, zero = mobislice_weight(rng, N, K, g, slice_bits)
+    x = rng.standard_normal((T, K)).astype(dtype)
+    return x, codes, scale, zero, pack_mobislice(codes, scale, zero, slice_bits, g)

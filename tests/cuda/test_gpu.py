@@ -11,7 +11,7 @@ from kernel_helpers import assert_close, mobislice_weight, poisoned
 
 from cuda_numba.binary_matmul import binary_matmul, binary_matmul_ref
 from cuda_numba.packing import n_words, pack_bitplanes, pack_bitplanes_ref, pack_mobislice, unpack_bitplanes
-from cuda_numba.slice_gemm import slice_linear, slice_linear_ref
+from cuda_numba.slice_linear import CASES, slice_linear, slice_linear_ref
 
 pytestmark = pytest.mark.gpu
 SB = (2, 2, 2, 2)
@@ -38,25 +38,10 @@ def test_binary_matmul_large(rng, version):
 
 
 @pytest.mark.parametrize("T", [1, 7, 130])
-@pytest.mark.parametrize(
-    "method,kind,version",
-    [
-        ("grouped", "gemv", 1),
-        ("grouped", "gemv", 2),
-        ("grouped", "gemv", 3),
-        ("grouped", "gemm", 1),
-        ("grouped", "gemm", 2),
-        ("grouped", "gemm", 3),
-        ("grouped", "gemv", 4),
-        ("grouped", "gemv", 5),
-        ("fused", "gemv", 6),
-        ("streams", "gemv", 2),
-        ("streams", "gemv", 5),
-        ("streams", "gemm", 2),
-        ("streams", "gemm", 3),
-    ],
-)
-def test_slice_linear_large(rng, T, method, kind, version):
+@pytest.mark.parametrize("case", list(CASES))
+def test_slice_linear_large(rng, T, case):
+    """Every benchmark case (slice_linear.CASES) at a decode/prefill shape with K in the thousands."""
+    method, kind, version = CASES[case]
     N, K, g = 1000, 4096, 128
     codes, scale, zero = mobislice_weight(rng, N, K, g)
     w = pack_mobislice(codes, scale, zero, SB, g)
@@ -92,7 +77,7 @@ def test_bench_smoke(tmp_path):
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 14336)])
 def test_lut_gemv_split_k_large(rng, N, K):
     """GEMV v5/v6 with many K-splits and row blocks at decode shapes; twice (counters reset)."""
-    from cuda_numba.slice_gemv import gemv
+    from cuda_numba.slice_gemv import slice_gemv
 
     g = 128
     codes, scale, zero = mobislice_weight(rng, N, K, g)
@@ -101,7 +86,7 @@ def test_lut_gemv_split_k_large(rng, N, K):
     for k in (1, 2, 4):
         ref = slice_linear_ref(x, codes, scale, zero, SB, k, g).float().numpy()
         for version in (5, 6, 5):
-            assert_close(gemv(x, w, k, version=version, out=poisoned((1, N), np.float16)), ref, np.float16)
+            assert_close(slice_gemv(x, w, k, version=version, out=poisoned((1, N), np.float16)), ref, np.float16)
 
 
 @pytest.mark.parametrize("n_tokens", [5, 12])

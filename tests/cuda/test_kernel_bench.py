@@ -48,6 +48,7 @@ def test_token_mix(T, bits, expect):
 def test_parse_shapes_and_kernels():
     assert bench.parse_shapes("4096x11008, 14336X4096") == [(4096, 11008), (14336, 4096)]
     assert bench._kernel("streams-gemm3").method == "streams"
+    assert bench._kernel("bmm2").family == "bmm" and bench._kernel("pack1").family == "pack"
     for bad in ("gemm4", "pack3", "cublas"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench._kernel(bad)
@@ -58,7 +59,7 @@ def test_gpu_path_bookkeeping_dry_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("cuda_numba._common.real_gpu_available", lambda: True)
     monkeypatch.setattr(
         bench,
-        "_device_info",
+        "device_info",
         lambda peak: {
             "name": "Fake GPU 9000",
             "driver_version": "0",
@@ -104,15 +105,18 @@ def test_gpu_path_bookkeeping_dry_run(monkeypatch, tmp_path, capsys):
     assert g["frac_of_roofline"] == pytest.approx(g["weight_bytes"] / 1e12 * 1e3 / 2.0)
 
 
-def test_every_slice_case_runs_call_and_kernels_only():
-    """Each case the bench times: the full call and the kernels-only runner both agree with the reference."""
-    from cuda_numba import slice_gemm as sg
+def test_every_case_runs_call_and_kernels_only():
+    """Each case the bench times (every module's CASES): the call agrees with the reference and the
+    kernels-only runner runs; the bench knows exactly the modules' public case lists."""
+    from cuda_numba import binary_matmul, packing, slice_linear
 
+    names = [*slice_linear.CASES, *binary_matmul.CASES, *packing.CASES]
+    assert bench.all_kernels().split(",") == [*names, "fp16"]
     weights = bench._Weights(64, 11, 32, (2, 2, 2, 2), seed=3, ref_device="cpu")
     k_t = bench.token_mix(3, 5, (2, 2, 2, 2), seed=3)
     case = bench._Case(weights, 3, k_t, seed=3)
-    for name in ("gemv2", "gemv4", "gemv5", "streams-gemv5", "fused-gemv6"):
+    for name in names:
         call, kernels_only, check = case.runner(bench._kernel(name))
         assert check(call())[0], name
-        kernels_only()  # runs without error; its output is checked through the call
-    assert set(sg.CASES) >= {"gemv4", "gemv5", "fused-gemv6"}
+        if kernels_only is not None:
+            kernels_only()  # runs without error; its output is checked through the call
