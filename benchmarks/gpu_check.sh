@@ -15,7 +15,7 @@
 #   3. mixed precision (3 and 5 average bits) on 4096x14336: the routed paths        (<= 45 s)
 #   4. prefill T = 512 on 14336x4096 at 2.5 and 4 bits: fp16, gemm3, streams-gemm3     (<= 45 s)
 #   5. end to end: decode tok/s + weight memory, fp16 vs packed at 2/4/6/8 bits and routed,
-#      random Llama-2-7B-shaped and small models (mbq bench --e2e = cuda_numba.e2e)  (<= 100 s)
+#      random Llama-2-7B-shaped and small models (mbq bench --e2e = mbq_ref.e2e)  (<= 100 s)
 # Files: $OUT/gpu_check.log (every step's full output) and one JSON per bench step.
 # Exit code: number of failed steps (0 = all passed).
 set -u

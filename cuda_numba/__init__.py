@@ -11,8 +11,8 @@ launchers ``*_v1..N`` and one dispatcher taking ``version=``.
 * ``slice_gemm``    -- prefill GEMM ladder (v1 naive, v2 shared-memory tiles, v3 register tiles)
 * ``slice_linear``  -- per-token routed precision: sort by ``k_t``, grouped / streams / fused; ``CASES``
 * ``bench``         -- ``python -m cuda_numba.bench`` (real GPU), ``--sim`` for a simulator demo
-* ``bench_env``     -- commit, versions, device and the simulator switch, recorded by bench and e2e
-* ``e2e``           -- ``python -m cuda_numba.e2e``: decode tok/s and memory, fp16 vs ``mbq_ref.packed``
+* ``bench_env``     -- commit, versions, device and the simulator switch, recorded by ``bench`` and by
+  ``mbq_ref.e2e`` (the end-to-end decode benchmark lives in ``mbq_ref``: it runs the model)
 
 Each kernel module exposes ``LAUNCHERS`` (version -> launcher) and, where the benchmark times
 it, ``CASES`` (benchmark name -> what to run); launch geometry is the same on a GPU and in the
@@ -20,7 +20,7 @@ simulator (block sizes are parameters, clamped to the problem).
 
 Without a GPU the kernels run in Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set by
 the repository's ``conftest.py``); it must be set before ``numba.cuda`` is first imported.
-``mbq_ref`` never imports this package at import time.
+``mbq_ref`` never imports this package at import time, and this package never imports ``mbq_ref``.
 """
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "bench_env",
     "binary_matmul",
     "dequant",
-    "e2e",
     "packing",
     "real_gpu_available",
     "slice_gemm",

@@ -554,7 +554,7 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Results are written by this script only; never edit them by hand."
         + ("\nmbq bench --e2e [--sim] [ARGS]: end-to-end decode tok/s and memory, fp16 vs packed "
-           "(python -m cuda_numba.e2e; `mbq bench --e2e --help`)." if prog == "mbq bench" else ""),
+           "(python -m mbq_ref.e2e; `mbq bench --e2e --help`)." if prog == "mbq bench" else ""),
     )
     ap.add_argument("--shapes", default=None, help=f"KxN list (default {DEFAULT_SHAPES}; --sim: {SIM_SHAPES})")
     ap.add_argument("--tokens", default=None, help=f"token counts (default {DEFAULT_TOKENS}; --sim: {SIM_TOKENS})")

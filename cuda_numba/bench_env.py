@@ -1,6 +1,6 @@
 """Where a benchmark ran: commit, library versions, device, and the switch into the CUDA simulator.
 
-Shared by ``cuda_numba.bench`` (kernel grid) and ``cuda_numba.e2e`` (end to end); every results
+Shared by ``cuda_numba.bench`` (kernel grid) and ``mbq_ref.e2e`` (end to end); every results
 file records these so a number can be traced to the code and the machine that produced it.
 """
 

@@ -8,7 +8,7 @@
     mbq generate  FILE --prompt TEXT --bits 4 [--schedule 2:8,6:16] [--max-new-tokens N]
     mbq info      FILE                                  the checkpoint's metadata, checked
     mbq bench     ...                                   GPU kernel benchmark (cuda_numba.bench)
-    mbq bench     --e2e ...                             decode tok/s and memory, fp16 vs packed (cuda_numba.e2e)
+    mbq bench     --e2e ...                             decode tok/s and memory, fp16 vs packed (mbq_ref.e2e)
 
 Exit codes: 0 success, 2 bad usage or input (one line on stderr: what is wrong
 and how to fix it), 1 an internal failure (with the traceback).
@@ -376,7 +376,7 @@ def _cmd_info(args) -> int:
 # --- mbq bench -------------------------------------------------------------------------
 def _cmd_bench(args) -> int:
     argv = list(args.bench_args)
-    e2e = "--e2e" in argv  # end to end (cuda_numba.e2e) instead of the kernel grid (cuda_numba.bench)
+    e2e = "--e2e" in argv  # end to end (mbq_ref.e2e) instead of the kernel grid (cuda_numba.bench)
     if e2e:
         argv.remove("--e2e")
     wants_sim = any(len(a.split("=")[0]) >= 4 and "--sim".startswith(a.split("=")[0]) for a in argv)
@@ -387,7 +387,7 @@ def _cmd_bench(args) -> int:
             raise UsageError("no CUDA GPU found (Numba sees none, or the CUDA simulator is on); run it on a GPU "
                              "machine, or pass --sim for a simulator demo (not a performance number)")  # fmt: skip
     if e2e:
-        from cuda_numba.e2e import main as e2e_main
+        from .e2e import main as e2e_main
 
         return int(e2e_main(argv, prog="mbq bench --e2e", parser_class=_Parser) or 0)
     from cuda_numba.bench import main as bench_main  # lazy: mbq_ref must import without numba.cuda
@@ -492,8 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench", add_help=False,
-        help="GPU kernel benchmark (forwards to cuda_numba.bench; --e2e: cuda_numba.e2e; --sim without a GPU)",
-        description="Forwards every argument to `python -m cuda_numba.bench` (with --e2e: `python -m cuda_numba.e2e`).",
+        help="GPU kernel benchmark (forwards to cuda_numba.bench; --e2e: mbq_ref.e2e; --sim without a GPU)",
+        description="Forwards every argument to `python -m cuda_numba.bench` (with --e2e: `python -m mbq_ref.e2e`).",
     )  # fmt: skip
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of cuda_numba.bench (see `mbq bench --help`)")
     b.set_defaults(func=_cmd_bench)

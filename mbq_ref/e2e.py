@@ -1,7 +1,7 @@
 """End-to-end decode speed and memory of the packed backend vs fp16 (issue 12, item 5).
 
-    python -m cuda_numba.e2e                      # real GPU: Llama-2-7B-shaped random model + a small one
-    python -m cuda_numba.e2e --sim                # CUDA simulator: a tiny model, correctness of the loop only
+    python -m mbq_ref.e2e                      # real GPU: Llama-2-7B-shaped random model + a small one
+    python -m mbq_ref.e2e --sim                # CUDA simulator: a tiny model, correctness of the loop only
     mbq bench --e2e [--sim] [ARGS...]             # the same, from the command line
 
 A model with random weights (no hub access) is decoded greedily with a KV cache: the prompt
@@ -67,9 +67,9 @@ def pack_random(model, slice_bits=(2, 2, 2, 2), group_size: int = 128, seed: int
     """Replace each projection by a PackedMoBiLinear with random codes (weight std ~0.02); returns sizes."""
     import torch
 
-    from mbq_ref.fakequant import quantizable_linears
-    from mbq_ref.mobiroute import MoBiRouter
-    from mbq_ref.packed import PackedMoBiLinear
+    from .fakequant import quantizable_linears
+    from .mobiroute import MoBiRouter
+    from .packed import PackedMoBiLinear
 
     BE, b1 = sum(slice_bits), slice_bits[0]
     packed = weights = 0
@@ -135,7 +135,7 @@ def _settings(slice_bits, wanted: str):
 def _run_model(name, args, device, sim) -> list[dict]:
     import torch
 
-    from mbq_ref.packed import packed_layers
+    from .packed import packed_layers
 
     rows = []
     vocab = MODELS[name][5]
@@ -190,8 +190,8 @@ def paper_line() -> str:
 
 
 def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParser) -> int:
-    """Entry point (``python -m cuda_numba.e2e``, ``mbq bench --e2e``); returns the exit code."""
-    ap = parser_class(prog=prog or "python -m cuda_numba.e2e", description=__doc__.split("\n\n")[0])
+    """Entry point (``python -m mbq_ref.e2e``, ``mbq bench --e2e``); returns the exit code."""
+    ap = parser_class(prog=prog or "python -m mbq_ref.e2e", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=None, help=f"comma-separated, from {sorted(MODELS)} (default: "
                     f"{DEFAULTS['models'][0]}; --sim: {DEFAULTS['models'][1]})")  # fmt: skip
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens, prefilled, not timed (default 16; --sim: 2)")
@@ -205,35 +205,35 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     args = ap.parse_args(argv)
     import numba
 
-    from . import bench_env
+    from cuda_numba import bench_env
 
-    if args.sim and (rc := bench_env.enter_simulator("cuda_numba.e2e", argv)) is not None:
+    if args.sim and (rc := bench_env.enter_simulator("mbq_ref.e2e", argv)) is not None:
         return rc
     for key, (gpu, sim_default) in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, sim_default if args.sim else gpu)
     if args.prompt < 1 or args.new_tokens < 1:
-        print("cuda_numba.e2e: --prompt and --new-tokens must be at least 1")
+        print("mbq_ref.e2e: --prompt and --new-tokens must be at least 1")
         return 2
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # renamed in newer transformers
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         _settings((2, 2, 2, 2), args.settings)
     except ValueError as exc:
-        print(f"cuda_numba.e2e: {exc}")
+        print(f"mbq_ref.e2e: {exc}")
         return 2
     bad = [m for m in names if m not in MODELS]
     if bad:
-        print(f"cuda_numba.e2e: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
+        print(f"mbq_ref.e2e: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
         return 2
     sim = bool(numba.config.ENABLE_CUDASIM)
     if args.sim != sim:
-        print("cuda_numba.e2e: the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): pass --sim, or unset it on a GPU")
+        print("mbq_ref.e2e: the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): pass --sim, or unset it on a GPU")
         return 2
-    from ._common import real_gpu_available
+    from cuda_numba import real_gpu_available
 
     if not sim and not real_gpu_available():
-        print("cuda_numba.e2e: no real GPU; run it on a GPU machine, or with --sim in the simulator")
+        print("mbq_ref.e2e: no real GPU; run it on a GPU machine, or with --sim in the simulator")
         return 2
     device = "cpu" if sim else "cuda"
     if sim:

@@ -1,16 +1,15 @@
-"""cuda_numba/e2e.py: argument checks and, in the simulator, one decode step of a tiny packed model."""
+"""mbq_ref/e2e.py: argument checks and, in the simulator, one decode step of a tiny packed model."""
 
 import pytest
-from kernel_helpers import real_gpu
-
-from cuda_numba import e2e
+from cuda_numba import real_gpu_available as real_gpu
+from mbq_ref import e2e
 
 
 def test_bad_arguments_return_2(capsys):
     assert e2e.main(["--models", "gpt5", "--sim"]) == 2
     assert e2e.main(["--models", "tiny", "--sim", "--settings", "3"]) == 2  # 3 bits is not a slice boundary
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 2 and all(line.startswith("cuda_numba.e2e: ") for line in out)
+    assert len(out) == 2 and all(line.startswith("mbq_ref.e2e: ") for line in out)
 
 
 @pytest.mark.skipif(real_gpu(), reason="a real GPU is present")
