@@ -43,6 +43,7 @@ __all__ = [
     "QuantLinear",
     "check_group_size",
     "decoder_layers",
+    "modules_of_type",
     "quantizable_linears",
     "quantize_model",
     "quant_linears",
@@ -275,9 +276,14 @@ def quantize_model(
     return model
 
 
+def modules_of_type(model: nn.Module, cls) -> dict[str, nn.Module]:
+    """Every submodule of ``model`` that is a ``cls`` (a class or tuple of classes), by module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     """Every :class:`QuantLinear` in ``model`` by module path (empty if not quantized)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return modules_of_type(model, QuantLinear)
 
 
 def _require_quantized(model: nn.Module) -> dict[str, QuantLinear]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .calibrate import CalibConfig, calibrate_blocks
-from .fakequant import check_group_size, quantizable_linears
+from .fakequant import check_group_size, modules_of_type, quantizable_linears
 from .mobilinear import STAGES, MoBiError, MoBiLinear, RoutedSlices
 from .mobiroute import BitStats, RouterBudget, counts_to_bits, slice_counts, surrogate_saturation
 
@@ -131,7 +131,7 @@ def mobi_layers(model: nn.Module) -> dict[str, RoutedSlices]:
     they route, take thresholds and count bits the same way, so every routing and
     bit-statistics function below serves both.
     """
-    return {n: m for n, m in model.named_modules() if isinstance(m, RoutedSlices)}
+    return modules_of_type(model, RoutedSlices)
 
 
 def _layers(model: nn.Module) -> dict[str, MoBiLinear]:

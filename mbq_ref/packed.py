@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fakequant import modules_of_type
 from .mobilinear import MoBiError, MoBiLinear, RoutedSlices
 
 __all__ = ["BACKENDS", "PackedMoBiLinear", "pack_model", "packed_layers"]
@@ -161,7 +162,7 @@ class PackedMoBiLinear(RoutedSlices):
 
 def packed_layers(model: nn.Module) -> dict[str, PackedMoBiLinear]:
     """Every :class:`PackedMoBiLinear` of ``model`` by module path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, PackedMoBiLinear)}
+    return modules_of_type(model, PackedMoBiLinear)
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -184,7 +185,7 @@ def pack_model(model: nn.Module, backend: str = "auto") -> dict:
     learnable clipping, cached float deltas, router, bias) and ``torch_bytes_per_weight``.
     Routers are shared with the replaced layers (not copied). Raises MoBiError without MoBiLinear layers.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, MoBiLinear)}
+    layers = modules_of_type(model, MoBiLinear)
     if not layers:
         raise MoBiError("model has no MoBiLinear layers; call quantize_mobiquant first")
     if backend not in BACKENDS:
