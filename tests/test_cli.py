@@ -94,6 +94,7 @@ def test_quantize_wrote_a_checkpoint(ckpt, capsys):
     assert len(meta["thresholds"]["achieved"]) == 7  # the table stores the bits it measured
 
 
+@pytest.mark.slow
 def test_eval_prints_ppl_and_measured_bits(ckpt, capsys):
     code, out, _ = _run(capsys, "eval", ckpt, "--bits", "3.0", "--seqlen", "128", "--max-windows", "2", "--json", "--no-progress")
     assert code == 0
@@ -139,6 +140,7 @@ def _float_and_packed(capsys, *argv):
     return rows
 
 
+@pytest.mark.slow
 def test_eval_packed_matches_the_float_path(ckpt, capsys):
     """--packed on the CPU: the checkpoint served from bit-planes (torch reference of the kernels);
     same routing, so the same measured bits, and the same PPL; the memory per weight is reported."""
@@ -156,6 +158,7 @@ def test_eval_packed_matches_the_float_path(ckpt, capsys):
     assert code == 0 and "packed backend: 28 layers" in out and "bits per weight" in out
 
 
+@pytest.mark.slow
 def test_generate_packed_matches_the_float_path(ckpt, capsys):
     ref, got = _float_and_packed(capsys, "generate", ckpt, "--prompt", "Emma", "--schedule", "2:2,8:3")
     assert got["backend"] == "packed" and got["weight_bits_per_weight"] > 8
@@ -372,6 +375,7 @@ def test_non_utf8_prompt_is_a_clear_error(capsys, ckpt):
     _one_line_error(capsys, "generate", ckpt, "--prompt", prompt, match="not valid UTF-8")
 
 
+@pytest.mark.slow
 def test_one_token_prompt_gives_valid_json(capsys, ckpt, tiny_tokenizer):
     prompt = next(w for w in ("the", "a", "I", "x") if len(tiny_tokenizer(w)["input_ids"]) == 1)
 

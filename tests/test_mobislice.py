@@ -105,6 +105,7 @@ def _rel_err(ws, fn):
     return math.sqrt(num / sum(float(w.double().pow(2).sum()) for w in ws))
 
 
+@pytest.mark.slow
 def test_8bit_error_matches_rtn_on_the_bundled_model(tiny_llama):
     ws = _proj_weights(tiny_llama)
     rtn8 = _rel_err(ws, lambda w: baseline_weights(w, "rtn", (8,), 128)[8])

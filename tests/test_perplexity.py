@@ -52,6 +52,7 @@ def test_nan_logits_are_reported():
         perplexity(m, torch.randint(0, 8, (200,)), seqlen=32, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_fp_perplexity_reproduces_within_1_percent(tiny_llama, name):
     model, tok = tiny_llama
