@@ -33,7 +33,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CACHE_ENV", "cache_root", "cached", "code_version", "entry_key", "files_sha256"]
+__all__ = [
+    "CACHE_ENV",
+    "cache_root",
+    "cached",
+    "cached_mobiquant",
+    "cached_static",
+    "code_version",
+    "entry_key",
+    "files_sha256",
+    "model_key",
+    "tensor_sha256",
+]
 
 #: ``MBQ_CACHE=0`` disables the cache (every call builds into a temporary folder).
 CACHE_ENV = "MBQ_CACHE"
@@ -56,6 +67,23 @@ def files_sha256(paths: Iterable[str | os.PathLike]) -> str:
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (e.g. the calibration windows), hex."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_key(name: str) -> dict:
+    """Key part for a model loaded by :func:`mbq_ref.zoo.load_model`: its name and, when bundled, its files' digest."""
+    from .paths import model_dir
+
+    folder = model_dir(name)
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return {"model": name, "files": files_sha256(files) if files else None}
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,3 +151,63 @@ def cached(name: str, key: dict, build: Callable[[Path], None], root: str | os.P
         if old != path and old.is_dir() and old.name[len(name) + 1 :].isalnum():
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _load_entry(path: Path) -> dict:
+    # our own pickle, written by this code version on this machine (see the module docstring)
+    return torch.load(path, weights_only=False)
+
+
+def cached_mobiquant(name: str, calib_ids: torch.Tensor, cfg) -> tuple[torch.nn.Module, dict]:
+    """``load_model(name)`` calibrated by :func:`mbq_ref.mobiquant.quantize_mobiquant` on ``calib_ids``, cached.
+
+    The MoBiQuant model (full-precision weights, clipping, routers, frozen slices) and
+    the calibration log are pickled in one entry keyed by the model files, the
+    windows, ``cfg`` and the code version; a hit or a miss returns the same
+    unpickled objects. The model routes at ``cfg.tau``.
+
+    Args:
+        name: model name for :func:`mbq_ref.zoo.load_model` (e.g. ``"tiny-llama"``).
+        calib_ids: ``[nsamples, seqlen]`` calibration windows.
+        cfg: :class:`mbq_ref.mobiquant.MoBiConfig`.
+    Returns:
+        ``(model, log)`` with ``log`` as :func:`quantize_mobiquant` returns it.
+    """
+    from dataclasses import asdict
+
+    from .mobiquant import quantize_mobiquant
+    from .zoo import load_model
+
+    def build(folder: Path) -> None:
+        model = load_model(name)
+        log = quantize_mobiquant(model, calib_ids, cfg, progress=False)
+        torch.save({"model": model, "log": log}, folder / "model.pt")
+
+    key = {**model_key(name), "calib_ids": tensor_sha256(calib_ids), "config": asdict(cfg)}
+    entry = _load_entry(cached("mobiquant", key, build) / "model.pt")
+    return entry["model"], entry["log"]
+
+
+def cached_static(name: str, calib_ids: torch.Tensor, bits: int, calib_cfg, group_size: int | None) -> torch.nn.Module:
+    """``load_model(name)`` calibrated by :func:`mbq_ref.calibrate.calibrate_static` at ``bits`` (LWC), cached.
+
+    Keyed like :func:`cached_mobiquant` (model files, windows, settings, code version).
+
+    Args:
+        calib_cfg: :class:`mbq_ref.calibrate.CalibConfig`.
+        group_size: quantization group size (``None`` = per channel).
+    Returns:
+        the calibrated static model.
+    """
+    from dataclasses import asdict
+
+    from .calibrate import calibrate_static
+    from .zoo import load_model
+
+    def build(folder: Path) -> None:
+        model, _ = calibrate_static(load_model(name), calib_ids, bits, calib_cfg, group_size=group_size, progress=False)
+        torch.save({"model": model}, folder / "model.pt")
+
+    key = {**model_key(name), "calib_ids": tensor_sha256(calib_ids), "bits": bits, "config": asdict(calib_cfg),
+           "group_size": group_size}  # fmt: skip
+    return _load_entry(cached(f"lwc-w{bits}", key, build) / "model.pt")["model"]

@@ -81,3 +81,23 @@ def test_files_sha256_sees_content(tmp_path):
 def test_bad_name(tmp_path):
     with pytest.raises(ValueError):
         cache.cached("../x", {}, _builder([]), root=tmp_path)
+
+
+def test_cached_static_calibrates_once_and_returns_the_same_model(tmp_path, monkeypatch):
+    import torch
+
+    from mbq_ref import calibrate
+    from mbq_ref.zoo import random_llama
+
+    folder = tmp_path / "model"
+    random_llama(hidden=128, layers=1, vocab=64).save_pretrained(folder)
+    monkeypatch.setattr(cache, "cache_root", lambda: tmp_path / "cache")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = calibrate.CalibConfig(nsamples=2, seqlen=16, epochs=1, batch_size=2)
+    first = cache.cached_static(str(folder), ids, 3, cfg, group_size=128)
+    monkeypatch.setattr(calibrate, "calibrate_static", lambda *a, **k: pytest.fail("calibrated again"))
+    again = cache.cached_static(str(folder), ids, 3, cfg, group_size=128)
+    x = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(first(x).logits, again(x).logits)
+    assert len(list((tmp_path / "cache").glob("lwc-w3-*"))) == 1
