@@ -39,7 +39,7 @@
 #    for 2 bits is bad for 8 bits;
 # 5. what calibrating the base slice (Alg. 1, Stage 1) does at each slice count.
 #
-# Runtime: about 2 minutes on 2 CPU cores.
+# Runtime: about a minute on 2 idle CPU cores.
 
 # %%
 import copy

@@ -21,9 +21,9 @@
 # Sec. 5 (Table 1, Fig. 1, §5.3). **Package:** `mbq_ref.mobiquant` (`threshold_table`, the
 # package's one threshold controller), `mbq_ref.checkpoint`, `mbq_ref.baselines`,
 # `mbq_ref.generate`, `mbq_ref.tour` (`quantize_and_table`).
-# **Runtime:** about a minute on 2 CPU cores when chapter 3 has run before (its calibrations
-# are reused from `runs/cache/`, see `mbq_ref.cache`); run alone on a fresh checkout it
-# first calibrates (about two more minutes).
+# **Runtime:** on 2 idle CPU cores about 1.5 minutes when chapter 3 has run before (its
+# calibrations are reused from `runs/cache/`, see `mbq_ref.cache`); run alone on a fresh
+# checkout it first calibrates, about a minute more.
 #
 # Chapters 2 and 3 built the two halves of MoBiQuant: MoBiSlice stores every weight as
 # four nested 2-bit slices, and MoBiRoute decides, token by token, how many slices each
