@@ -524,12 +524,12 @@ for other in ("top-10% 3-bit outliers at 3-bit", "random 10% at 3-bit"):
 layer_name = rep.layers[-1]  # the last down_proj
 fig, ax = plt.subplots(figsize=(6.5, 3))
 for b in sorted(res.models):
-    g = res.models[b].get_submodule(layer_name).clip.factors()[1].flatten()
+    g = res.models[b].get_submodule(layer_name).clip.factors()[1].detach().flatten()
     ax.hist(g.numpy(), bins=40, histtype="step", label=f"calibrated at {b} bits (mean {g.mean():.3f})")
 ax.set(xlabel="σ(γ): kept fraction of the group maximum", ylabel="groups", title=layer_name)
 ax.legend(fontsize=8)
 plt.show()
-means = {b: float(torch.cat([f.flatten() for m in res.models[b].modules() if hasattr(m, "clip")
+means = {b: float(torch.cat([f.detach().flatten() for m in res.models[b].modules() if hasattr(m, "clip")
                              for f in m.clip.factors()]).mean()) for b in sorted(res.models)}  # fmt: skip
 print("mean learned factor over all layers and both ends:", {b: round(v, 4) for b, v in means.items()})
 worst6 = max(sorted(res.models), key=lambda bc: res.at(bc, 6))
