@@ -87,10 +87,15 @@ print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__, "| widths", 
 # on the finest (8-bit) grid as the integer `z_E = z_1 · 4^3`, so `z_1` itself may be a
 # fraction like 85/64 (section 2 shows why). Then
 #
-# * **base slice** (floor, mid-rise): `q_1 = clamp(⌊W/s + z_1⌋, 0, 3)`, `Ŵ_1 = s (q_1 − z_1 + ½)`;
-# * **residual slice e > 1**: the step shrinks by `2^{b_e}` (`s_e = s_{e−1} / 4`), the zero
-#   point is the fixed mid-code 2, and the slice quantizes what is left:
-#   `q_e = clamp(⌊(W − Ŵ_{e−1}) / s_e⌋ + 2, 0, 3)`, `Ŵ_e = Ŵ_{e−1} + s_e (q_e − 2 + ½)`.
+# * **base slice** (floor, mid-rise):
+#
+#   $$q_1 = \mathrm{clamp}\bigl(\lfloor W/s + z_1 \rfloor,\ 0,\ 3\bigr), \qquad \hat W_1 = s\,(q_1 - z_1 + \tfrac12);$$
+#
+# * **residual slice e > 1**: the step shrinks by $2^{b_e}$, the zero point is the fixed
+#   mid-code 2, and the slice quantizes what is left:
+#
+#   $$s_e = \frac{s_{e-1}}{4}, \qquad q_e = \mathrm{clamp}\Bigl(\Bigl\lfloor \frac{W - \hat W_{e-1}}{s_e} \Bigr\rfloor + 2,\ 0,\ 3\Bigr),
+#   \qquad \hat W_e = \hat W_{e-1} + s_e\,(q_e - 2 + \tfrac12).$$
 #
 # The `+½` puts each reconstruction in the middle of its cell, so the residual after slice
 # `e−1` lies in `[−s_{e−1}/2, s_{e−1}/2)` — exactly the interval the 4 cells of the next
