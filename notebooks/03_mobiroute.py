@@ -30,10 +30,12 @@
 #
 # What you will learn:
 #
-# 1. the router (Eq. 4), its **nested** binary masks and the straight-through surrogate we
-#    train them with (the paper's estimator was not recovered; ours is stated below);
+# 1. the router (Eq. 4), its **nested** binary masks, the straight-through surrogate we
+#    train them with (the paper's estimator was not recovered; ours is stated below) and the
+#    bit-budget loss, each written here in a few lines and checked against the package;
 # 2. `MoBiLinear`: the calibration-mode forward vs the inference forward that computes each
-#    residual slice only for the tokens routed to it;
+#    residual slice only for the tokens routed to it (Eq. 6 as gather / matmul / scatter,
+#    written here, checked against `sliced_matmul` and drawn for real tokens);
 # 3. the two-stage calibration of Alg. 1 on the bundled tiny Llama, with a bit-budget loss;
 # 4. what the router does: slices per token, bits per layer, and whether it picks the tokens
 #    that need precision;
