@@ -186,6 +186,13 @@ for d in BUNDLED:
         rows.append((d, "MoBiQuant", average_bits(mq), p))
     for b, m in lwc.items():
         rows.append((d, "LWC (per-bit)", float(b), ppl(m, d)))
+
+# %% [markdown]
+# The uncalibrated baselines on the same windows: RTN at each width (one checkpoint per
+# width) and MSB truncation of one 8-bit RTN code.
+
+# %%
+for d in BUNDLED:
     base = baseline_perplexities(model, test[d], methods=("rtn", "msb"), bits=(2, 3, 4, 6, 8), seqlen=SEQLEN,
                                  max_windows=MAX_WINDOWS)  # fmt: skip
     for meth, label in (("rtn", "RTN (per-bit)"), ("msb", "MSB truncation")):
