@@ -37,6 +37,7 @@
 # %%
 import json
 import math
+import os
 import time
 
 import matplotlib.pyplot as plt
@@ -49,6 +50,10 @@ from mbq_ref.paths import model_dir
 from mbq_ref.perplexity import perplexity
 from mbq_ref.zoo import load_model
 
+if "OMP_NUM_THREADS" not in os.environ:
+    # Small matrices: on a 2-core machine shared with other processes two intra-op threads
+    # were twice as slow as one for these perplexity runs. Set OMP_NUM_THREADS to override.
+    torch.set_num_threads(1)
 torch.manual_seed(0)
 T0 = time.time()
 print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__)

@@ -42,6 +42,7 @@
 # 5. what the **paper reports** for LLaMA models, for scale.
 
 # %%
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -68,6 +69,10 @@ from mbq_ref.mobiquant import (
 from mbq_ref.perplexity import perplexity
 from mbq_ref.zoo import load_model
 
+if "OMP_NUM_THREADS" not in os.environ:
+    # Small matrices: on a 2-core machine shared with other processes two intra-op threads
+    # were twice as slow as one for these perplexity runs. Set OMP_NUM_THREADS to override.
+    torch.set_num_threads(1)
 torch.manual_seed(0)
 hf_logging.disable_progress_bar()  # no "Loading weights" bar for every model we load
 T0 = time.time()
