@@ -114,7 +114,8 @@ def cached(name: str, key: dict, build: Callable[[Path], None], root: str | os.P
         build: fills an empty folder with the result files.
         root: cache folder (default :func:`cache_root`).
     Returns:
-        ``root/<name>-<digest>``; with ``MBQ_CACHE=0``, a fresh temporary build outside the cache.
+        ``root/<name>-<digest>``; with ``MBQ_CACHE=0``, a fresh build in ``root/.uncached-<name>``
+        (never read back as an entry).
     """
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"cache entry name must be a plain word, got {name!r}")
@@ -122,7 +123,7 @@ def cached(name: str, key: dict, build: Callable[[Path], None], root: str | os.P
     digest = _digest(full)
     root = Path(root) if root is not None else cache_root()
     if os.environ.get(CACHE_ENV) == "0":
-        tmp = root / f".uncached-{name}-{os.getpid()}"
+        tmp = root / f".uncached-{name}"  # one scratch folder per name, replaced by the next uncached build
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         build(tmp)
