@@ -39,7 +39,7 @@
 #    for 2 bits is bad for 8 bits;
 # 5. what calibrating the base slice (Alg. 1, Stage 1) does at each slice count.
 #
-# Runtime: about 2 minutes on 2 CPU cores.
+# Runtime: about a minute on 2 idle CPU cores.
 
 # %%
 import copy
@@ -87,10 +87,15 @@ print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__, "| widths", 
 # on the finest (8-bit) grid as the integer `z_E = z_1 · 4^3`, so `z_1` itself may be a
 # fraction like 85/64 (section 2 shows why). Then
 #
-# * **base slice** (floor, mid-rise): `q_1 = clamp(⌊W/s + z_1⌋, 0, 3)`, `Ŵ_1 = s (q_1 − z_1 + ½)`;
-# * **residual slice e > 1**: the step shrinks by `2^{b_e}` (`s_e = s_{e−1} / 4`), the zero
-#   point is the fixed mid-code 2, and the slice quantizes what is left:
-#   `q_e = clamp(⌊(W − Ŵ_{e−1}) / s_e⌋ + 2, 0, 3)`, `Ŵ_e = Ŵ_{e−1} + s_e (q_e − 2 + ½)`.
+# * **base slice** (floor, mid-rise):
+#
+#   $$q_1 = \mathrm{clamp}\bigl(\lfloor W/s + z_1 \rfloor,\ 0,\ 3\bigr), \qquad \hat W_1 = s\,(q_1 - z_1 + \tfrac12);$$
+#
+# * **residual slice e > 1**: the step shrinks by $2^{b_e}$, the zero point is the fixed
+#   mid-code 2, and the slice quantizes what is left:
+#
+#   $$s_e = \frac{s_{e-1}}{4}, \qquad q_e = \mathrm{clamp}\Bigl(\Bigl\lfloor \frac{W - \hat W_{e-1}}{s_e} \Bigr\rfloor + 2,\ 0,\ 3\Bigr),
+#   \qquad \hat W_e = \hat W_{e-1} + s_e\,(q_e - 2 + \tfrac12).$$
 #
 # The `+½` puts each reconstruction in the middle of its cell, so the residual after slice
 # `e−1` lies in `[−s_{e−1}/2, s_{e−1}/2)` — exactly the interval the 4 cells of the next
@@ -199,16 +204,18 @@ plt.show()
 
 # %% [markdown]
 # ## 2. The claims on the real model
-# The bundled tiny Llama (`data/tiny-llama`, see chapter 0) has 4 decoder layers with seven
-# projections each: 28 weight matrices, all with an input dimension that is a multiple of
-# the paper's group size 128. Embeddings and `lm_head` stay in full precision, as in the paper.
+# The bundled tiny Llama (`data/tiny-llama`, see chapter 0) has a few decoder layers with
+# seven projections each (q/k/v/o/gate/up/down; the counts are printed below), all with an
+# input dimension that is a multiple of the paper's group size 128. Embeddings and `lm_head`
+# stay in full precision, as in the paper.
 
 # %%
 model, tok = load_model("tiny-llama", with_tokenizer=True)
 linears = quantizable_linears(model)
 weights = {name: m.weight.detach() for name, m in linears.items()}
-GROUP = 128
-print(f"{len(weights)} projections, {sum(w.numel() for w in weights.values()) / 1e6:.2f}M quantized weights; "
+GROUP = MoBiConfig.tiny().group_size  # 128, App. C.1
+assert all(w.shape[1] % GROUP == 0 for w in weights.values())
+print(f"{model.config.num_hidden_layers} decoder layers, {len(weights)} projections, {sum(w.numel() for w in weights.values()) / 1e6:.2f}M quantized weights; "
       f"shapes {sorted({tuple(w.shape) for w in weights.values()})}")
 
 # %% [markdown]
@@ -245,7 +252,7 @@ assert all(r <= 1 + 1e-5 for r in worst), "error bound s_k/2 violated: some weig
 # on the **2-bit grid** instead: `s = (x_max − x_min) / 4`, `z_1 = round(−x_min / s)`. It is
 # still available as `zero_grid="base"`. Rounding `z_1` shifts the 4 base cells by up to half
 # a cell (`s/2 = range/8`), and whatever falls off one end of the group is clipped — at
-# *every* precision, since the residual codes saturate. Below, both rules on the same 28
+# *every* precision, since the residual codes saturate. Below, both rules on the same
 # matrices: the share of weights with `|W − Ŵ_8| > s_8/2` (clipped), the share of the 8-bit
 # squared error they carry, and the relative error `‖W − Ŵ‖_F / ‖W‖_F` (pooled over all
 # matrices) next to independent RTN at each width.
@@ -364,7 +371,7 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 styles = {"rtn": "o-", "msb": "s-", "mobislice": "^-", "msb (edge)": "s:", "msb (round)": "s--"}
 for m, row in mean_err.items():
     axes[0].semilogy(WIDTHS, [row[b] for b in WIDTHS], styles[m], label=m)
-axes[0].set(xlabel="bits per weight", ylabel="mean ‖W−Ŵ‖/‖W‖ over 28 layers", title="reconstruction error",
+axes[0].set(xlabel="bits per weight", ylabel=f"mean ‖W−Ŵ‖/‖W‖ over {len(weights)} layers", title="reconstruction error",
             xticks=WIDTHS)
 for m, row in ppl.items():
     axes[1].plot(WIDTHS, [row[b] for b in WIDTHS], styles[m], label=m)
@@ -543,10 +550,10 @@ sections = [
     "",
     generated_by(2),
     "",
-    f"Model `data/tiny-llama` (28 projections, {mem.n_weights:,} quantized weights), group size {GROUP}, "
+    f"Model `data/tiny-llama` ({len(weights)} projections, {mem.n_weights:,} quantized weights), group size {GROUP}, "
     f"slices {'/'.join(map(str, SLICES))}, torch {torch.__version__}.",
     "",
-    "## Relative reconstruction error ‖W − Ŵ‖_F / ‖W‖_F (mean over the 28 projections, uncalibrated)",
+    f"## Relative reconstruction error ‖W − Ŵ‖_F / ‖W‖_F (mean over the {len(weights)} projections, uncalibrated)",
     "",
     md_table(["method"] + bits_hdr, [[m] + [f"{mean_err[m][b]:.4f}" for b in WIDTHS] for m in mean_err]),
     "",
@@ -594,7 +601,7 @@ print(f"chapter ran in {time.time() - T0:.0f} s")
 # %% [markdown]
 # ## Summary
 # * MoBiSlice stores **one 8-bit code per weight** and **one scale/zero per group**; the
-#   first `k` 2-bit slices give a `2k`-bit weight by shift-and-add. Checked on all 28 layers:
+#   first `k` 2-bit slices give a `2k`-bit weight by shift-and-add. Checked on every layer:
 #   the `k−1`-slice code is the `k`-slice code shifted right (nesting), and inside the base
 #   range the error is at most `s_k/2`.
 # * One checkpoint instead of four separate 2/4/6/8-bit ones: 8 instead of 20 code bits per
@@ -622,3 +629,77 @@ print(f"chapter ran in {time.time() - T0:.0f} s")
 # 3. MSB truncation of an 8-bit RTN code and uncalibrated MoBiSlice are nearly the same grid
 #    at 2 bits. Work out, on paper, the exact difference between their 2-bit cell widths
 #    (`range · 64/255` vs `range/4`) and where each places its levels.
+#
+# ## Solutions
+#
+# Try the exercises first. All three run below in a few seconds, on the same matrices.
+#
+# **1. Widen the step instead.** Keep the 2-bit rule $z_1 = \mathrm{round}(-x_{min}/s_0)$ with
+# $s_0 = (x_{max} - x_{min})/4$, then grow $s$ until the four cells cover the group:
+# $s = \max\bigl(s_0,\ -x_{min}/z_1,\ x_{max}/(4 - z_1)\bigr)$ (with $z_1$ kept in 1..3).
+# No weight is clipped, but every cell is wider than needed.
+
+# %%
+def widened_scale_zero(w, group=GROUP):
+    """Per-group (s, z_E) of exercise 1: z_1 rounded on the 2-bit grid, s widened to cover [x_min, x_max]."""
+    wg = w.double().reshape(w.shape[0], -1, group)
+    xmin, xmax = wg.amin(-1), wg.amax(-1)  # [N, K/g]
+    s0 = (xmax - xmin) / 4
+    z1 = torch.round(-xmin / s0).clamp(1, 3)
+    s = torch.maximum(s0, torch.maximum(-xmin / z1, xmax / (4 - z1))) * (1 + 1e-9)
+    return s, z1 * 4**3  # the zero point on the 8-bit grid, as the package stores it
+
+
+num, den = dict.fromkeys(WIDTHS, 0.0), 0.0
+for w in weights.values():
+    s_w, z_w = widened_scale_zero(w)
+    q = slice_codes(w.double(), s_w, z_w, SLICES, GROUP)
+    for k, b in enumerate(WIDTHS, start=1):
+        num[b] += float(((w.double() - dequant_codes(q, s_w, z_w, SLICES, k, GROUP, torch.float64)) ** 2).sum())
+    den += float((w.double() ** 2).sum())
+widened = {b: (num[b] / den) ** 0.5 for b in WIDTHS}
+print("pooled relative error  " + "  ".join(f"{b:>7d}b" for b in WIDTHS))
+for label, err in (("finest grid", rules["finest"]["err"]), ("2-bit grid (clips)", rules["base"]["err"]),
+                   ("2-bit grid, widened", widened)):  # fmt: skip
+    print(f"{label:22s}" + "  ".join(f"{err[b]:8.4f}" for b in WIDTHS))
+
+# %% [markdown]
+# Compare the rows: widening removes the clipped weights, so the 8-bit error no longer has
+# the floor of the clipping rule, but every step is larger than the finest rule's, which
+# costs at every width; the finest grid gets both (no clipping, the smallest step that
+# covers the range up to one 8-bit step).
+#
+# **2. Other slicings.** The widths are the cumulative sums: `(4, 4)` serves 4 and 8 bits,
+# `(2, 3, 3)` serves 2, 5 and 8. At 8 bits all three store the same 8-bit floor code
+# of the same range, so their 8-bit errors agree:
+
+# %%
+for sb in ((2, 2, 2, 2), (4, 4), (2, 3, 3)):
+    widths = cumulative_bits(sb)
+    e = {b: 0.0 for b in widths}
+    for w in weights.values():
+        sw = SlicedWeight.from_float(w, sb, GROUP)
+        for k, b in enumerate(widths, start=1):
+            e[b] += float(((w.double() - sw.dequant(k, torch.float64)) ** 2).sum())
+    den = sum(float((w.double() ** 2).sum()) for w in weights.values())
+    print(f"slices {str(sb):13s} widths {widths}: pooled error " + ", ".join(f"{b}b {(v / den) ** 0.5:.4f}" for b, v in e.items()))
+
+# %% [markdown]
+# **3. MSB truncation vs MoBiSlice at 2 bits.** With the zero point on the finest grid both
+# 2-bit cells are 64 fine steps wide, $64\, s_8 = 64\cdot\mathrm{range}/255$ (MoBiSlice's
+# $s = 4^3 s_8$); the `range/4` of the exercise is the old 2-bit-grid rule, narrower by
+# $\mathrm{range}\,(64/255 - 1/4) = \mathrm{range}/1020$, a quarter of a fine step. What
+# differs is *where* the cells sit: RTN rounds, so fine code $q$ covers
+# $[(q - \tfrac12) s_8, (q + \tfrac12) s_8)$ around $x_{min}$ and the truncated cells start half a
+# fine step lower than MoBiSlice's floor cells (whose zero point is also rounded up, $\lceil\cdot\rceil$,
+# instead of to nearest). Both read back at the centre of their cell. Checked on one group:
+
+# %%
+w_g = next(iter(weights.values()))[:1, :GROUP]  # one group of one row
+lv_msb = baseline_weights(w_g, "msb", (2,), GROUP)[2].double().unique()
+lv_mbs = SlicedWeight.from_float(w_g, SLICES, GROUP).dequant(1, torch.float64).unique()
+s8 = float(w_g.max() - w_g.min()) / 255
+print(f"fine step s_8 = {s8:.3e}; level spacing / s_8: msb {(lv_msb.diff() / s8).tolist()}, "
+      f"mobislice {(lv_mbs.diff() / s8).tolist()}")
+print(f"offset of the lowest levels (msb - mobislice) / s_8: {float(lv_msb[0] - lv_mbs[0]) / s8:+.3f}")
+

@@ -20,9 +20,10 @@
 # **Paper:** MoBiQuant (arXiv 2602.20191), Sec. 4.2 ("runtime precision switching"),
 # Sec. 5 (Table 1, Fig. 1, §5.3). **Package:** `mbq_ref.thresholds` (`threshold_table`, the
 # package's one threshold controller), `mbq_ref.checkpoint`, `mbq_ref.baselines`,
-# `mbq_ref.generate`, `mbq_ref.tour` (`quantize_and_table`).
-# **Runtime:** about 2–3 minutes on 2 CPU cores the first time (it calibrates and saves
-# to `runs/ch04/`), well under a minute afterwards.
+# `mbq_ref.generate`, `mbq_ref.cache`.
+# **Runtime:** on 2 idle CPU cores about 1.5 minutes when chapter 3 has run before (its
+# calibrations are reused from `runs/cache/`, see `mbq_ref.cache`); run alone on a fresh
+# checkout it first calibrates, about a minute more.
 #
 # Chapters 2 and 3 built the two halves of MoBiQuant: MoBiSlice stores every weight as
 # four nested 2-bit slices, and MoBiRoute decides, token by token, how many slices each
@@ -41,7 +42,9 @@
 # 5. what the **paper reports** for LLaMA models, for scale.
 
 # %%
+import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -50,34 +53,32 @@ from transformers.utils import logging as hf_logging
 
 import mbq_ref
 from mbq_ref.baselines import baseline_perplexities
-from mbq_ref.calibrate import CalibConfig, calibrate_static
-from mbq_ref.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_static_checkpoint,
-    save_checkpoint,
-    save_static_checkpoint,
-)
+from mbq_ref.cache import cached, cached_mobiquant, cached_static, model_key, tensor_sha256
+from mbq_ref.checkpoint import load_checkpoint, load_static_checkpoint, save_checkpoint, save_static_checkpoint
 from mbq_ref.data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from mbq_ref.generate import generate, parse_schedule
-from mbq_ref.mobiquant import MoBiConfig, average_bits, mobi_layers, reset_bit_stats
+from mbq_ref.mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats
 from mbq_ref.perplexity import perplexity
-from mbq_ref.tour import quantize_and_table
+from mbq_ref.thresholds import calibrate_threshold, threshold_table
 from mbq_ref.zoo import load_model
 
+if "OMP_NUM_THREADS" not in os.environ:
+    # Small matrices: on a 2-core machine shared with other processes two intra-op threads
+    # were twice as slow as one for these perplexity runs. Set OMP_NUM_THREADS to override.
+    torch.set_num_threads(1)
 torch.manual_seed(0)
 hf_logging.disable_progress_bar()  # no "Loading weights" bar for every model we load
 T0 = time.time()
 SEQLEN, MAX_WINDOWS = 256, 8  # evaluation windows: the first 8 x 256 tokens of each test split
 ROOT = Path(mbq_ref.__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "ch04"  # this chapter's cache (git-ignored)
 print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__, "| threads", torch.get_num_threads())
 
 # %%
 model, tok = load_model("tiny-llama", with_tokenizer=True)
 test = {d: tokenize_corpus(tok, load_corpus(d, "test")) for d in BUNDLED}
 cfg = MoBiConfig.tiny()
-train = tokenize_corpus(tok, load_corpus(cfg.calib.dataset, "train"))
+# the windows of chapter 3 (drawn from the first 400k characters of the training split)
+train = tokenize_corpus(tok, load_corpus(cfg.calib.dataset, "train")[:400_000])
 calib = calibration_windows(train, cfg.calib.nsamples, cfg.calib.seqlen, seed=cfg.calib.seed)
 
 
@@ -91,72 +92,78 @@ print("calibration:", cfg.calib.dataset, tuple(calib.shape), "| FP perplexity:",
 # %% [markdown]
 # ## 1. One MoBiQuant checkpoint
 #
-# `quantize_and_table` runs the two-stage calibration of Alg. 1 (`MoBiConfig.tiny()`: 32
-# windows of 256 `austen` tokens) and then builds the **threshold table** with
-# `mbq_ref.thresholds.threshold_table` (default mode, global): for each target average
-# bit-width 2.0, 2.5, …, 8.0 it searches the one global threshold τ whose *measured* average
-# bits on calibration windows hits the target (each probe is a forward pass: routing in early
-# layers changes what later layers see), and stores the bits it measured. `save_checkpoint` writes
-# everything — slice codes, scales, zeros, routers, the table, embeddings and tokenizer —
-# into one safetensors file. We calibrate once and reuse the file on later runs.
+# The calibrated model is chapter 3's: the two-stage calibration of Alg. 1
+# (`MoBiConfig.tiny()`: 32 windows of 256 `austen` tokens), taken from `runs/cache/` when
+# chapter 3 (or an earlier run of this one) made it with the same code, model, windows and
+# settings (`mbq_ref.cache.cached_mobiquant`), and calibrated now otherwise. We then build
+# the **threshold table** with `mbq_ref.thresholds.threshold_table` (default mode, global):
+# for each target average bit-width $b^*$ it searches the one global threshold whose
+# *measured* average bits on 4 calibration windows hits the target,
+#
+# $$\tau(b^*) = \arg\min_\tau \bigl|\,\bar b(\tau) - b^*\bigr|, \qquad
+#   \bar b(\tau) = \frac{\sum_\ell N_\ell K_\ell\, \bar b_\ell(\tau)}{\sum_\ell N_\ell K_\ell},$$
+#
+# (each probe is a forward pass: routing in early layers changes what later layers see), and
+# stores the bits it measured. `save_checkpoint` writes everything — slice codes, scales,
+# zeros, routers, the table, embeddings and tokenizer — into one safetensors file, kept in
+# the cache too.
 
 # %%
-CKPT = RUNS / "mobiquant.safetensors"
-TOUR = ROOT / "runs" / "tour"  # `mbq tour` calibrates with the same settings; reuse its files when present
-TARGETS = [2.0 + 0.5 * i for i in range(13)]
+SWEEP = [2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0]  # the bit-widths this chapter evaluates
+TABLE_WINDOWS = 4  # calibration windows the threshold table measures bits on
 
 
-def mobiquant_checkpoint() -> Path:
-    """A valid checkpoint made with these settings: ours, the tour's, or a fresh calibration."""
-    for path in (CKPT, TOUR / "mobiquant.safetensors"):
-        try:
-            ck = load_checkpoint(path, expect_model=model, with_tokenizer=False)
-        except CheckpointError:
-            continue  # missing, damaged or made for another model
-        if ck.meta["calibration"]["config"]["calib"] == vars(cfg.calib) and ck.meta["thresholds"]["targets"] == TARGETS:
-            return path
-    t0 = time.time()
-    m = load_model("tiny-llama")
-    res = quantize_and_table(m, calib, cfg, TARGETS, threshold_windows=4, progress=False)
-    meta = {"base_model": "tiny-llama", "calibration": res["calibration"], "results": res["results"]}
-    save_checkpoint(m, CKPT, meta, tokenizer=tok, thresholds=res["thresholds"])
-    print(f"calibrated and saved in {time.time() - t0:.0f} s")
-    return CKPT
+def build_checkpoint(folder: Path) -> None:
+    """Chapter 3's calibrated model, its threshold table for SWEEP, saved as one MoBiQuant checkpoint."""
+    m, log = cached_mobiquant("tiny-llama", calib, cfg)
+    t0 = time.perf_counter()
+    table = threshold_table(m, calib[:TABLE_WINDOWS], SWEEP)
+    meta = {
+        "base_model": "tiny-llama",
+        "calibration": {"config": log["config"], "nsamples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
+                        "threshold_windows": TABLE_WINDOWS},
+        "results": {"calibration_seconds": round(log["seconds"], 2),
+                    "threshold_table_seconds": round(time.perf_counter() - t0, 2)},
+    }  # fmt: skip
+    save_checkpoint(m, folder / "mobiquant.safetensors", meta, tokenizer=tok, thresholds=table)
 
 
-ck = load_checkpoint(mobiquant_checkpoint(), expect_model="tiny-llama")
+key = {**model_key("tiny-llama"), "calib_ids": tensor_sha256(calib), "config": asdict(cfg), "targets": SWEEP,
+       "table_windows": TABLE_WINDOWS}  # fmt: skip
+ck = load_checkpoint(cached("ch4-checkpoint", key, build_checkpoint) / "mobiquant.safetensors", expect_model="tiny-llama")
 mq = ck.model
-print(f"{ck.path.relative_to(ROOT)}: {ck.path.stat().st_size / 2**20:.2f} MiB, {len(mobi_layers(mq))} MoBiLinear layers, "
-      f"threshold table {ck.table.targets.tolist()}")
+torch.manual_seed(0)  # the same random state whether the checkpoint was built now or read from the cache
+print(f"{ck.path.name}: {ck.path.stat().st_size / 2**20:.2f} MiB, {len(mobi_layers(mq))} MoBiLinear layers, "
+      f"threshold table {ck.table.targets.tolist()}; calibrated in {ck.meta['results']['calibration_seconds']:.0f} s")  # fmt: skip
 
 # %% [markdown]
 # ## 2. Static per-bit baselines
 #
 # The static alternative calibrates OmniQuant's learnable weight clipping (LWC) **once per
 # width** — the paper's "bit-specific calibrated PTQ" — and ships one checkpoint per width.
-# We calibrate at 2, 3 and 4 bits with the same calibration windows and epochs as MoBiQuant,
-# and save each as a static checkpoint with bit-plane codes (`save_static_checkpoint`).
-# RTN (round-to-nearest, no calibration) and MSB truncation of one 8-bit RTN code
-# (`mbq_ref.baselines`) need no calibration.
+# We calibrate at 2, 3 and 4 bits with the **same calibration settings as MoBiQuant**
+# (`cfg.calib`: the same windows, epochs, batch and learning rate per stage, and the same
+# group size; chapter 3's models, from the same cache), and save each as a static checkpoint
+# with bit-packed codes (`save_static_checkpoint`). RTN (round-to-nearest, no calibration)
+# and MSB truncation of one 8-bit RTN code (`mbq_ref.baselines`) need no calibration.
 
 # %%
 STATIC_BITS = (2, 3, 4)
 
 
-def static_checkpoint(bits: int) -> Path:
-    """A valid LWC checkpoint at ``bits`` with these calibration settings: ours, the tour's, or a fresh one."""
-    for path in (RUNS / f"lwc_w{bits}.safetensors", TOUR / "per_bit" / f"lwc_w{bits}.safetensors"):
-        try:
-            if load_static_checkpoint(path, expect_model=model).meta["extra"].get("calib") == vars(cfg.calib):
-                return path
-        except CheckpointError:
-            continue
-    m, _ = calibrate_static(load_model("tiny-llama"), calib, bits, CalibConfig.tiny(), group_size=128, progress=False)
-    return save_static_checkpoint(m, RUNS / f"lwc_w{bits}.safetensors", {"base_model": "tiny-llama", "calib": vars(cfg.calib)})
+def static_file(bits: int) -> Path:
+    """LWC at ``bits`` with MoBiQuant's calibration settings, saved as a static checkpoint (cached)."""
+
+    def build(folder: Path) -> None:
+        m = cached_static("tiny-llama", calib, bits, cfg.calib, cfg.group_size)
+        save_static_checkpoint(m, folder / f"lwc_w{bits}.safetensors", {"base_model": "tiny-llama", "calib": vars(cfg.calib)})
+
+    k = {**model_key("tiny-llama"), "calib_ids": tensor_sha256(calib), "config": asdict(cfg.calib), "group_size": cfg.group_size}
+    return cached(f"ch4-lwc-w{bits}", k, build) / f"lwc_w{bits}.safetensors"
 
 
-lwc_files = {b: static_checkpoint(b) for b in STATIC_BITS}
-lwc = {b: load_static_checkpoint(p).model for b, p in lwc_files.items()}
+lwc_files = {b: static_file(b) for b in STATIC_BITS}
+lwc = {b: load_static_checkpoint(p, expect_model=model).model for b, p in lwc_files.items()}
 print({b: f"{p.stat().st_size / 2**20:.2f} MiB" for b, p in lwc_files.items()})
 
 # %% [markdown]
@@ -168,7 +175,6 @@ print({b: f"{p.stat().st_size / 2**20:.2f} MiB" for b, p in lwc_files.items()})
 # especially on `bible` and `shakespeare`, which the routers never saw.
 
 # %%
-SWEEP = [2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0]
 rows = []  # (domain, method, bits, ppl)
 for d in BUNDLED:
     for b in SWEEP:
@@ -178,6 +184,13 @@ for d in BUNDLED:
         rows.append((d, "MoBiQuant", average_bits(mq), p))
     for b, m in lwc.items():
         rows.append((d, "LWC (per-bit)", float(b), ppl(m, d)))
+
+# %% [markdown]
+# The uncalibrated baselines on the same windows: RTN at each width (one checkpoint per
+# width) and MSB truncation of one 8-bit RTN code.
+
+# %%
+for d in BUNDLED:
     base = baseline_perplexities(model, test[d], methods=("rtn", "msb"), bits=(2, 3, 4, 6, 8), seqlen=SEQLEN,
                                  max_windows=MAX_WINDOWS)  # fmt: skip
     for meth, label in (("rtn", "RTN (per-bit)"), ("msb", "MSB truncation")):
@@ -291,12 +304,17 @@ for b, (nbytes, secs) in reload.items():
 mobi_bytes = ck.path.stat().st_size
 print(f"storage: one MoBiQuant file {mobi_bytes:,} bytes (every width 2..8) vs 2+3+4-bit static files "
       f"{sum(v[0] for v in reload.values()):,} bytes (three widths)")
+emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+fp_floats = emb.numel() + (0 if head.data_ptr() == emb.data_ptr() else head.numel())  # tied weights count once
+q_weights = sum(m.in_features * m.out_features for m in mobi_layers(mq).values())
+print(f"of which full precision in every file: embeddings + lm_head, {fp_floats // emb.shape[1]:,} x {emb.shape[1]} "
+      f"= {fp_floats:,} floats ({4 * fp_floats:,} bytes), against {q_weights:,} quantized weights")
 assert all(switch_s < secs / 10 for _, secs in reload.values())
 
 # %% [markdown]
-# (Both file sizes include the full-precision embeddings and `lm_head`, 2 × 8192 × 256
-# floats, which dominate a model this small; in a 7B model the quantized layers dominate and
-# one 8-bit nested file is smaller than the 2+3+4+6+8-bit set of static files.)
+# (Both file sizes include the full-precision embeddings and `lm_head` counted above, which
+# dominate a model this small; in a 7B model the quantized layers dominate and one 8-bit
+# nested file is smaller than the 2+3+4+6+8-bit set of static files.)
 #
 # ## 5. Generated text at 2, 4 and 8 bits
 #
@@ -378,4 +396,71 @@ print(f"chapter ran in {time.time() - T0:.0f} s")
 # 2. Calibrate on `bible` instead of `austen` (`cfg.calib.dataset = "bible"`) and redo the
 #    three-domain plot. Is the drift of the measured bits symmetric?
 # 3. Time `ck.set_bits` against `load_static_checkpoint` on a bigger random Llama
-#    (`helpers.random_llama(hidden=1024, layers=8)`). How do the two costs scale?
+#    (`mbq_ref.zoo.random_llama(hidden=1024, layers=8)`). How do the two costs scale?
+#
+# ## Solutions
+#
+# Try the exercises first. Solution 1 runs below for three budgets on `austen` (a few
+# seconds each); 2 recalibrates and 3 builds a larger model, so they are left as code.
+#
+# **1. One threshold per layer.** The per-layer controller gives every layer the same mean
+# bits on the calibration windows; the global table's single τ lets the routers' score
+# scales decide how the bits are spread over the layers:
+
+# %%
+per_layer_rows = []
+for b in (2.5, 3.0, 4.0):
+    ck.set_bits(b)  # the table's global tau
+    reset_bit_stats(mq)
+    p_glob = ppl(mq, "austen")
+    bits_glob, lb_glob = average_bits(mq), layer_bits(mq)
+    calibrate_threshold(mq, calib[:TABLE_WINDOWS], b, mode="per_layer")
+    reset_bit_stats(mq)
+    p_pl = ppl(mq, "austen")
+    per_layer_rows.append((b, bits_glob, p_glob, average_bits(mq), p_pl))
+    spread = max(lb_glob.values()) - min(lb_glob.values())
+    top = max(lb_glob, key=lb_glob.get)
+    print(f"{b:.1f} bits | global tau: {bits_glob:.2f} bits, PPL {p_glob:.2f} (layers from {min(lb_glob.values()):.2f} "
+          f"to {max(lb_glob.values()):.2f} bits, most in {top}) | per-layer tau: {average_bits(mq):.2f} bits, "
+          f"PPL {p_pl:.2f}")  # fmt: skip
+ck.set_bits(4.0)
+
+# %% [markdown]
+# The printed spread is what a global τ does with the layers (on the test windows); the
+# perplexities on the same windows say whether evening it out helps. With only 8 windows,
+# differences of a few tenths are within window-to-window noise (chapter 3 states this
+# comparison with paired standard errors).
+#
+# **2. Calibrate on `bible`.**
+#
+# ```python
+# from dataclasses import replace
+# cfg_b = replace(cfg, calib=replace(cfg.calib, dataset="bible"))
+# train_b = tokenize_corpus(tok, load_corpus("bible", "train")[:400_000])
+# calib_b = calibration_windows(train_b, cfg_b.calib.nsamples, cfg_b.calib.seqlen, seed=cfg_b.calib.seed)
+# mq_b, _ = cached_mobiquant("tiny-llama", calib_b, cfg_b)
+# table_b = threshold_table(mq_b, calib_b[:TABLE_WINDOWS], SWEEP)
+# # then the loop of Section 3 with set_threshold(mq_b, table_b[b]["logits"], logit=True)
+# ```
+#
+# Compare the measured bits per domain with Section 3's: the routers react to how familiar
+# the text is, so there is no reason for the drift to be symmetric; the measured bits decide.
+#
+# **3. Switching cost at scale.** `ck.set_bits` writes one float per quantized layer, so its
+# cost grows with the number of layers only; loading a static checkpoint reads every packed
+# weight, so it grows with the number of weights:
+#
+# ```python
+# from dataclasses import replace
+# from mbq_ref.mobiquant import quantize_mobiquant
+# from mbq_ref.zoo import random_llama
+# big = random_llama(hidden=1024, layers=8, vocab=1024)
+# ids = torch.randint(0, 1024, (8, 128))
+# quantize_mobiquant(big, ids, replace(cfg, calib=replace(cfg.calib, nsamples=8, seqlen=128, epochs=1)))
+# save_checkpoint(big, "runs/big.safetensors", {"base_model": "random"}, thresholds=threshold_table(big, ids[:2], [2.0, 8.0]))
+# # time load_checkpoint(...).set_bits(2.0) against load_static_checkpoint of a calibrate_static copy
+# ```
+#
+# Doubling `hidden` multiplies the weights per layer by four and leaves the layer count
+# alone: the reload time should grow about fourfold, `set_bits` not at all.
+

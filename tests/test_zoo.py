@@ -103,3 +103,19 @@ def test_bundled_model_is_quantization_sensitive(tiny_llama):
         set_bits(rtn, b)
         cost[b] = ppl(rtn) / fp - 1
     assert cost[2] >= 0.40 and cost[3] >= 0.05, f"RTN costs only {cost[2]:+.1%} (2 bits), {cost[3]:+.1%} (3 bits) over FP {fp:.2f}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_random_llama_is_seeded(arch):
+    from mbq_ref.zoo import random_llama
+
+    a, b = random_llama(arch, hidden=64, layers=1, vocab=32, seed=3), random_llama(arch, hidden=64, layers=1, vocab=32, seed=3)
+    assert a.config.num_hidden_layers == 1 and a.config.hidden_size == 64
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_random_llama_unknown_architecture():
+    from mbq_ref.zoo import random_llama
+
+    with pytest.raises(ValueError, match="unknown architecture"):
+        random_llama("gpt2")
