@@ -139,7 +139,7 @@ class MoBiConfig:
             raise MoBiError(f"train_bits has no value for layer {missing[0]!r} ({len(missing)} missing)")
         unknown = sorted(set(per) - set(names))
         if unknown:
-            raise MoBiError(f"train_bits names {unknown[0]!r}, which is not a quantized layer ({len(unknown)} unknown)")
+            raise MoBiError(f"train_bits names {unknown[0]!r}, not a quantized layer ({len(unknown)} unknown)")
         lo, hi = sum(self.slice_bits[:1]), sum(self.slice_bits)
         for n in names:
             b = per[n]

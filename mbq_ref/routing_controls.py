@@ -152,7 +152,9 @@ def static_mix(model: nn.Module, errors: dict[str, torch.Tensor], target_bits: f
     return k
 
 
-def mix_train_bits(model: nn.Module, mix: dict[str, int], target_bits: float, margin: float = 0.25) -> dict[str, float]:
+def mix_train_bits(
+    model: nn.Module, mix: dict[str, int], target_bits: float, margin: float = 0.25
+) -> dict[str, float]:
     """Per-layer ``train_bits`` from a static mix's allocation (for ``MoBiConfig(train_bits=...)``).
 
     The mix's width of layer ``l``, ``B_{k_l}``, is clamped into ``[B_1 + margin, B_E - margin]``

@@ -101,13 +101,14 @@ def test_roundtrip_tensors_and_metadata(quantized, saved):
 
 
 def test_per_layer_train_bits_roundtrip(tmp_path):
-    """A model trained with train_bits = {layer: bits}: its config is stored as JSON and read back, routing unchanged."""
+    """train_bits = {layer: bits}: the config is stored as JSON and read back, routing unchanged."""
     torch.manual_seed(0)
     model = random_llama("llama", layers=1)
     per = {n: 2.5 + 0.5 * i for i, n in enumerate(quantizable_linears(model))}
     calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     log = quantize_mobiquant(model, calib, replace(TINY, train_bits=per), progress=False)
-    path = save_checkpoint(model, tmp_path / "per.safetensors", {"base_model": "random", "calibration": {"config": log["config"]}})
+    meta = {"base_model": "random", "calibration": {"config": log["config"]}}
+    path = save_checkpoint(model, tmp_path / "per.safetensors", meta)
     ck = load_checkpoint(path, with_tokenizer=False)
     assert ck.meta["calibration"]["config"]["train_bits"] == per
     assert ck.meta["calibration"]["config"] == json.loads(json.dumps(log["config"]))

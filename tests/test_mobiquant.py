@@ -269,7 +269,7 @@ def test_per_layer_train_bits(fp_model):
     [
         (lambda names: {n: 3.0 for n in names[1:]}, "no value for layer 'model.layers.0.self_attn.q_proj'"),
         (lambda names: {**dict.fromkeys(names, 3.0), "model.layers.9.mlp.up_proj": 3.0}, "not a quantized layer"),
-        (lambda names: {**dict.fromkeys(names, 3.0), names[2]: 8.5}, "'model.layers.0.self_attn.v_proj' is 8.5, outside"),
+        (lambda names: {**dict.fromkeys(names, 3.0), names[2]: 8.5}, "'model.layers.0.self_attn.v_proj' is 8.5, out"),
         (lambda names: {**dict.fromkeys(names, 3.0), names[2]: "3"}, "outside the readable"),
         (lambda names: 1.5, "outside the readable 2..8"),
     ],
