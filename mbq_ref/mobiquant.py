@@ -60,7 +60,10 @@ class MoBiConfig:
         slice_bits: bits per slice (App. C.1: ``2 2 2 2`` -> 2/4/6/8-bit readings).
         group_size: weights per (scale, zero) group (128).
         router_hidden: hidden width of each layer's router MLP (not recovered; ours).
-        train_bits: mean bits the budget loss aims at in the joint stage (every layer, Sec. 5.3).
+        train_bits: mean bits the budget loss aims at in the joint stage: one number for every
+            layer (Sec. 5.3), or ``{layer path: bits}`` with one entry per quantized layer (our
+            extension: a between-layer allocation fixed at training time, e.g.
+            :func:`mbq_ref.routing_controls.mix_train_bits`); checked by :meth:`layer_train_bits`.
         budget_weight: ``λ`` after warm-up (dimensionless, see :mod:`mbq_ref.mobiroute`).
         budget_warmup: share of the joint stage's steps over which ``λ`` ramps up from 0.
         router_lr: AdamW learning rate of the routers (parameter group ``"router"``).
@@ -87,7 +90,7 @@ class MoBiConfig:
     slice_bits: tuple[int, ...] = (2, 2, 2, 2)
     group_size: int | None = 128
     router_hidden: int = 64
-    train_bits: float = 3.0
+    train_bits: float | dict[str, float] = 3.0
     budget_weight: float = 1.0
     budget_warmup: float = 0.25
     router_lr: float = 1e-3
@@ -121,6 +124,28 @@ class MoBiConfig:
         ended at 3.27 bits for a 3.0 budget, 1e-2 at 3.10, no saturated score in either).
         """
         return cls(router_lr=1e-2, calib=replace(CalibConfig.tiny(), epochs=2))
+
+    def layer_train_bits(self, names) -> dict[str, float]:
+        """``train_bits`` of every layer in ``names``, checked: one value each, within ``B_1..B_E``.
+
+        Raises:
+            MoBiError: a layer without a value, a value for no such layer, or a value
+                outside the readable range of :attr:`slice_bits` (one line naming it).
+        """
+        names = list(names)
+        per = self.train_bits if isinstance(self.train_bits, dict) else dict.fromkeys(names, self.train_bits)
+        missing = [n for n in names if n not in per]
+        if missing:
+            raise MoBiError(f"train_bits has no value for layer {missing[0]!r} ({len(missing)} missing)")
+        unknown = sorted(set(per) - set(names))
+        if unknown:
+            raise MoBiError(f"train_bits names {unknown[0]!r}, not a quantized layer ({len(unknown)} unknown)")
+        lo, hi = sum(self.slice_bits[:1]), sum(self.slice_bits)
+        for n in names:
+            b = per[n]
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not lo <= b <= hi:
+                raise MoBiError(f"train_bits of layer {n!r} is {b!r}, outside the readable {lo}..{hi} bits")
+        return {n: float(per[n]) for n in names}
 
 
 def mobi_layers(model: nn.Module) -> dict[str, RoutedSlices]:
@@ -165,11 +190,13 @@ def quantize_mobiquant(
     calib = replace(cfg.calib, lrs={**cfg.calib.lrs, "router": cfg.router_lr})
     steps = calib.epochs * math.ceil(len(calib_ids) / calib.batch_size)  # optimizer steps per block and stage
     torch.manual_seed(calib.seed)  # router initialisation: same seed, same model
-    for name, mod in quantizable_linears(model).items():
+    linears = quantizable_linears(model)
+    targets = cfg.layer_train_bits(linears)  # before any layer is swapped
+    for name, mod in linears.items():
         if not isinstance(mod, nn.Linear):
             raise MoBiError(f"{name} is a {type(mod).__name__}, expected nn.Linear; load a fresh full-precision model")
-        budget = RouterBudget(  # one per layer: it holds that layer's multiplier and error scale
-            cfg.train_bits, cfg.budget_weight, round(cfg.budget_warmup * steps), cfg.budget_dual_step,
+        budget = RouterBudget(  # one per layer: it holds that layer's multiplier, error scale and target
+            targets[name], cfg.budget_weight, round(cfg.budget_warmup * steps), cfg.budget_dual_step,
             cfg.budget_offset_step,
         )  # fmt: skip
         layer = MoBiLinear(

@@ -44,6 +44,7 @@ __all__ = [
     "CONTROLS",
     "compare_controls",
     "layer_errors",
+    "mix_train_bits",
     "oracle_routing",
     "paired_delta",
     "plot_controls",
@@ -149,6 +150,48 @@ def static_mix(model: nn.Module, errors: dict[str, torch.Tensor], target_bits: f
         bits += sizes[best] * (cum[best][k[best]] - cum[best][k[best] - 1]) / total
         k[best] += 1
     return k
+
+
+def mix_train_bits(
+    model: nn.Module, mix: dict[str, int], target_bits: float, margin: float = 0.25
+) -> dict[str, float]:
+    """Per-layer ``train_bits`` from a static mix's allocation (for ``MoBiConfig(train_bits=...)``).
+
+    The mix's width of layer ``l``, ``B_{k_l}``, is clamped into ``[B_1 + margin, B_E - margin]``
+    (a router trained at ``B_1`` or ``B_E`` would have nothing left to route), and one
+    constant ``c`` is added to every layer before clamping, ``b_l = clip(B_{k_l} + c)``, with
+    ``c`` found by bisection so that the weight-count-weighted average is exactly
+    ``target_bits`` (the mix itself may sit below its target: whole layers are coarse).
+
+    Args:
+        model: a MoBiQuant model (its layers give sizes and slice widths).
+        mix: :func:`static_mix` output ``{layer path: k}``.
+        target_bits: the average the budgets must keep.
+        margin: bits kept from either end of the readable range.
+    Returns:
+        ``{layer path: bits}``.
+    """
+    layers = mobi_layers(model)
+    sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
+    cum = {n: cumulative_bits(m.slice_bits) for n, m in layers.items()}
+    lo = {n: cum[n][0] + margin for n in layers}
+    hi = {n: cum[n][-1] - margin for n in layers}
+    if not all(lo[n] <= target_bits <= hi[n] for n in layers):
+        raise MBQError(f"target {target_bits} bits is outside the trainable range with margin {margin}")
+    width = {n: float(cum[n][mix[n] - 1]) for n in layers}
+
+    def avg(c: float) -> tuple[float, dict[str, float]]:
+        b = {n: min(max(width[n] + c, lo[n]), hi[n]) for n in layers}
+        return sum(sizes[n] * b[n] for n in layers) / sum(sizes.values()), b
+
+    a, z = -max(cum[n][-1] for n in layers), max(cum[n][-1] for n in layers)  # avg(a) = min, avg(z) = max
+    for _ in range(100):  # avg is continuous and non-decreasing in c
+        mid = 0.5 * (a + z)
+        if avg(mid)[0] < target_bits:
+            a = mid
+        else:
+            z = mid
+    return avg(0.5 * (a + z))[1]
 
 
 def paired_delta(nll: list[float], ref: list[float]) -> tuple[float, float]:

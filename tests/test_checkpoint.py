@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from mbq_ref.checkpoint import (
     save_checkpoint,
 )
 from mbq_ref.errors import MBQError
+from mbq_ref.fakequant import quantizable_linears
 from mbq_ref.mobiquant import MoBiConfig, mobi_layers, quantize_mobiquant, set_slices
 
 TINY = MoBiConfig(calib=CalibConfig(nsamples=2, seqlen=32, epochs=1, batch_size=2, dataset="random"))
@@ -96,6 +98,21 @@ def test_roundtrip_tensors_and_metadata(quantized, saved):
     assert meta["results"] == {"ppl": 12.5}
     assert meta["thresholds"]["targets"] == [2.0, 5.0, 8.0]
     assert read_metadata(saved) == meta
+
+
+def test_per_layer_train_bits_roundtrip(tmp_path):
+    """train_bits = {layer: bits}: the config is stored as JSON and read back, routing unchanged."""
+    torch.manual_seed(0)
+    model = random_llama("llama", layers=1)
+    per = {n: 2.5 + 0.5 * i for i, n in enumerate(quantizable_linears(model))}
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    log = quantize_mobiquant(model, calib, replace(TINY, train_bits=per), progress=False)
+    meta = {"base_model": "random", "calibration": {"config": log["config"]}}
+    path = save_checkpoint(model, tmp_path / "per.safetensors", meta)
+    ck = load_checkpoint(path, with_tokenizer=False)
+    assert ck.meta["calibration"]["config"]["train_bits"] == per
+    assert ck.meta["calibration"]["config"] == json.loads(json.dumps(log["config"]))
+    assert torch.equal(_logits(ck.model, _x()), _logits(model, _x()))
 
 
 def test_embeddings_stored_once_when_tied(tmp_path):

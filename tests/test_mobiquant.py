@@ -248,6 +248,40 @@ def test_api_errors(fp_model, calibrated):
     assert isinstance(next(iter(mobi_layers(model).values())), MoBiLinear)
 
 
+def test_per_layer_train_bits(fp_model):
+    """train_bits as {layer: bits}: after calibration each layer sits on its own target at the trained τ."""
+    names = list(quantizable_linears(fp_model))
+    per = {n: (2.5, 3.0, 4.5, 6.0)[i % 4] for i, n in enumerate(names)}
+    model = copy.deepcopy(fp_model)
+    log = quantize_mobiquant(model, _ids(), replace(CFG, train_bits=per), progress=False)
+    assert log["config"]["train_bits"] == per
+    assert {n: m.train_bits for n, m in mobi_layers(model).items()} == per
+    set_threshold(model, CFG.tau)
+    reset_bit_stats(model)
+    with torch.no_grad():
+        model(input_ids=_ids())
+    for name, b in layer_bits(model).items():
+        assert abs(b - per[name]) <= 0.05, (name, b, per[name])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda names: {n: 3.0 for n in names[1:]}, "no value for layer 'model.layers.0.self_attn.q_proj'"),
+        (lambda names: {**dict.fromkeys(names, 3.0), "model.layers.9.mlp.up_proj": 3.0}, "not a quantized layer"),
+        (lambda names: {**dict.fromkeys(names, 3.0), names[2]: 8.5}, "'model.layers.0.self_attn.v_proj' is 8.5, out"),
+        (lambda names: {**dict.fromkeys(names, 3.0), names[2]: "3"}, "outside the readable"),
+        (lambda names: 1.5, "outside the readable 2..8"),
+    ],
+)
+def test_per_layer_train_bits_refused(fp_model, bad, match):
+    names = list(quantizable_linears(fp_model))
+    model = copy.deepcopy(fp_model)
+    with pytest.raises(MoBiError, match=match):
+        quantize_mobiquant(model, _ids(), replace(CFG, train_bits=bad(names)), progress=False)
+    assert not mobi_layers(model)  # refused before any layer was swapped
+
+
 def test_presets():
     tiny, paper = MoBiConfig.tiny(), MoBiConfig.paper()
     assert paper.slice_bits == (2, 2, 2, 2) and paper.group_size == 128

@@ -5,12 +5,14 @@ import torch
 from helpers import random_llama
 
 from mbq_ref.calibrate import CalibConfig
+from mbq_ref.errors import MBQError
 from mbq_ref.mobiquant import MoBiConfig, average_bits, bit_stats, mobi_layers, quantize_mobiquant
 from mbq_ref.mobiroute import slice_counts
 from mbq_ref.routing_controls import (
     CONTROLS,
     compare_controls,
     layer_errors,
+    mix_train_bits,
     oracle_routing,
     paired_delta,
     random_routing,
@@ -59,6 +61,24 @@ def test_static_mix_stays_within_budget_and_grows(model):
             assert all(mix[n] >= prev[n] for n in mix)  # a larger budget never takes bits away
         prev = mix
     assert set(mix.values()) == {4}  # 8 bits: every layer whole
+
+
+def test_mix_train_bits_keeps_the_average_and_the_order(model):
+    """Budgets from a static mix: weighted mean = target, inside the margin, ordered as the mix's widths."""
+    errs = layer_errors(model, _ids())
+    sizes = {n: m.in_features * m.out_features for n, m in mobi_layers(model).items()}
+    for target in (2.5, 3.0, 5.0):
+        mix = static_mix(model, errs, target)
+        b = mix_train_bits(model, mix, target, margin=0.25)
+        assert set(b) == set(mix)
+        assert sum(sizes[n] * v for n, v in b.items()) / sum(sizes.values()) == pytest.approx(target, abs=1e-6)
+        assert all(2.25 - 1e-9 <= v <= 7.75 + 1e-9 for v in b.values())
+        for n in mix:  # a layer the mix gives more slices never gets a smaller budget
+            assert all(b[n] >= b[o] - 1e-9 for o in mix if mix[n] > mix[o])
+    # a mix of equal widths gives every layer the target
+    assert all(v == pytest.approx(3.0, abs=1e-6) for v in mix_train_bits(model, dict.fromkeys(sizes, 1), 3.0).values())
+    with pytest.raises(MBQError, match="outside the trainable range"):
+        mix_train_bits(model, mix, 7.9)
 
 
 def test_compare_controls_equal_bits_and_paired_deltas(model):
