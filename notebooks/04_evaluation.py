@@ -20,7 +20,7 @@
 # **Paper:** MoBiQuant (arXiv 2602.20191), Sec. 4.2 ("runtime precision switching"),
 # Sec. 5 (Table 1, Fig. 1, §5.3). **Package:** `mbq_ref.mobiquant` (`threshold_table`, the
 # package's one threshold controller), `mbq_ref.checkpoint`, `mbq_ref.baselines`,
-# `mbq_ref.generate`, `mbq_ref.tour` (`quantize_and_table`).
+# `mbq_ref.generate`, `mbq_ref.mobiquant` (`quantize_and_table`).
 # **Runtime:** about 2–3 minutes on 2 CPU cores the first time (it calibrates and saves
 # to `runs/ch04/`), well under a minute afterwards.
 #
@@ -60,9 +60,8 @@ from mbq_ref.checkpoint import (
 )
 from mbq_ref.data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from mbq_ref.generate import generate, parse_schedule
-from mbq_ref.mobiquant import MoBiConfig, average_bits, mobi_layers, reset_bit_stats
+from mbq_ref.mobiquant import MoBiConfig, average_bits, mobi_layers, quantize_and_table, reset_bit_stats
 from mbq_ref.perplexity import perplexity
-from mbq_ref.tour import quantize_and_table
 from mbq_ref.zoo import load_model
 
 torch.manual_seed(0)

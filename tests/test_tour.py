@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 MICRO = {
     "fp_max_windows": 1, "eval_windows": 1, "eval_seqlen": 128, "rtn_bits": (2, 8), "lwc_bits": (2, 3),
     "sweep": (2.0, 3.0, 8.0), "table_step": 2.0, "threshold_windows": 2, "general_bits": (3.0,),
-    "controls_bits": (3.0,), "refit_windows": 1,
+    "controls_bits": (3.0,), "refit_windows": 1, "outliers": True,
     "calib": {"nsamples": 2, "seqlen": 64, "epochs": 1},
 }  # fmt: skip
 
