@@ -316,6 +316,7 @@ def calibrate_blocks(
     cfg: CalibConfig | None = None,
     stages: tuple[str, ...] = ("lwc",),
     progress: bool = True,
+    finish_block=None,
 ) -> CalibLog:
     """Calibrate every decoder block of an already-swapped model, in place (Alg. 1, OmniQuant).
 
@@ -327,6 +328,10 @@ def calibrate_blocks(
         cfg: settings (default :meth:`CalibConfig.paper`).
         stages: stage names run in order on each block.
         progress: show a tqdm bar over blocks x stages.
+        finish_block: optional ``finish_block(i, block, rerun)`` called after the last
+            stage of block ``i``, in inference mode, before its output feeds block ``i + 1``;
+            ``rerun()`` runs the calibrated block once over its calibration inputs
+            (MoBiQuant's budget settle, :func:`mbq_ref.mobiquant.settle_budget`, uses it).
     Returns:
         :class:`CalibLog` with the block MSE before/after each stage.
     Raises:
@@ -355,6 +360,8 @@ def calibrate_blocks(
                 bar.update(1)
             for _, m in mods:
                 m.calib_stage = None
+            if finish_block is not None:
+                finish_block(i, layer, lambda: _run(layer, x_q, kw, cfg.batch_size))
             # the next block sees what the calibrated quantized block produces
             x_q, x_fp = _run(layer, x_q, kw, cfg.batch_size), y_fp
             layer.to(dtype)

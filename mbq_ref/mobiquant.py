@@ -35,7 +35,7 @@ from torch import nn
 from .calibrate import CalibConfig, calibrate_blocks
 from .fakequant import check_group_size, quantizable_linears
 from .mobilinear import STAGES, MoBiError, MoBiLinear
-from .mobiroute import BitStats, logit_to_tau, surrogate_saturation, threshold_for_bits
+from .mobiroute import BitStats, counts_to_bits, logit_to_tau, slice_counts, surrogate_saturation, threshold_for_bits
 from .mobislice import cumulative_bits
 from .packed import PackedMoBiLinear
 from .perplexity import perplexity
@@ -57,6 +57,7 @@ __all__ = [
     "set_slices",
     "set_threshold",
     "set_token_slices",
+    "settle_budget",
     "table_targets",
     "threshold_ends",
     "threshold_table",
@@ -88,6 +89,11 @@ class MoBiConfig:
         budget_offset_step: ``κ``: after each step the router's score offset moves by
             ``-κ (b̄ - b*) / (B_E - B_1)`` (integral control on the hard bits; a score shift
             of 1 = one standard deviation of the normalised scores).
+        settle_budget: end each block's joint stage with the budget settle
+            (:func:`settle_budget`): every layer's score offset is shifted so that the hard
+            masks at ``τ`` give exactly ``train_bits`` on the calibration windows (our
+            addition; the training above decides *which* tokens get slices, the settle
+            fixes *how many*, which the integral control only approaches in a few steps).
         calib: the block-wise calibration settings (:class:`mbq_ref.calibrate.CalibConfig`).
     """
 
@@ -105,6 +111,7 @@ class MoBiConfig:
     surrogate_temperature: float = 1.0
     budget_dual_step: float = 10.0
     budget_offset_step: float = 1.0
+    settle_budget: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig.paper)
 
     @classmethod
@@ -160,6 +167,8 @@ def quantize_mobiquant(
         a log: ``calib`` (:class:`mbq_ref.calibrate.CalibLog`, block MSE per stage),
         ``layer_bits`` (mean bits per token of each layer at ``cfg.tau`` on the
         calibration windows, as routed in the last calibration pass), ``avg_bits``,
+        ``settle`` (per layer: ``before`` = bits at ``τ`` as the joint stage left them,
+        ``after``, and the offset ``shift``; empty if ``cfg.settle_budget`` is off),
         ``seconds`` and ``config``. The model is left routing at ``cfg.tau``.
     """
     cfg = cfg or MoBiConfig.paper()
@@ -178,7 +187,13 @@ def quantize_mobiquant(
             budget_dual_step=cfg.budget_dual_step, budget_offset_step=cfg.budget_offset_step,
         )  # fmt: skip
         model.set_submodule(name, layer)
-    log = calibrate_blocks(model, calib_ids, calib, stages=STAGES, progress=progress)
+    settled: dict[str, dict[str, float]] = {}
+
+    def finish(_i, block, rerun):
+        if cfg.settle_budget:
+            settled.update(settle_budget(block, rerun))
+
+    log = calibrate_blocks(model, calib_ids, calib, stages=STAGES, progress=progress, finish_block=finish)
     layers = mobi_layers(model)
     # calibrate_blocks' last pass over each block ran in inference mode at cfg.tau: its stats
     # are the bits each layer settled on for the calibration windows
@@ -192,9 +207,64 @@ def quantize_mobiquant(
         "calib": log,
         "layer_bits": trained,
         "avg_bits": avg,
+        "settle": settled,
         "seconds": time.perf_counter() - t0,
         "config": asdict(cfg),
     }
+
+
+@torch.no_grad()
+def settle_budget(block: nn.Module, rerun, tol: float = 0.02, max_passes: int = 4) -> dict[str, dict[str, float]]:
+    """The budget settle: shift each router's offset until its layer meets ``train_bits`` at ``τ``.
+
+    After the joint stage the hard bits at the trained threshold are near, not at,
+    ``train_bits``: the dual ascent and the integral offset control get a few dozen
+    steps per block (16 in the tiny preset), and the running score statistics used at
+    inference differ from the batch statistics used in training. The settle measures
+    each layer's scores ``r`` ``[T, E-1]`` over all calibration windows in inference
+    mode and adds to its offset the shift that makes the mean bits at ``logit(τ)``
+    equal ``train_bits`` (:meth:`mbq_ref.mobiroute.MoBiRouter.settle_offset`). One shift per
+    layer moves every token equally, so which tokens read more slices is still the
+    router's learned ranking. A layer's shift changes the inputs of the layers after it
+    in the block, so the block is re-run until every layer is within ``tol`` bits.
+
+    Args:
+        block: one calibrated decoder block (its MoBiLinear layers in inference mode).
+        rerun: runs the block once over its calibration inputs (from :func:`mbq_ref.calibrate.calibrate_blocks`).
+        tol: bits; stop when every layer is this close to its ``train_bits``.
+        max_passes: at most this many measuring passes (fits happen between them).
+    Returns:
+        ``{layer name: {"before": bits, "after": bits, "shift": total offset shift}}``
+        (:attr:`MoBiLinear.name`, the module path in the model).
+    """
+    layers = {m.name or n: m for n, m in block.named_modules() if isinstance(m, MoBiLinear)}
+    scores: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    hooks = [
+        m.router.register_forward_hook(lambda _mod, _a, r, n=n: scores[n].append(r.reshape(-1, r.shape[-1])))
+        for n, m in layers.items()
+    ]
+    out = {n: {"before": math.nan, "after": math.nan, "shift": 0.0} for n in layers}
+    try:
+        for p in range(max_passes):
+            for s in scores.values():
+                s.clear()
+            rerun()
+            r = {n: torch.cat(scores[n]) for n in layers}
+            for n, m in layers.items():
+                bits = float(counts_to_bits(slice_counts(r[n], m.tau_logit), m.slice_bits).float().mean())
+                out[n]["after"] = bits
+                if p == 0:
+                    out[n]["before"] = bits
+            if p == max_passes - 1 or all(abs(o["after"] - layers[n].train_bits) <= tol for n, o in out.items()):
+                break
+            for n, m in layers.items():
+                out[n]["shift"] += m.router.settle_offset(r[n], m.tau_logit, m.slice_bits, m.train_bits)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in layers.values():
+            m.reset_stats()  # the settle's passes are not the calibration pass the log reports
+    return out
 
 
 def set_slices(model: nn.Module, k: int | None) -> nn.Module:

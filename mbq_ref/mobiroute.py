@@ -194,11 +194,39 @@ class MoBiRouter(nn.Module):
         self.score_std.copy_(raw.std(0).clamp_min(1e-6))
         self.offset.zero_()
         z = self.spread * (raw - self.score_mean) / self.score_std
-        s = float(self.score_bound)
-        u = tau_logit if not math.isfinite(s) else s * math.atanh(max(min(tau_logit / s, 1 - 1e-7), -1 + 1e-7))
         u_star = threshold_for_bits(z, slice_bits, target_bits)
         if math.isfinite(u_star):
-            self.offset.fill_(u - u_star)
+            self.offset.fill_(self._unbounded(tau_logit) - u_star)
+
+    def _unbounded(self, r: float) -> float:
+        """The normalised score ``n`` with ``S tanh(n / S) = r`` (the bound is monotone, so thresholds map 1:1)."""
+        s = float(self.score_bound)
+        return r if not math.isfinite(s) else s * math.atanh(max(min(r / s, 1 - 1e-7), -1 + 1e-7))
+
+    @torch.no_grad()
+    def settle_offset(self, scores: torch.Tensor, tau_logit: float, slice_bits, target_bits: float) -> float:
+        """Shift the score offset so that these tokens read ``target_bits`` on average at ``logit(τ)``.
+
+        The budget settle that ends the joint stage (:func:`mbq_ref.mobiquant.settle_budget`).
+        The offset is a bias added to every normalised score, so the shift moves every
+        token by the same amount: the ranking the router learned (who gets slices) is
+        unchanged; only the level (how many) is set, exactly, on the calibration tokens.
+
+        Args:
+            scores: ``[T, E-1]`` router outputs ``r`` (bounded) on calibration tokens, at
+                the current offset and the running score statistics (inference mode).
+            tau_logit: the trained threshold ``logit(τ)``.
+            target_bits: the layer's ``train_bits``.
+        Returns:
+            the shift added to the offset (normalised-score units: 1 = one standard
+            deviation of the scores); 0 if the target is met by all-on / all-off.
+        """
+        u_star = threshold_for_bits(scores, slice_bits, target_bits)  # in r (bounded) space
+        if not math.isfinite(u_star):
+            return 0.0
+        shift = self._unbounded(tau_logit) - self._unbounded(u_star)
+        self.offset.add_(shift)
+        return shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores ``r = S tanh(n / S)``, ``n`` the normalised MLP output; ``[..., E-1]`` (float32) for ``x`` ``[..., K]``."""

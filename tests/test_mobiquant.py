@@ -289,6 +289,8 @@ def test_trained_router_meets_its_budget_without_saturating(tiny_real):
     on_calib = routing_diagnostics(model, calib)
     on_test = routing_diagnostics(model, test)
     assert abs(on_calib["avg_bits"] - cfg.train_bits) <= 0.15, on_calib["avg_bits"]
+    # the budget settle: each layer, not just the average, on its budget on the calibration windows
+    assert max(abs(b - cfg.train_bits) for b in on_calib["layer_bits"].values()) <= 0.05, on_calib["layer_bits"]
     assert abs(on_test["avg_bits"] - cfg.train_bits) <= 0.3, on_test["avg_bits"]
     assert on_calib["saturation"] < 0.05 and on_test["saturation"] < 0.05
 
@@ -315,3 +317,24 @@ def test_set_bits_lands_on_every_quarter_bit(tiny_real, tmp_path):
         with torch.no_grad():
             ck.model(input_ids=calib)
         assert abs(average_bits(ck.model) - b) <= 0.1, (b, average_bits(ck.model))
+
+
+def test_budget_settle_puts_every_layer_on_train_bits(fp_model, calibrated):
+    """The settle (on by default) leaves every layer at train_bits on the calibration windows; off, the joint stage alone does not."""
+    model, log = calibrated
+    assert set(log["settle"]) == set(mobi_layers(model))
+    for name, s in log["settle"].items():
+        assert abs(s["after"] - CFG.train_bits) <= 0.02, (name, s)
+    # measured again through the whole model at the trained threshold, as a user would
+    set_threshold(model, CFG.tau)
+    reset_bit_stats(model)
+    with torch.no_grad():
+        model(input_ids=_ids())
+    for name, b in layer_bits(model).items():
+        assert abs(b - CFG.train_bits) <= 0.05, (name, b)
+    # without the settle the same calibration misses train_bits in some layer (what the settle repairs)
+    off = copy.deepcopy(fp_model)
+    log_off = quantize_mobiquant(off, _ids(), replace(CFG, settle_budget=False), progress=False)
+    assert log_off["settle"] == {}
+    assert max(abs(b - CFG.train_bits) for b in log_off["layer_bits"].values()) > 0.05
+    assert max(abs(s["before"] - CFG.train_bits) for s in log["settle"].values()) > 0.05
