@@ -222,7 +222,6 @@ if report is not None:
         print(f"| {c} | " + " | ".join(f"{v['eval_at_bits'][b]:,.2f}" for b in cols) + " |")
     print(f"RTN: " + ", ".join(f"{b} bits {report['static']['rtn'][b]['ppl']:,.2f}" for b in cols))
     diag = {c: lwc[c]["eval_at_bits"][c] for c in lwc}
-    off = {(c, b): lwc[c]["eval_at_bits"][b] for c in lwc for b in cols if b != c}
     wins = sum(diag[b] <= min(lwc[c]["eval_at_bits"][b] for c in lwc) for b in cols)
     print(f"the matched calibration is the best model at {wins} of {len(cols)} widths")
 
