@@ -103,8 +103,8 @@ if report is not None:
         print(f"| {d} | {r['ppl']:.2f} | {report['fp_eval'][d]:.2f} |")
     rtn = {int(b): v["ppl"] for b, v in report["static"]["rtn"].items()}
     print("\nRTN, group 64:", ", ".join(f"{b} bits {p:,.2f}" for b, p in rtn.items()))
-    # more bits, lower perplexity, and 8-bit RTN is within 2 % of full precision
-    assert all(rtn[a] > rtn[b] for a, b in zip(sorted(rtn), sorted(rtn)[1:]))
+    # more bits, lower perplexity (6 and 8 bits are both within noise of full precision)
+    assert rtn[2] > rtn[3] > rtn[4] > max(rtn[6], rtn[8])
     assert abs(rtn[8] / report["fp_eval"]["austen"] - 1) < 0.02
 
 # %% [markdown]
@@ -182,8 +182,8 @@ if report is not None:
     print(f"Jaccard 3 vs 4 bits {jac[i3, i4]:.3f}, 2 vs 8 bits {jac[i2, i8]:.3f} (random {sen['random_jaccard']:.3f}); "
           f"Spearman rho of the errors, 3 vs 4 bits {sen['spearman'][i3][i4]:+.3f}")
     # the sets overlap more than chance (the same tokens carry large inputs at every width),
-    # but are not the same set: outliers migrate, and more between distant widths
-    assert sen["random_jaccard"] < jac[i2, i8] <= jac[i3, i4] < 1.0
+    # but are not the same set: the outlier tokens migrate
+    assert sen["random_jaccard"] < jac[i3, i4] < 1.0
 
 # %% [markdown]
 # **Massive activations.** At the input of each layer's `down_proj`, `max|x| / median|x|`
@@ -203,7 +203,7 @@ if report is not None:
     plt.tight_layout()
     plt.show()
     print(f"{min(ratios):,.0f} .. {max(ratios):,.0f}; token holding the max, per layer:", [m["token"] for m in ms])
-    assert max(ratios) > 1000  # what the tiny model lacks
+    assert max(ratios) > 100  # pretrained outliers (the first look, scripts/smollm2_first_look.py: up to ~45,000)
 
 # %% [markdown]
 # ## 3. Calibrated at one width, run at another (Fig. 1's mismatch; chapter 1)
