@@ -97,7 +97,7 @@ else:
 
 # %%
 if report is not None:
-    print("| domain | FP PPL (8 x 512) | FP PPL, evaluation windows |")
+    print(f"| domain | FP PPL ({report['fp']['austen']['windows']} x 512) | FP PPL, evaluation windows |")
     print("|---|---|---|")
     for d, r in report["fp"].items():
         print(f"| {d} | {r['ppl']:.2f} | {report['fp_eval'][d]:.2f} |")
@@ -220,7 +220,7 @@ if report is not None:
     print("|---" * (len(cols) + 1) + "|")
     for c, v in lwc.items():
         print(f"| {c} | " + " | ".join(f"{v['eval_at_bits'][b]:,.2f}" for b in cols) + " |")
-    print(f"RTN: " + ", ".join(f"{b} bits {report['static']['rtn'][b]['ppl']:,.2f}" for b in cols))
+    print("RTN: " + ", ".join(f"{b} bits {v['ppl']:,.2f}" for b, v in report["static"]["rtn"].items() if b in cols))
     diag = {c: lwc[c]["eval_at_bits"][c] for c in lwc}
     wins = sum(diag[b] <= min(lwc[c]["eval_at_bits"][b] for c in lwc) for b in cols)
     print(f"the matched calibration is the best model at {wins} of {len(cols)} widths")
