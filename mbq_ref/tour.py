@@ -53,10 +53,12 @@ TOUR_SEQLEN = 512
 #: What differs, per model, from the tiny Llama's settings (attributes of :class:`TourSettings`).
 #: ``smollm2-135m`` (:mod:`mbq_ref.zoo.real`): group 64, since hidden 576 is not a multiple of 128
 #: (64 divides 576 and 1536 and holds two whole Q4_1 blocks of 32, so no 4-bit grid is lossless by
-#: construction); counts sized from measured per-step costs on 2 CPU cores (about 3.4 s per
-#: 512-token forward, 2-4 s per MoBiQuant joint step of 2 x 128 tokens per block): eight
-#: 512-token FP windows per domain instead of all ~230, 8 x 256 evaluation windows, 16 x 128
-#: calibration windows and the per-token sections (``outliers``).
+#: construction); counts sized from per-step costs measured on the shared 2-core CPU machine
+#: (load average 4-5: about 3.4 s per 512-token forward, 5 s per block for an LWC epoch and
+#: 13 s per MoBiQuant joint step of 1024 tokens): eight 512-token FP windows per domain
+#: instead of all ~230, 8 x 256 evaluation windows, 16 x 128 calibration windows for one
+#: epoch, and the per-token sections (``outliers``). The committed run's wall time and the
+#: load it ran under: ``docs/results_smollm2/``.
 MODEL_PRESETS: dict[str, dict] = {
     "tiny-llama": {},
     "smollm2-135m": {
