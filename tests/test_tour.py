@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 MICRO = {
     "fp_max_windows": 1, "eval_windows": 1, "eval_seqlen": 128, "rtn_bits": (2, 8), "lwc_bits": (2, 3),
     "sweep": (2.0, 3.0, 8.0), "table_step": 2.0, "threshold_windows": 2, "general_bits": (3.0,),
-    "controls_bits": (3.0,), "refit_windows": 1,
+    "controls_bits": (3.0,), "refit_windows": 1, "outliers": True,
     "calib": {"nsamples": 2, "seqlen": 64, "epochs": 1},
 }  # fmt: skip
 
@@ -61,7 +61,7 @@ def test_files_written(tour):
     md = (out / "report.md").read_text()
     for heading in ("Full-precision perplexity", "Headline", "Static per-bit PTQ", "MoBiQuant", "One checkpoint", "Generalization"):
         assert heading in md
-    assert sorted(report["plots"]) == ["controls.png", "layer_bits.png", "mismatch.png", "ppl_vs_bits.png"]
+    assert sorted(report["plots"]) == ["controls.png", "layer_bits.png", "mismatch.png", "outliers.png", "ppl_vs_bits.png"]
     assert "Routing against controls" in md
 
 
@@ -174,3 +174,52 @@ def test_tour_output_checked_first(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputError, match="is a file"):
         run_tour(tmp_path / "afile", progress=False, settings=TourSettings(**MICRO))
+
+
+def test_model_presets():
+    """The tiny default is unchanged; SmolLM2 gets group 64 (576 = 4.5 x 128) and the per-token sections."""
+    from mbq_ref.cli import build_parser
+
+    tiny = TourSettings()
+    assert (tiny.model, tiny.group_size, tiny.outliers, tiny.eval_windows, tiny.fp_max_windows) == ("tiny-llama", 128, False, 16, None)
+    smol = TourSettings(model="smollm2-135m")
+    assert smol.group_size == 64 and smol.outliers and 576 % smol.group_size == 0 and 1536 % smol.group_size == 0
+    assert smol.fp_max_windows == 8 and (min(smol.controls_bits), max(smol.controls_bits)) == (2.5, 4.0)  # the issue's 2.5-4 bits
+    quick = TourSettings(True, model="smollm2-135m")
+    assert quick.group_size == 64 and quick.eval_windows == 4  # quick counts, the model's group size
+    assert TourSettings(model="smollm2-135m", group_size=32).group_size == 32  # explicit overrides win
+    with pytest.raises(ValueError, match="unknown tour model"):
+        TourSettings(model="llama-7b")
+    with pytest.raises(TypeError, match="unknown tour setting"):
+        TourSettings(group=64)
+    args = build_parser().parse_args(["tour", "--model", "smollm2-135m", "--out", "x"])
+    assert args.model == "smollm2-135m" and build_parser().parse_args(["tour"]).model == "tiny-llama"
+
+
+def test_outlier_section(tour):
+    """Per-token overlap matrices are symmetric with a unit diagonal; router rows cover every projection."""
+    _, report = tour
+    o = report["outliers"]
+    jac, rho = o["sensitivity"]["jaccard"], o["sensitivity"]["spearman"]
+    n = len(o["sensitivity"]["bits"])
+    assert all(jac[i][i] == 1.0 and rho[i][i] == 1.0 for i in range(n))
+    assert all(jac[i][j] == jac[j][i] for i in range(n) for j in range(n))
+    assert len(o["router"]["layers"]) == len(report["mobiquant"]["layer_bits_at_3"])
+    assert {m["layer"] for m in o["massive"]} == set(range(len(o["massive"])))
+    assert 2.0 <= o["router"]["avg_bits"] <= 8.0 and len(o["router"]["top_tokens"]) == 10
+    md = (tour[0] / "report.md").read_text()
+    assert "Outlier tokens across bit-widths" in md and "Where the router sends bits" in md
+
+
+def test_readme_smollm2_rows_are_the_committed_ones():
+    """Every table row the README quotes under its SmolLM2 heading is a row of the committed tour report."""
+    root = DOC.parent.parent
+    part = (root / "README.md").read_text().split("### A real pretrained Llama: SmolLM2-135M", 1)[1].split("\n#", 1)[0]
+    quoted = part.split("From [`docs/results_smollm2/report.md`]", 1)
+    rows = [r for r in (quoted[1] if len(quoted) > 1 else "").splitlines() if r.startswith("| ") and "---" not in r]
+    if not rows:
+        assert "results_smollm2" not in part or "not yet" in part, "README points at SmolLM2 results but quotes no rows"
+        return
+    report = (root / "docs" / "results_smollm2" / "report.md").read_text()
+    for row in rows:
+        assert row in report, f"README row not in docs/results_smollm2/report.md: {row[:60]}"

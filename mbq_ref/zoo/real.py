@@ -22,6 +22,10 @@ folder (``config.json``, ``model.safetensors``, tokenizer files) under
 temporary name and renamed when complete, so an interrupted conversion leaves
 nothing that a later load would take for a cache.
 
+``mbq tour --model smollm2-135m`` runs the key experiments on it (the preset
+:data:`mbq_ref.tour.MODEL_PRESETS`; results in ``docs/results_smollm2/``, read by
+chapter 6).
+
 Caveats (state them wherever a number from this model is reported):
 
 * **Its "full precision" is a dequantized 4-bit model.** Every q/k/v/o/gate/up/down
