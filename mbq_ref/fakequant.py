@@ -276,9 +276,15 @@ def quantize_model(
     return model
 
 
-def modules_of_type(model: nn.Module, cls) -> dict[str, nn.Module]:
-    """Every submodule of ``model`` that is a ``cls`` (a class or tuple of classes), by module path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+def modules_of_type(model: nn.Module, cls, missing: Exception | None = None) -> dict[str, nn.Module]:
+    """Every submodule of ``model`` that is a ``cls`` (a class or tuple of classes), by module path.
+
+    ``missing``: raised when there is none (``None``: return the empty dict).
+    """
+    found = {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+    if not found and missing is not None:
+        raise missing
+    return found
 
 
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
@@ -287,10 +293,7 @@ def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 def _require_quantized(model: nn.Module) -> dict[str, QuantLinear]:
-    layers = quant_linears(model)
-    if not layers:
-        raise QuantError("model has no QuantLinear layers; call quantize_model first")
-    return layers
+    return modules_of_type(model, QuantLinear, QuantError("model has no QuantLinear layers; call quantize_model first"))
 
 
 def set_bits(model: nn.Module, bits: int) -> nn.Module:

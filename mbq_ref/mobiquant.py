@@ -159,11 +159,8 @@ def mobi_layers(model: nn.Module) -> dict[str, RoutedSlices]:
     return modules_of_type(model, RoutedSlices)
 
 
-def _layers(model: nn.Module) -> dict[str, MoBiLinear]:
-    layers = mobi_layers(model)
-    if not layers:
-        raise MoBiError("model has no MoBiLinear layers; call quantize_mobiquant first")
-    return layers
+def _layers(model: nn.Module) -> dict[str, RoutedSlices]:
+    return modules_of_type(model, RoutedSlices, MoBiError("model has no MoBiLinear layers; call quantize_mobiquant first"))
 
 
 def quantize_mobiquant(
