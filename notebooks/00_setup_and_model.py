@@ -37,24 +37,20 @@
 # %%
 import json
 import math
-import os
 import time
 
 import matplotlib.pyplot as plt
 import torch
 
 import mbq_ref
+from mbq_ref.chapter import setup_chapter
 from mbq_ref.data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from mbq_ref.mobiquant import MoBiConfig
 from mbq_ref.paths import model_dir
 from mbq_ref.perplexity import perplexity
 from mbq_ref.zoo import load_model
 
-if "OMP_NUM_THREADS" not in os.environ:
-    # Small matrices: on a 2-core machine shared with other processes two intra-op threads
-    # were twice as slow as one for these perplexity runs. Set OMP_NUM_THREADS to override.
-    torch.set_num_threads(1)
-torch.manual_seed(0)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
 T0 = time.time()
 print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__)
 

@@ -47,12 +47,12 @@
 # need not be what the paper shows for an 8B model.
 
 # %%
-import os
 import time
 
 import matplotlib.pyplot as plt
 import torch
 
+from mbq_ref.chapter import setup_chapter
 from mbq_ref.calibrate import CalibConfig
 from mbq_ref.data import calibration_windows, load_corpus, tokenize_corpus
 from mbq_ref.fakequant import set_bits, set_token_bits
@@ -72,11 +72,7 @@ from mbq_ref.sensitivity import (
 from mbq_ref.zoo import load_model
 
 T0 = time.perf_counter()
-if "OMP_NUM_THREADS" not in os.environ:
-    # The matrices here are small, and two intra-op threads on a 2-core machine that other
-    # processes also use can be many times slower than one. Set OMP_NUM_THREADS to override.
-    torch.set_num_threads(1)
-torch.manual_seed(0)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
 model, tokenizer = load_model("tiny-llama", with_tokenizer=True)
 
 GROUP = MoBiConfig.tiny().group_size  # App. C.1: group size 128

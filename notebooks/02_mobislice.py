@@ -43,7 +43,6 @@
 
 # %%
 import copy
-import os
 import time
 
 import matplotlib.pyplot as plt
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 
 import mbq_ref
+from mbq_ref.chapter import setup_chapter
 from mbq_ref.baselines import (
     baseline_perplexities,
     baseline_weights,
@@ -70,11 +70,7 @@ from mbq_ref.results import generated_by, record
 from mbq_ref.zoo import load_model
 
 T0 = time.time()
-if "OMP_NUM_THREADS" not in os.environ:
-    # the matrices are small (256-768 wide): on a 2-core machine shared with other processes,
-    # two intra-op threads can be many times slower than one. Set OMP_NUM_THREADS to override.
-    torch.set_num_threads(1)
-torch.manual_seed(0)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
 SLICES = (2, 2, 2, 2)  # the paper's default slice_bits_list (App. C.1)
 WIDTHS = cumulative_bits(SLICES)  # [2, 4, 6, 8]
 print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__, "| widths", WIDTHS)

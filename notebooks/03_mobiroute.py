@@ -50,7 +50,6 @@
 import copy
 import itertools
 import math
-import os
 import time
 from pathlib import Path
 
@@ -59,6 +58,7 @@ import torch
 from torch.nn import functional as F
 
 import mbq_ref
+from mbq_ref.chapter import setup_chapter
 from mbq_ref.cache import cached_mobiquant, cached_static
 from mbq_ref.data import calibration_windows, load_corpus, tokenize_corpus
 from mbq_ref.mobilinear import MoBiLinear, sliced_matmul
@@ -102,11 +102,7 @@ def lap(label):
     _last[0] = now
 
 
-if "OMP_NUM_THREADS" not in os.environ:
-    # Small matrices: two intra-op threads on a 2-core machine shared with other processes
-    # can be many times slower than one. Set OMP_NUM_THREADS to override.
-    torch.set_num_threads(1)
-torch.manual_seed(0)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
 fp_model, tokenizer = load_model("tiny-llama", with_tokenizer=True)
 
 cfg = MoBiConfig.tiny()  # slices 2,2,2,2, group 128, 32 x 256 calibration windows

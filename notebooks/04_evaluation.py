@@ -42,7 +42,6 @@
 # 5. what the **paper reports** for LLaMA models, for scale.
 
 # %%
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import mbq_ref
+from mbq_ref.chapter import setup_chapter
 from mbq_ref.baselines import baseline_perplexities
 from mbq_ref.cache import cached, cached_mobiquant, cached_static, model_key, tensor_sha256
 from mbq_ref.checkpoint import load_checkpoint, load_static_checkpoint, save_checkpoint, save_static_checkpoint
@@ -62,11 +62,7 @@ from mbq_ref.perplexity import perplexity
 from mbq_ref.thresholds import calibrate_threshold, threshold_table
 from mbq_ref.zoo import load_model
 
-if "OMP_NUM_THREADS" not in os.environ:
-    # Small matrices: on a 2-core machine shared with other processes two intra-op threads
-    # were twice as slow as one for these perplexity runs. Set OMP_NUM_THREADS to override.
-    torch.set_num_threads(1)
-torch.manual_seed(0)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
 hf_logging.disable_progress_bar()  # no "Loading weights" bar for every model we load
 T0 = time.time()
 SEQLEN, MAX_WINDOWS = 256, 8  # evaluation windows: the first 8 x 256 tokens of each test split
