@@ -26,7 +26,7 @@ Reference :func:`slice_gemm_ref`; dispatcher :func:`slice_gemm`; launchers ``LAU
 
 from __future__ import annotations
 
-from numba import cuda, float32, uint32
+from numba import cuda, float32, int64, uint32
 
 from ._common import cdiv
 from .dequant import group_params, load_words, rebuild, run_uniform, uniform_ref
@@ -70,7 +70,12 @@ def gemm_kernel1(x, t0, tseg, planes, lo, hi, scale, zero, smul, zmul, zadd, gw,
                 load_words(planes, lo, hi, n, w, a)
                 for j in range(min(WORD_BITS, K - w * WORD_BITS)):
                     xv = float32(x[t, w * WORD_BITS + j])
-                    acc += xv * float32(rebuild(a, nb, j))
+                    # shift-and-add written out (dequant.rebuild): a device call per weight costs
+                    # nothing on a GPU but stalls Numba's CUDA simulator (measured: 0.15 s to minutes)
+                    q = int64(0)
+                    for p in range(nb):
+                        q = (q << 1) | int64((a[p] >> uint32(j)) & uint32(1))
+                    acc += xv * float32(q)
                     xs += xv
             y += s_eff * (acc - z_eff * xs)
         out[t, n] = y
