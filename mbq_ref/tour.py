@@ -492,6 +492,11 @@ def _write_markdown(report: dict, path: Path) -> None:
               f"{mq['train_bits']:g}; surrogate saturation "
               f"{mq['surrogate_saturation']:.3f} (share of router scores whose straight-through gradient is below "
               "1e-3 of its peak).")]  # fmt: skip
+    before = list(mq.get("layer_bits_before_settle", {}).values())
+    if before:
+        lines.append(f"Before the budget settle the joint stage had left the layers at {min(before):.2f} to "
+                     f"{max(before):.2f} bits at the trained threshold; the settle shifts each router's offset "
+                     "so that every layer reads `train_bits` there.")  # fmt: skip
     ctl = report.get("controls")
     if ctl:
         lines += ["", "## Routing against controls (same checkpoint, equal measured bits)", "",
@@ -705,6 +710,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "train_bits": cfg.train_bits,
         "surrogate_saturation": _r(res["results"]["surrogate_saturation"]),
         "avg_bits_trained_test": _r(trained_test["avg_bits"]),
+        # each layer's bits at the trained threshold before the budget settle (mobiquant.settle_budget)
+        "layer_bits_before_settle": {n: _r(v) for n, v in res["results"]["layer_bits_before_settle"].items()},
         "block_mse": res["results"]["block_mse"],
         "table_targets": targets,
         "table_achieved_bits": [_r(v["achieved"]) for v in res["thresholds"].values()],
