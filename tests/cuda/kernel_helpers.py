@@ -69,3 +69,18 @@ def setup_layer(rng, T, N, K, g=32, slice_bits=(2, 2, 2, 2), dtype=np.float16):
     codes, scale, zero = mobislice_weight(rng, N, K, g, slice_bits)
     x = rng.standard_normal((T, K)).astype(dtype)
     return x, codes, scale, zero, pack_mobislice(codes, scale, zero, slice_bits, g)
+
+
+def check_uniform_version(rng, dispatch, reference, version, dtype, max_tokens=7, slice_bits=(2, 2, 2, 2)):
+    """One ladder version at one precision k for every token, on a fresh odd shape, against its reference.
+
+    ``dispatch(x, w, k, version=, out=)`` must write into the poisoned ``out`` it is given and
+    return it in ``dtype``; ``reference(x, codes, scale, zero, slice_bits, k, g)`` is the torch oracle.
+    """
+    T, N, K, g = odd_shape(rng, max_tokens=max_tokens)
+    k = int(rng.integers(1, len(slice_bits) + 1))
+    x, codes, scale, zero, w = setup_layer(rng, T, N, K, g, slice_bits, dtype=dtype)
+    out = poisoned((T, N), dtype)
+    y = dispatch(x, w, k, version=version, out=out)
+    assert y is out and y.dtype == dtype
+    assert_close(y, reference(x, codes, scale, zero, slice_bits, k, g).numpy(), dtype)

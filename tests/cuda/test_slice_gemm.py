@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from kernel_helpers import assert_close, odd_shape, poisoned, setup_layer
+from kernel_helpers import assert_close, check_uniform_version, poisoned, setup_layer
 
 from cuda_numba import slice_gemm as sm
 
@@ -17,13 +17,7 @@ def test_every_version_has_an_id():
 @pytest.mark.parametrize("version", sm.VERSIONS, ids=IDS.get)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
 def test_gemm_versions(rng, version, dtype):
-    T, N, K, g = odd_shape(rng, max_tokens=19)
-    k = int(rng.integers(1, 5))
-    x, codes, scale, zero, w = setup_layer(rng, T, N, K, g, dtype=dtype)
-    out = poisoned((T, N), dtype)
-    y = sm.slice_gemm(x, w, k, version=version, out=out)
-    assert y is out and y.dtype == dtype
-    assert_close(y, sm.slice_gemm_ref(x, codes, scale, zero, SB, k, g).numpy(), dtype)
+    check_uniform_version(rng, sm.slice_gemm, sm.slice_gemm_ref, version, dtype, max_tokens=19, slice_bits=SB)
 
 
 def test_more_tokens_than_one_tile(rng):

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from kernel_helpers import assert_close, odd_shape, poisoned, setup_layer
+from kernel_helpers import assert_close, check_uniform_version, poisoned, setup_layer
 
 from cuda_numba import slice_gemv as sv
 
@@ -24,13 +24,7 @@ def test_every_version_has_an_id():
 @pytest.mark.parametrize("version", sv.VERSIONS, ids=IDS.get)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
 def test_gemv_versions(rng, version, dtype):
-    T, N, K, g = odd_shape(rng)
-    k = int(rng.integers(1, 5))
-    x, codes, scale, zero, w = setup_layer(rng, T, N, K, g, dtype=dtype)
-    out = poisoned((T, N), dtype)
-    y = sv.slice_gemv(x, w, k, version=version, out=out)
-    assert y is out and y.dtype == dtype
-    assert_close(y, sv.slice_gemv_ref(x, codes, scale, zero, SB, k, g).numpy(), dtype)
+    check_uniform_version(rng, sv.slice_gemv, sv.slice_gemv_ref, version, dtype, slice_bits=SB)
 
 
 @pytest.mark.parametrize("version", [2, 5], ids=[IDS[2], IDS[5]])
