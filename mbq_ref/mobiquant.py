@@ -33,6 +33,7 @@ from .calibrate import CalibConfig, calibrate_blocks
 from .fakequant import check_group_size, modules_of_type, quantizable_linears
 from .mobilinear import STAGES, MoBiError, MoBiLinear, RoutedSlices
 from .mobiroute import BitStats, RouterBudget, counts_to_bits, slice_counts, surrogate_saturation
+from .mobislice import cumulative_bits
 
 __all__ = [
     "MoBiConfig",
@@ -140,7 +141,8 @@ class MoBiConfig:
         unknown = sorted(set(per) - set(names))
         if unknown:
             raise MoBiError(f"train_bits names {unknown[0]!r}, not a quantized layer ({len(unknown)} unknown)")
-        lo, hi = sum(self.slice_bits[:1]), sum(self.slice_bits)
+        cum = cumulative_bits(self.slice_bits)
+        lo, hi = cum[0], cum[-1]
         for n in names:
             b = per[n]
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not lo <= b <= hi:
@@ -203,11 +205,7 @@ def quantize_mobiquant(
         )  # fmt: skip
         model.set_submodule(name, layer)
     settled: dict[str, dict[str, float]] = {}
-
-    def finish(_i, block, rerun):
-        if cfg.settle_budget:
-            settled.update(settle_budget(block, rerun))
-
+    finish = (lambda _i, block, rerun: settled.update(settle_budget(block, rerun))) if cfg.settle_budget else None
     log = calibrate_blocks(model, calib_ids, calib, stages=STAGES, progress=progress, finish_block=finish)
     layers = mobi_layers(model)
     # calibrate_blocks' last pass over each block ran in inference mode at cfg.tau: its stats
@@ -252,7 +250,7 @@ def settle_budget(block: nn.Module, rerun, tol: float = 0.02, max_passes: int = 
         ``{layer name: {"before": bits, "after": bits, "shift": total offset shift}}``
         (:attr:`MoBiLinear.name`, the module path in the model).
     """
-    layers = {m.name or n: m for n, m in block.named_modules() if isinstance(m, MoBiLinear)}
+    layers = {m.name or n: m for n, m in modules_of_type(block, MoBiLinear).items()}
     scores: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     hooks = [
         m.router.register_forward_hook(lambda _mod, _a, r, n=n: scores[n].append(r.reshape(-1, r.shape[-1])))
