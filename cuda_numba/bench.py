@@ -16,7 +16,7 @@ fp16 weights (2 bytes each) and with the HBM roofline ``bytes / peak bandwidth``
 
 Kernel names are the modules' public case lists: ``slice_linear.CASES`` (``gemv1-5`` and
 ``gemm1-3`` through ``slice_linear(method="grouped")``, ``streams-gemv2/-gemv5/-gemm2/-gemm3``
-through ``method="streams"``, ``fused-gemv6``: one launch, k_t on the device, output
+through ``method="streams"``, ``fused-gemv6``/``fused-gemv7``: one launch, k_t on the device, output
 preallocated, the decode call path), ``binary_matmul.CASES`` (``bmm1-3``: integer AND+popcount,
 8-bit activations pre-quantized and packed, all tokens at the precision nearest the average),
 ``packing.CASES`` (``pack1-2``: offline packing, once per shape), and ``fp16`` (``x @ W^T`` in torch).
@@ -246,7 +246,7 @@ class _Case:
                 dout = cuda.device_array((T, w.N), np.float16)
 
                 def call():
-                    return sl.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=6, out=dout)
+                    return sl.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=kern.version, out=dout)
 
                 def kernels_only():
                     sl.run_kernels(kern.name, self.dx, w, self.k_t, out=dout, dk=dk)

@@ -551,12 +551,12 @@ def slice_gemv(x, w: PackedWeight, k: int, version: int = 5, block=None, out=Non
     """
     if version not in VERSIONS:
         raise ValueError(f"unknown GEMV version {version}; have {list(VERSIONS)}")
-    if version >= 4 and block is not None and (block & (block - 1) or not 1 <= block <= MAX_THREADS):
+    if 4 <= version <= 6 and block is not None and (block & (block - 1) or not 1 <= block <= MAX_THREADS):
         raise ValueError(f"block must be a power of two <= {MAX_THREADS}")
     if not 1 <= k <= len(w.slice_bits):
         raise ValueError(f"k={k} outside 1..{len(w.slice_bits)}")
     if version == 6:  # the routed kernel with every token at precision k
-        return gemv_routed(x, w, np.full(x.shape[0], k, np.int32), block=block, out=out)
+        return gemv_routed(x, w, np.full(x.shape[0], k, np.int32), block=block, out=out, version=6)
     return run_uniform(LAUNCHERS[version], TOKENS_PER_LAUNCH, x, w, k, block, out)
 
 
@@ -579,19 +579,24 @@ def _new_output(x, shape, dtype):
     return cuda.device_array(shape, dtype=dtype)
 
 
-def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
-    """Mixed-precision decode ``y[t] = x[t] @ W_{k_t}^T`` in one launch per 8 tokens (GEMV v6).
+def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0, version: int = 7):
+    """Mixed-precision decode ``y[t] = x[t] @ W_{k_t}^T`` in one launch per 8 tokens (v6) or 2 tokens (v7).
 
     x [T, K] fp16/fp32 (NumPy, Numba device array or CUDA torch tensor), ``w`` a PackedWeight
     (device arrays are used as they are), k_t int [T] in 1..E (host or device; device k_t is
     not checked, out-of-range values are clamped). Returns y [T, N] in x's dtype: NumPy for
     host x, a CUDA torch tensor for torch x, else a Numba device array; ``out`` (device or
     host) is written in place. No host round trip and no Numba allocation when x, k_t and
-    ``out`` are on the device (workspaces are cached by shape).
+    ``out`` are on the device (workspaces are cached by shape). ``version`` 6 or 7 (v7: a
+    :class:`RoutedPlan` cached per weight and token count; ``block`` = warps per block).
     """
-    nthr = block or LUT_THREADS
-    if nthr & (nthr - 1) or not 1 <= nthr <= MAX_THREADS:
+    if version not in (6, 7):
+        raise ValueError(f"the routed GEMV is version 6 or 7, not {version}")
+    nthr = block or (LUT_THREADS if version == 6 else V7_WARPS)
+    if version == 6 and (nthr & (nthr - 1) or not 1 <= nthr <= MAX_THREADS):
         raise ValueError(f"block must be a power of two <= {MAX_THREADS}")
+    if version == 7 and not 1 <= nthr <= V7_WARPS:
+        raise ValueError(f"v7 block (warps per block) must be in 1..{V7_WARPS}")
     on_device = is_device_array(x)
     torch_x = getattr(x, "is_cuda", False)
     dx = to_device(x)
@@ -622,7 +627,9 @@ def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
     else:
         dout = output_array(out, (T, w.N), dx.dtype)
     W = dw.planes.shape[2]
-    for s0 in range(0, T, MAX_T):
+    if version == 7 and T:
+        _plan(dw, T, nthr)(dx, dk, dout, stream)
+    for s0 in range(0, T if version == 6 else 0, MAX_T):
         tseg = min(MAX_T, T - s0)
         wc, rb, rows = gemv_geometry(tseg, nthr, w.N)
         S = splits(w.N, W, tseg, nthr)
@@ -635,6 +642,15 @@ def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
         return res
     return finish(dout, out, on_device)
 
+
+_PLANS = {}  # (id of the device planes, T, warps) -> (planes, RoutedPlan): the planes kept alive with it
+
+
+def _plan(dw: PackedWeight, T: int, warps: int) -> RoutedPlan:
+    key = (id(dw.planes), int(T), int(warps))
+    if key not in _PLANS:
+        _PLANS[key] = (dw.planes, RoutedPlan(dw, T, warps))
+    return _PLANS[key][1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -984,3 +1000,49 @@ def launch_gemv7(args, tseg, N, block=None, stream=0):
 
 
 LAUNCHERS[7] = launch_gemv7
+
+
+class RoutedPlan:
+    """A routed decode launch (GEMV v7, ``routed=True``) prepared once per layer and token count.
+
+    Holds the flattened weight views, ``(0, B_1, ..., B_E)`` on the device, the compiled kernel,
+    the grid and the split-K workspace, so a call is only the kernel launch(es): no allocation,
+    no host-device copy, no synchronisation. ``plan(x, kt, out, stream)`` with device arrays
+    x [T, K] (fp16/fp32), kt int [T] (values outside 1..E are clamped), out [T, N]; ``stream``
+    a Numba stream (e.g. ``cuda.external_stream(torch.cuda.current_stream().cuda_stream)``).
+    """
+
+    def __init__(self, w: PackedWeight, T: int, warps: int = V7_WARPS):
+        if not 1 <= T:
+            raise ValueError("a plan needs at least one token")
+        dw = w.to_device()
+        self.T, self.N, self.K = int(T), w.N, w.K
+        W = int(dw.planes.shape[2])
+        self.planes, self.scale, self.zero = _flat(dw.planes), _flat(dw.scale), _flat(dw.zero)
+        self.W, self.NW, self.G, self.gw = W, w.N * W, int(dw.scale.shape[1]), group_words(dw)
+        self.bk = _bk(w.slice_bits)
+        nb = int(sum(w.slice_bits))
+        self.launches = []  # (first token, kernel, grid, rows, threads)
+        for s0 in range(0, self.T, V7_MAX_T):
+            n_tok = min(V7_MAX_T, self.T - s0)
+            nsl, groups, rows, wp = v7_geometry(w.N, W, n_tok, warps)
+            self.launches.append((s0, gemv7_kernel(n_tok, nb, routed=True), (nsl, groups), rows, 32 * wp))
+        self.groups = max(g for _, _, (_, g), _, _ in self.launches)
+        self._ws = {}
+
+    def workspace(self, stream=0):
+        key = 0 if not stream else getattr(stream, "handle", id(stream))
+        key = getattr(key, "value", key)
+        if key not in self._ws:  # zeroed once; every launch leaves it zero again
+            self._ws[key] = (cuda.to_device(np.zeros(V7_MAX_T * self.N, np.float32)),
+                             cuda.to_device(np.zeros(self.groups, np.int32)))  # fmt: skip
+        return self._ws[key]
+
+    def __call__(self, x, kt, out, stream=0, workspace=None):
+        ws, count = workspace or self.workspace(stream)
+        for s0, kern, grid, rows, nthr in self.launches:
+            kern[grid, nthr, stream](
+                x, s0, kt, self.bk, self.planes, 0, self.NW, self.W, self.scale, self.zero, self.G, self.gw,
+                np.float32(1.0), np.float32(1.0), np.float32(0.0), rows, ws, count, out,
+            )  # fmt: skip
+        return out
