@@ -246,8 +246,11 @@ _PTXAS = re.compile(
 )
 
 
-def compile_sass(name: str, pyfunc, sig, cc=(9, 0), tools: dict | None = None) -> Sass:
-    """Compile one kernel (``pyfunc`` with Numba types ``sig``) for ``sm_<cc>`` and read its SASS."""
+def compile_sass(name: str, pyfunc, sig, cc=(9, 0), tools: dict | None = None, max_registers: int | None = None) -> Sass:
+    """Compile one kernel (``pyfunc`` with Numba types ``sig``) for ``sm_<cc>`` and read its SASS.
+
+    ``max_registers``: the kernel's ``cuda.jit(max_registers=...)`` (passed to ptxas as on a GPU).
+    """
     from numba import cuda
 
     tools = tools or find_tools()
@@ -263,8 +266,10 @@ def compile_sass(name: str, pyfunc, sig, cc=(9, 0), tools: dict | None = None) -
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
-        res = subprocess.run([tools["ptxas"], f"-arch={arch}", "-v", "-o", str(cubin), str(src)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
+        cmd = [tools["ptxas"], f"-arch={arch}", "-v", "-o", str(cubin), str(src)]
+        if max_registers:
+            cmd.insert(1, f"--maxrregcount={int(max_registers)}")
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode:
             raise RuntimeError(f"ptxas failed for {name}: {res.stderr.strip().splitlines()[-1:]}")
         dis = subprocess.run([tools["nvdisasm"], "-c", str(cubin)], capture_output=True, text=True, check=False)
@@ -276,3 +281,277 @@ def compile_sass(name: str, pyfunc, sig, cc=(9, 0), tools: dict | None = None) -
     stack, sst, sld, regs, smem = (int(v) if v else 0 for v in m.groups())
     ins, loops = parse_sass(dis.stdout)
     return Sass(name, regs, stack, sst, sld, smem, len(ins), loops, dis.stdout)
+
+
+# ---------------------------------------------------------------------------------------
+# The decode kernels and what one iteration of their loops covers
+
+
+def _types():
+    from numba import types as nt
+
+    def arr(dtype, ndim):
+        return nt.Array(dtype, ndim, "C")
+
+    return nt, arr
+
+
+def _seg_sig(extra=()):
+    """The ladder's segment signature (``dequant`` module docstring), fp16 activations and outputs."""
+    nt, arr = _types()
+    x2 = arr(nt.float16, 2)
+    seg = (x2, nt.int64, nt.int64, arr(nt.uint32, 3), nt.int64, nt.int64, arr(nt.float32, 2), arr(nt.int32, 2),
+           nt.float32, nt.float32, nt.int64, nt.int64, arr(nt.float16, 2))  # fmt: skip
+    return seg + tuple(extra)
+
+
+def v7_signature(routed: bool = False):
+    """Numba types of a v7 launch (``gemv7_kernel``'s arguments) with fp16 x and out, int64 k_t."""
+    nt, arr = _types()
+    kt = arr(nt.int64 if routed else nt.int32, 1)
+    return (arr(nt.float16, 2), nt.int64, kt, arr(nt.int32, 1), arr(nt.uint32, 1), nt.int64, nt.int64, nt.int64,
+            arr(nt.float32, 1), arr(nt.int32, 1), nt.int64, nt.int64, nt.float32, nt.float32, nt.float32, nt.int64,
+            arr(nt.float32, 1), arr(nt.int32, 1), arr(nt.float16, 2))  # fmt: skip
+
+
+def _ladder_kernel(version: int):
+    from . import slice_gemm as sg
+    from . import slice_gemv as sv
+
+    nt, arr = _types()
+    split = (arr(nt.float32, 3), arr(nt.int32, 1))
+    if version == 1:
+        return sg.gemm_kernel1, _seg_sig()
+    if version in (2, 3, 4):
+        return getattr(sv, f"gemv_kernel{version}"), _seg_sig()
+    if version == 5:
+        return sv.gemv_kernel5, _seg_sig(split)
+    x2, i64, o2 = arr(nt.float16, 2), nt.int64, arr(nt.float16, 2)
+    sig6 = (x2, i64, i64, arr(nt.int64, 1), arr(nt.int32, 1), arr(nt.uint32, 3), arr(nt.float32, 2),
+            arr(nt.int32, 2), i64, o2) + split  # fmt: skip
+    return sv.gemv_kernel6, sig6
+
+
+@dataclass
+class Row:
+    kernel: str
+    bits: int
+    shape: str
+    gpu: str
+    registers: int
+    local_bytes: int
+    spill_bytes: int
+    shared_bytes: int
+    hot_loop_instructions: int | None
+    instructions_per_weight: float | None
+    bytes: int
+    memory_us: float
+    instruction_us: float | None
+    predicted_us: float | None
+    bound: str
+    model: str
+    tokens: int = 1
+
+
+def packed_bytes(K: int, N: int, bits: int, group: int = 128) -> int:
+    """Bytes a decode GEMV must read: ``bits`` planes of ``N x ceil(K/32)`` words + float32 scale and int32 zero per group."""
+    W = -(-K // 32)
+    return bits * N * W * 4 + N * max(1, K // group) * 8
+
+
+def _other_loops(sass: Sass, hot: Loop) -> list:
+    """Top-level loops that do not contain the hot loop."""
+    return [lp for lp in sass.loops if not (lp.start <= hot.start and hot.end <= lp.end)]
+
+
+def _straight_line(sass: Sass) -> tuple[int, int]:
+    """(instructions outside every loop before the first barrier, and after it, up to the last EXIT).
+
+    Code after the kernel's last ``EXIT`` is the compiler's subroutines (64-bit division slow
+    paths, called only when an operand does not fit 32 bits): not counted.
+    """
+    ins, _ = parse_sass(sass.text)
+    last_exit = max((a for a, t in ins if _opcode(t) == "EXIT"), default=None)
+    if last_exit is not None:
+        ins = [(a, t) for a, t in ins if a <= last_exit]
+    in_loop = [any(lp.start <= a <= lp.end for lp in sass.loops) for a, _ in ins]
+    first_bar = next((a for a, t in ins if _opcode(t).startswith("BAR")), None)
+    before = sum(1 for (a, _), inl in zip(ins, in_loop) if not inl and first_bar is not None and a < first_bar)
+    after = sum(1 for inl in in_loop if not inl) - before
+    return before, after
+
+
+def instructions_per_weight(version: int, sass: Sass, bits: int, K: int, N: int, gpu: Gpu) -> tuple:
+    """(instructions per weight, hot-loop static count, how it was counted) for one kernel and shape, T = 1.
+
+    v7 (bits and tokens are constants: the compiler unrolls every plane and nibble, so the
+    machine code has one loop per row plus the epilogue): per block, in thread-instructions,
+
+        32 x [ before + warps x ( after + hot x rows per warp + epilogue x its trips / K-blocks ) ]
+
+    ``before``: code outside loops ahead of the first barrier (the table build, run by warp 0),
+    ``after``: code outside loops after it (every warp), ``hot``: the row loop (one iteration =
+    one row, 64 words per lane), the epilogue loop runs in the last block of a row group only.
+    Summed over the grid of :func:`cuda_numba.slice_gemv.v7_geometry` and divided by N K.
+    v1-v6 read the bit-width at run time; their loops are unrolled by factors the machine code
+    does not state, so they are not modelled (None): the report gives their resources only.
+    """
+    from .slice_gemv import v7_geometry
+
+    hot = sass.hot_loop()
+    if version != 7:
+        return None, hot.count if hot else None, "not modelled (run-time bit-width)"
+    W = -(-K // 32)
+    nkb, groups, rows, warps = v7_geometry(N, W, 1, sms=gpu.sms)
+    before, after = _straight_line(sass)
+    others = sum(lp.count for lp in _other_loops(sass, hot))
+    per_warp = after + hot.count * -(-rows // warps) + others * -(-rows // (32 * warps)) / nkb
+    total = 32 * (before + warps * per_warp) * nkb * groups
+    return total / (N * K), hot.count, "v7 model: build (warp 0) + straight-line + hot loop x rows per warp + epilogue"
+
+
+def report(versions=(1, 2, 3, 4, 5, 6, 7), bits_list=BITS, shapes=SHAPES, gpus=GPUS, log=print) -> list:
+    """Compile each version (v7 once per bit-width) and return one :class:`Row` per (version, bits, shape, GPU)."""
+    from .slice_gemv import gemv7_kernel
+
+    tools = find_tools()
+    rows = []
+    cache = {}
+    for v in versions:
+        for bits in bits_list:
+            if v == 7:
+                kern = gemv7_kernel(1, bits, sim=False)
+                key = (7, bits)
+                if key not in cache:
+                    cache[key] = compile_sass(f"gemv7[T=1, {bits} bits]", kern.py_func, v7_signature(), tools=tools)
+            else:
+                key = (v, 0)
+                if key not in cache:
+                    fn, sig = _ladder_kernel(v)
+                    cache[key] = compile_sass(f"gemv{v}", fn.py_func, sig, tools=tools)
+            sass = cache[key]
+            log(f"gemv{v} {bits} bits: {sass.registers} registers, {sass.local_bytes} B local, "
+                f"{sass.shared_bytes} B shared, hot loop {getattr(sass.hot_loop(), 'count', None)} instructions")  # fmt: skip
+            for K, N in shapes:
+                for gpu in gpus:
+                    ipw, hot, model = instructions_per_weight(v, sass, bits, K, N, gpu)
+                    nbytes = packed_bytes(K, N, bits)
+                    mem_us = nbytes / (gpu.hbm_gbs * 1e9) * 1e6
+                    ins_us = None if ipw is None else ipw * K * N / gpu.issue_rate * 1e6
+                    pred = None if ins_us is None else max(mem_us, ins_us)
+                    bound = "-" if ins_us is None else ("instructions" if ins_us > mem_us else "memory")
+                    rows.append(Row(f"gemv{v}", bits, f"{K}x{N}", gpu.name, sass.registers, sass.local_bytes,
+                                    sass.spill_store_bytes + sass.spill_load_bytes, sass.shared_bytes, hot,
+                                    None if ipw is None else round(ipw, 3), nbytes, round(mem_us, 3),
+                                    None if ins_us is None else round(ins_us, 3), None if pred is None else round(pred, 3),
+                                    bound, model))  # fmt: skip
+    return rows
+
+
+def resources(cc=(9, 0), log=print) -> list:
+    """Registers, local and shared memory of every kernel ``ptx_check`` compiles (no per-weight model)."""
+    from .ptx_check import _signatures
+
+    tools = find_tools()
+    out = []
+    for name, kernel, sig in _signatures():
+        s = compile_sass(name, kernel.py_func, sig, cc=cc, tools=tools)
+        out.append({"kernel": name, "registers": s.registers, "local_bytes": s.local_bytes,
+                    "spill_bytes": s.spill_store_bytes + s.spill_load_bytes, "shared_bytes": s.shared_bytes,
+                    "instructions": s.instructions})  # fmt: skip
+        log(f"{name}: {s.registers} registers, {s.local_bytes} B local, {s.shared_bytes} B shared")
+    return out
+
+
+def table(rows, gpu: str = "H200-SXM") -> str:
+    """Markdown table of the rows for one GPU: one line per (kernel, bits), shapes side by side (predicted us)."""
+    shapes = sorted({r.shape for r in rows}, key=lambda s: [-int(v) for v in s.split("x")])
+    lines = ["| kernel | bits | registers | local B | instr./weight | " + " | ".join(f"{s} us" for s in shapes) + " |",
+             "|---|---|---|---|---|" + "---|" * len(shapes)]  # fmt: skip
+    seen = {}
+    for r in rows:
+        if r.gpu == gpu:
+            seen.setdefault((r.kernel, r.bits), {})[r.shape] = r
+    for (kern, bits), by in sorted(seen.items(), key=lambda kv: (int(kv[0][0][4:]), kv[0][1])):
+        r0 = next(iter(by.values()))
+        ipw = "-" if r0.instructions_per_weight is None else f"{r0.instructions_per_weight:.2f}"
+        cells = []
+        for s in shapes:
+            r = by.get(s)
+            cells.append("-" if r is None or r.predicted_us is None else f"{r.predicted_us:.1f}")
+        lines.append(f"| {kern} | {bits} | {r0.registers} | {r0.local_bytes} | {ipw} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cuda_numba.sass", description=__doc__.splitlines()[0])
+    ap.add_argument("--versions", default="1,2,3,4,5,6,7", help="GEMV versions (default all)")
+    ap.add_argument("--bits", default=",".join(map(str, BITS)), help="bit-widths (default 2,4,8)")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list")
+    ap.add_argument("--resources", action="store_true", help="also every other kernel's registers / memory")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sass.json"))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    import numba
+
+    if numba.config.ENABLE_CUDASIM:
+        print("cuda_numba.sass: the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1); run with NUMBA_ENABLE_CUDASIM=0")
+        return 2
+    try:
+        versions = [int(v) for v in args.versions.split(",") if v.strip()]
+        bits = [int(b) for b in args.bits.split(",") if b.strip()]
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s.strip()]
+        if any(v not in range(1, 8) for v in versions) or any(not 1 <= b <= 8 for b in bits):
+            raise ValueError("versions are 1..7 and bits 1..8")
+    except ValueError as exc:
+        print(f"cuda_numba.sass: bad argument ({exc})")
+        return 2
+    try:
+        rows = report(versions, bits, shapes)
+        res = resources() if args.resources else None
+    except NoCompiler as exc:
+        print(f"cuda_numba.sass: {exc}")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a kernel failed to compile: say which, exit 1
+        print(f"cuda_numba.sass: FAIL {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return 1
+    print()
+    print(table(rows))
+    if not args.no_write:
+        from .bench_env import git_commit, versions as lib_versions
+
+        out = {
+            "meta": {
+                "what": "static prediction from compiled SASS (sm_90; A100 rows reuse it), NOT a measurement",
+                "git_commit": git_commit(),
+                "versions": lib_versions(),
+                "ptxas": _tool_version("ptxas"),
+                "argv": sys.argv[1:] if argv is None else list(argv),
+                "tokens": 1,
+                "group_size": 128,
+                "gpus": [{"name": g.name, "sms": g.sms, "boost_ghz": g.boost_ghz, "hbm_gbs": g.hbm_gbs,
+                          "issue_rate_per_s": g.issue_rate} for g in GPUS],  # fmt: skip
+                "formula": "predicted_us = max(bytes / hbm_gbs, weights * instructions_per_weight / issue_rate)",
+            },
+            "rows": [r.__dict__ for r in rows],
+        }
+        if res is not None:
+            out["resources"] = res
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def _tool_version(name: str) -> str:
+    path = _binary(name)
+    if not path:
+        return "not found"
+    res = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return (res.stdout.strip().splitlines() or ["?"])[-1]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
+    sys.exit(main())

@@ -662,7 +662,7 @@ V7_TAB = V7_NIBS * 16 * V7_SLOTS  # float32 table entries per token, [nibble][va
 V7_MAX_T = 2  # tokens per launch: T tables of 16 KB stay under the 48 KB of static shared memory
 V7_WARPS = 8  # warps per block by default (clamped to the rows of a small layer)
 V7_BLOCKS_PER_SM = 4  # grid target: about this many blocks per SM
-V7_MIN_ROWS_PER_WARP = 8  # ... but at least this many rows per warp, to amortise the table build
+V7_MIN_ROWS_PER_WARP = 16  # ... but at least this many rows per warp, to amortise the table build
 FULL_MASK = 0xFFFFFFFF
 
 _V7 = {}  # (T, NB, routed, simulator) -> compiled kernel
@@ -882,25 +882,33 @@ def gemv7_kernel(T: int, NB: int, routed: bool = False, sim: bool | None = None)
         row_stop = uint32(row0 + uint32((uint32(rows) + nwarp - uint32(1)) // nwarp) * nwarp)
         n = uint32(row0 + warp)
         zs = zadd - float32(0.5)
+        # running element offsets of this lane's words and scale groups in row n (strength-reduced)
+        offa = uint64(n) * uint64(W) + uint64(wa)
+        sga = uint64(n) * uint64(G) + uint64(ga)
+        dgb = uint64(gb - ga)
+        step_w = uint64(nwarp) * uint64(W)
+        step_g = uint64(nwarp) * uint64(G)
+        oka = wa < uint32(W)
+        okb = SPB == 2 and wb < uint32(W)
         while n < row_stop:
             for t in range(TT):
                 part[t] = float32(0.0)
             live = n < row_end
-            if live and wa < uint32(W):
-                _load7(planes, plane_off, uint64(n) * uint64(W) + uint64(wa), NP, nbmax, qa)
-                sg = uint64(n) * uint64(G) + uint64(ga)
-                sc, ze = scale[sg], float32(zero[sg])
+            if live and oka:
+                _load7(planes, plane_off, offa, NP, nbmax, qa)
+                sc, ze = scale[sga], float32(zero[sga])
                 acc = _horner7(a0, a1, a2, a3, a4, a5, a6, a7, qa, NP, tnb[0], lane4)
                 part[0] = sc * tsm[0] * (acc - (ze * tzm[0] + zs) * xsa)
                 if SPB == 1:  # T = 2: token 1 reads the same plane words through table set b
                     acc = _horner7(b0, b1, b2, b3, b4, b5, b6, b7, qa, NP, tnb[TT - 1], lane4)
                     part[TT - 1] = sc * tsm[TT - 1] * (acc - (ze * tzm[TT - 1] + zs) * xsb)
-            if SPB == 2 and live and wb < uint32(W):  # T = 1: the block's second K-slice
-                _load7(planes, plane_off, uint64(n) * uint64(W) + uint64(wb), NP, nbmax, qb)
-                sg = uint64(n) * uint64(G) + uint64(gb)
-                sc, ze = scale[sg], float32(zero[sg])
+            if live and okb:  # T = 1: the block's second K-slice, 32 words further
+                _load7(planes, plane_off, offa + uint64(V7_SLOTS), NP, nbmax, qb)
+                sc, ze = scale[sga + dgb], float32(zero[sga + dgb])
                 acc = _horner7(b0, b1, b2, b3, b4, b5, b6, b7, qb, NP, tnb[0], lane4)
                 part[0] += sc * tsm[0] * (acc - (ze * tzm[0] + zs) * xsb)
+            offa += step_w
+            sga += step_g
             for t in range(TT):
                 v = part[t]
                 if SIM:  # the simulator has no shuffles: the same 32 values summed through shared memory
@@ -943,17 +951,19 @@ def gemv7_kernel(T: int, NB: int, routed: bool = False, sim: bool | None = None)
     return kernel7
 
 
-def v7_geometry(N: int, W: int, T: int = 1, warps: int = V7_WARPS) -> tuple[int, int, int, int]:
-    """(K-slices, row groups, rows per group, warps per block) of a v7 launch; the same on a GPU and in the simulator.
+def v7_geometry(N: int, W: int, T: int = 1, warps: int = V7_WARPS, sms: int | None = None) -> tuple[int, int, int, int]:
+    """(K-blocks, row groups, rows per group, warps per block) of a v7 launch; the same on a GPU and in the simulator.
 
-    About ``V7_BLOCKS_PER_SM`` blocks per SM, with at least ``V7_MIN_ROWS_PER_WARP`` rows per warp
-    so the table build (once per block) stays a small part of the work.
+    A K-block is ``V7_MAX_T // T`` K-slices of 32 words (2 at T = 1). About ``V7_BLOCKS_PER_SM``
+    blocks per SM (``sms``: the device's count by default), with at least
+    ``V7_MIN_ROWS_PER_WARP`` rows per warp so the table build (once per block) stays small.
     """
     if not 1 <= warps <= V7_WARPS:
         raise ValueError(f"v7 warps per block must be in 1..{V7_WARPS}")
     n_slices = cdiv(W, V7_SLOTS * (V7_MAX_T // max(1, min(T, V7_MAX_T))))  # blocks along K
     warps = max(1, min(warps, cdiv(N, V7_MIN_ROWS_PER_WARP)))
-    groups = max(1, min(cdiv(V7_BLOCKS_PER_SM * _n_sm(), n_slices), cdiv(N, V7_MIN_ROWS_PER_WARP * warps)))
+    sms = sms or _n_sm()
+    groups = max(1, min(cdiv(V7_BLOCKS_PER_SM * sms, n_slices), cdiv(N, V7_MIN_ROWS_PER_WARP * warps)))
     rows = cdiv(N, groups)
     return n_slices, cdiv(N, rows), rows, warps
 
