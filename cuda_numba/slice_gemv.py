@@ -24,7 +24,7 @@ and bytes read both grow with ``nb``. A table is built from two 16-entry nibble 
 ``tab[255]`` is the sum of the 8 activations: the zero point comes in through ``sum x``.
 
 Versions (``slice_gemv(..., version=V)``; ``slice_linear(kind="gemv", version=V)`` runs them on
-routed tokens, 8 tokens per launch):
+routed tokens, 8 tokens per launch, v7 2):
 
 1. naive: one thread per output (t, n): GEMM v1 of :mod:`cuda_numba.slice_gemm`.
 2. one block per output row, one thread per K-word; each weight is decoded once and used for
@@ -40,15 +40,25 @@ routed tokens, 8 tokens per launch):
    block writes its partial sums to a workspace, fences, counts itself done with an atomic add
    per row block, and the **last** block sums the ``S`` partials, writes the output and resets
    the counter. One launch, no second reduction kernel.
-6. v5 + **per-token precision in one launch** (the decode call path, ``slice_linear(...,
-   method="fused")``): ``k_t`` stays on the device, each token's Horner sum stops at its own
+6. v5 + **per-token precision in one launch** (``slice_linear(..., method="fused",
+   version=6)``): ``k_t`` stays on the device, each token's Horner sum stops at its own
    ``B_{k_t}`` planes with its own ``s_k, z_k``; the block loads the largest precision's planes
    once. No sort, gather, scatter, host round trip or allocation per call.
 
+7. the instruction budget of v4-v6 rebuilt (:func:`gemv7_kernel`, a kernel factory: bits and
+   tokens are compile-time constants, so every plane and nibble loop unrolls): 16-entry nibble
+   tables built once per K-slice and reused by all rows of a block; lane l of a warp reads word
+   slot l, so it only reads column l of the tables (``[value][slot]``: bank l, no conflicts);
+   unsigned index arithmetic with shifts and masks; a row's lane partials summed by warp
+   shuffles (a shared-memory sum of the same values in the simulator, which has no shuffles)
+   and added with fire-and-forget atomics, split-K closed by the last block as in v5. At most
+   2 tokens per launch (tables: 16 KB per token and K-slice). Routed: :class:`RoutedPlan`.
+   ``python -m cuda_numba.sass`` reads its machine code (``benchmarks/NOTES.md``).
+
 Launch geometry is the same on a GPU and in the simulator: block sizes are parameters with one
 default each, clamped to the problem (a 37-row layer gets 10 row slots, not 32).
-Reference :func:`slice_gemv_ref`; dispatcher :func:`slice_gemv`; launchers ``LAUNCHERS`` (v1-v5,
-signature ``launch(args, tseg, N, block, stream)``); v6 :func:`gemv_routed`.
+Reference :func:`slice_gemv_ref`; dispatcher :func:`slice_gemv`; launchers ``LAUNCHERS`` (v1-v5
+and v7, signature ``launch(args, tseg, N, block, stream)``); routed v6 / v7 :func:`gemv_routed`.
 """
 
 from __future__ import annotations
@@ -71,6 +81,9 @@ __all__ = [
     "slice_gemv_ref",
     "splits",
     "workspace_counters_clear",
+    "RoutedPlan",
+    "gemv7_kernel",
+    "v7_geometry",
 ]
 
 MAX_T = 8  # tokens per launch (decode); larger T is processed 8 at a time
@@ -937,13 +950,13 @@ def gemv7_kernel(T: int, NB: int, routed: bool = False, sim: bool | None = None)
             last[0] = 1 if done == cuda.gridDim.x - 1 else 0
         cuda.syncthreads()
         if last[0] == 1:
-            for e in range(tid, TT * rows, nthr):
-                t = uint32(e) // uint32(rows)
-                n = row0 + uint32(e) % uint32(rows)
-                if n < row_end:
-                    i = t * N + n
+            n = uint32(row0 + tid)
+            while n < row_end:  # this row group's outputs, every token
+                for t in range(TT):
+                    i = uint64(t) * uint64(N) + uint64(n)
                     out[t0 + t, n] = cuda.atomic.add(ws, i, float32(0.0))  # through L2, never a stale L1 line
                     ws[i] = float32(0.0)
+                n = uint32(n + nthr)
             if tid == 0:
                 count[cuda.blockIdx.y] = 0
 

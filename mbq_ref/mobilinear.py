@@ -111,7 +111,12 @@ class RoutedSlices(nn.Module):
     Attributes set by subclasses: ``name``, ``slice_bits``, ``in_features``,
     ``out_features``, ``bias``, ``router`` (:class:`mbq_ref.mobiroute.MoBiRouter`),
     ``tau_logit``, ``fixed_k``, ``token_slices``, ``stats``
-    (:class:`mbq_ref.mobiroute.BitStats`); :meth:`_init_routing` sets the last four.
+    (:class:`mbq_ref.mobiroute.BitStats`), ``host_checks``; :meth:`_init_routing` sets the last five.
+
+    ``host_checks`` (None = by device): CPU inputs are checked on the host (NaN/inf input,
+    slice counts in 1..E) and a bad one raises at once; CUDA inputs are checked on the device
+    and counted in ``stats``, so decode never waits for the GPU; :meth:`check_stats` (and
+    :attr:`avg_bits`) raise for what was counted. True / False force one way.
     """
 
     def _init_routing(self, tau: float) -> None:

@@ -303,15 +303,22 @@ def surrogate_saturation(
     return float((g < rel).double().mean()) if g.numel() else math.nan
 
 
+_CUM_BITS = {}  # (slice_bits, device) -> float32 [E + 1] = (0, B_1, ..., B_E), for counts_to_bits(check=False)
+
+
 def counts_to_bits(counts: torch.Tensor, slice_bits, check: bool = True) -> torch.Tensor:
     """Bits per token ``b_t = B_{k_t}`` (float32, same shape as ``counts``).
 
     ``check=False`` skips the range check (it reads the device; decode defers it to
     :class:`BitStats`): counts are clamped to 0..E, so an out-of-range count reads 0 or B_E bits.
     """
-    cum = torch.tensor([0, *cumulative_bits(slice_bits)], dtype=torch.float32, device=counts.device)
-    if not check:
+    if not check:  # decode: the table is made once per device (a tensor from host data is a copy and a sync)
+        key = (tuple(int(b) for b in slice_bits), str(counts.device))
+        if key not in _CUM_BITS:
+            _CUM_BITS[key] = torch.tensor([0, *cumulative_bits(slice_bits)], dtype=torch.float32, device=counts.device)
+        cum = _CUM_BITS[key]
         return cum[counts.long().clamp(0, len(cum) - 1)]
+    cum = torch.tensor([0, *cumulative_bits(slice_bits)], dtype=torch.float32, device=counts.device)
     if counts.numel() and (counts.min() < 1 or counts.max() > len(cum) - 1):
         raise RouteError(f"slice counts must be in 1..{len(cum) - 1}, got {int(counts.min())}..{int(counts.max())}")
     return cum[counts.long()]

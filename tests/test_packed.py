@@ -200,8 +200,9 @@ def _count_host_syncs(monkeypatch, fn):
     """Run ``fn()`` with every way the host can wait for the device patched to count; returns the calls.
 
     Counted: torch's host reads (``item``, ``tolist``, ``bool``/``float``/``int`` of a tensor,
-    ``.cpu()``), torch's and Numba's synchronise, Numba copies (``to_device``, ``copy_to_host``)
-    and a synchronising ``as_cuda_array``. Each call is returned with the functions on its stack.
+    ``.cpu()``), tensors made from host data (``torch.tensor``, ``torch.as_tensor``: a copy to
+    the device), torch's and Numba's synchronise, Numba copies (``to_device``,
+    ``copy_to_host``) and a synchronising ``as_cuda_array``. Each call is returned with the functions on its stack.
     """
     import traceback
 
@@ -221,6 +222,8 @@ def _count_host_syncs(monkeypatch, fn):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu"):
         monkeypatch.setattr(T, name, counting(name, getattr(T, name)))
     monkeypatch.setattr(torch.cuda, "synchronize", counting("torch.cuda.synchronize", torch.cuda.synchronize))
+    for name in ("tensor", "as_tensor"):  # a tensor made from host data is a host-to-device copy (and a sync)
+        monkeypatch.setattr(torch, name, counting(f"torch.{name}", getattr(torch, name)))
     monkeypatch.setattr(nc, "synchronize", counting("numba.synchronize", nc.synchronize))
     monkeypatch.setattr(nc, "to_device", counting("numba.to_device", nc.to_device))
     if hasattr(nc, "as_cuda_array"):  # not in the simulator
