@@ -464,22 +464,24 @@ def resources(cc=(9, 0), log=print) -> list:
 
 
 def table(rows, gpu: str = "H200-SXM") -> str:
-    """Markdown table of the rows for one GPU: one line per (kernel, bits), shapes side by side (predicted us)."""
+    """Markdown table of the rows for one GPU: one line per (kernel, bits); per shape "instructions per weight / us"."""
     shapes = sorted({r.shape for r in rows}, key=lambda s: [-int(v) for v in s.split("x")])
-    lines = ["| kernel | bits | registers | local B | instr./weight | " + " | ".join(f"{s} us" for s in shapes) + " |",
-             "|---|---|---|---|---|" + "---|" * len(shapes)]  # fmt: skip
+    lines = ["| kernel | bits | registers | local B | " + " | ".join(f"{s}: instr./weight, us" for s in shapes) + " |",
+             "|---|---|---|---|" + "---|" * len(shapes)]  # fmt: skip
     seen = {}
     for r in rows:
         if r.gpu == gpu:
             seen.setdefault((r.kernel, r.bits), {})[r.shape] = r
     for (kern, bits), by in sorted(seen.items(), key=lambda kv: (int(kv[0][0][4:]), kv[0][1])):
         r0 = next(iter(by.values()))
-        ipw = "-" if r0.instructions_per_weight is None else f"{r0.instructions_per_weight:.2f}"
         cells = []
         for s in shapes:
             r = by.get(s)
-            cells.append("-" if r is None or r.predicted_us is None else f"{r.predicted_us:.1f}")
-        lines.append(f"| {kern} | {bits} | {r0.registers} | {r0.local_bytes} | {ipw} | " + " | ".join(cells) + " |")
+            if r is None or r.predicted_us is None:
+                cells.append("-")
+            else:
+                cells.append(f"{r.instructions_per_weight:.2f}, {r.predicted_us:.1f}")
+        lines.append(f"| {kern} | {bits} | {r0.registers} | {r0.local_bytes} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -751,7 +751,7 @@ def _fill16(tab, b, x0, x1, x2, x3):
 
 @cuda.jit(device=True, inline=True)
 def _xval(x, t, k, K):
-    return float32(x[t, k]) if k < K else float32(0.0)
+    return float32(x[uint64(t), uint64(k)]) if k < K else float32(0.0)  # unsigned: no negative-index fix-ups
 
 
 @cuda.jit(device=True, inline=True)
