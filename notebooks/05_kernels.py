@@ -623,16 +623,19 @@ if sass_path.exists():
     rows_h200 = [r for r in sass_rep["rows"] if r["gpu"] == "H200-SXM"]
     shapes_s = sorted({r["shape"] for r in rows_h200}, key=lambda s_: [-int(v) for v in s_.split("x")])
     print(f"PREDICTION for one H200 (T = 1 token), from {sass_path.name}: {sass_rep['meta']['formula']}")
-    print(f"{'kernel':>7} {'bits':>4} {'regs':>4} {'local B':>7} {'instr/w':>7} " + " ".join(f"{s_ + ' us':>14}" for s_ in shapes_s))
+    def cell(r):
+        """'instructions per weight, predicted us' of one row ('-' where the report has no model)."""
+        return "-" if r["predicted_us"] is None else f"{r['instructions_per_weight']:.2f}, {r['predicted_us']:.1f}"
+
+    print("per shape: instructions per weight, predicted us")
+    print(f"{'kernel':>7} {'bits':>4} {'regs':>4} {'local B':>7} " + " ".join(f"{s_:>16}" for s_ in shapes_s))
     by_k = {}
     for r in rows_h200:
         by_k.setdefault((r["kernel"], r["bits"]), {})[r["shape"]] = r
     for (kern, b_), by_s in sorted(by_k.items(), key=lambda kv: (int(kv[0][0][4:]), kv[0][1])):
         r0 = next(iter(by_s.values()))
-        ipw = "-" if r0["instructions_per_weight"] is None else f"{r0['instructions_per_weight']:.2f}"
-        cells = " ".join(f"{'-' if by_s[s_]['predicted_us'] is None else round(by_s[s_]['predicted_us'], 1):>14}"
-                         for s_ in shapes_s)
-        print(f"{kern:>7} {b_:>4} {r0['registers']:>4} {r0['local_bytes']:>7} {ipw:>7} {cells}")
+        cells = " ".join(f"{cell(by_s[s_]):>16}" for s_ in shapes_s)
+        print(f"{kern:>7} {b_:>4} {r0['registers']:>4} {r0['local_bytes']:>7} {cells}")
     v7_4 = by_k[("gemv7", 4)]["14336x4096"]
     fp = fp16_us.get((14336, 4096))
     print(f"\nv7 at 4 bits on 14336x4096: predicted >= {v7_4['predicted_us']:.1f} us ({v7_4['bound']}-bound)"
