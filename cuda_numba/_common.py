@@ -60,6 +60,26 @@ def to_device(a, dtype=None, stream=0):
     return cuda.to_device(a, stream=stream)
 
 
+def device_view(t):
+    """A Numba device array viewing a torch tensor's memory, without synchronising any stream.
+
+    CUDA tensors: ``cuda.as_cuda_array(t, sync=False)`` (the default ``sync=True`` waits for the
+    stream the tensor was produced on; the caller launches on that stream instead). Under
+    Numba's simulator a CPU tensor stands for device memory: a simulated device array sharing
+    its storage (no copy), so a kernel writes straight into the tensor as it would on a GPU.
+    ``t`` must be contiguous.
+    """
+    if getattr(t, "is_cuda", False):
+        return cuda.as_cuda_array(t, sync=False)
+    import numba
+
+    if not numba.config.ENABLE_CUDASIM:
+        raise TypeError("device_view needs a CUDA tensor (or Numba's simulator)")
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    return FakeCUDAArray(t.detach().numpy())
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)

@@ -16,7 +16,7 @@ fp16 weights (2 bytes each) and with the HBM roofline ``bytes / peak bandwidth``
 
 Kernel names are the modules' public case lists: ``slice_linear.CASES`` (``gemv1-5`` and
 ``gemm1-3`` through ``slice_linear(method="grouped")``, ``streams-gemv2/-gemv5/-gemm2/-gemm3``
-through ``method="streams"``, ``fused-gemv6``: one launch, k_t on the device, output
+through ``method="streams"``, ``fused-gemv6``/``fused-gemv7``: one launch, k_t on the device, output
 preallocated, the decode call path), ``binary_matmul.CASES`` (``bmm1-3``: integer AND+popcount,
 8-bit activations pre-quantized and packed, all tokens at the precision nearest the average),
 ``packing.CASES`` (``pack1-2``: offline packing, once per shape), and ``fp16`` (``x @ W^T`` in torch).
@@ -246,7 +246,7 @@ class _Case:
                 dout = cuda.device_array((T, w.N), np.float16)
 
                 def call():
-                    return sl.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=6, out=dout)
+                    return sl.slice_linear(self.dx, w, dk, method="fused", kind="gemv", version=kern.version, out=dout)
 
                 def kernels_only():
                     sl.run_kernels(kern.name, self.dx, w, self.k_t, out=dout, dk=dk)
@@ -320,8 +320,15 @@ class _Case:
         return call, None, lambda y: _rel_check(y.float().cpu().numpy(), ref)
 
 
-def _time(run, reps, warmup, flush, max_case_ms) -> list[float]:
-    """Milliseconds per call on a GPU: median-ready list of CUDA-event intervals, L2 flushed before each."""
+def _time(run, reps, warmup, flush, max_case_ms, delay=None) -> list[float]:
+    """Milliseconds per call on a GPU: CUDA-event intervals, the L2 flushed before each.
+
+    ``delay(us)`` (see :func:`_make_delay`) queues a kernel that keeps the GPU busy for ``us``
+    microseconds right before the start event: the host enqueues the call's launches while it
+    runs, so the interval holds the GPU work of the call, not the Python in front of it (without
+    it, host work after the start event reads as 15-40 us extra on kernels under ~50 us). The
+    delay is twice the host time of one call (measured here), at least 20 us and at most 20 ms.
+    """
     from numba import cuda
 
     from ._common import make_event
@@ -332,19 +339,38 @@ def _time(run, reps, warmup, flush, max_case_ms) -> list[float]:
     start, end = make_event(), make_event()
     t0 = time.perf_counter()
     run()
+    host_ms = (time.perf_counter() - t0) * 1e3  # enqueue time (the call returns before the GPU is done)
     cuda.synchronize()
     first_ms = (time.perf_counter() - t0) * 1e3
     n = reps if first_ms * reps <= max_case_ms else max(3, int(max_case_ms // max(first_ms, 1e-3)))
+    delay_us = min(20000.0, max(20.0, 2e3 * host_ms))
     times = []
     for _ in range(n):
         if flush is not None:
             flush()
+        if delay is not None:
+            delay(delay_us)
         start.record()
         run()
         end.record()
         end.synchronize()
         times.append(cuda.event_elapsed_time(start, end))
     return times
+
+
+def _make_delay():
+    """``delay(us)``: a one-thread kernel that sleeps about ``us`` microseconds on the default stream."""
+    from numba import cuda
+
+    @cuda.jit
+    def _sleep(n_us):
+        for _ in range(n_us):
+            cuda.nanosleep(1000)  # at most ~1 us per call (the hardware may wake it earlier)
+
+    def delay(us):
+        _sleep[1, 1](int(us))
+
+    return delay
 
 
 def _make_flush(l2_bytes):
@@ -391,15 +417,18 @@ def _run_grid(args, sim: bool) -> dict:
         else (
             "median of CUDA-event intervals (L2 flushed before each): ms_median = one full call (host "
             "routing, allocations, gather, kernels, scatter); kernel_ms_median = the compute kernels "
-            "alone on pre-sorted tokens; GB/s and roofline use the kernels-only time where there is one"
+            "alone on pre-sorted tokens; GB/s and roofline use the kernels-only time where there is one; "
+            + ("a delay kernel before each start event hides the host's enqueue time (GPU time of the call)"
+               if not args.no_delay else "no delay kernel: host enqueue time after the start event is included")
         ),
     }
     if sim:
         meta["device"] = {"name": "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"}
-        flush = None
+        flush = delay = None
     else:
         meta["device"] = device_info(args.peak_gbs)
         flush = None if args.no_flush else _make_flush(meta["device"]["l2_bytes"])
+        delay = None if args.no_delay else _make_delay()
     try:
         import torch
 
@@ -410,6 +439,7 @@ def _run_grid(args, sim: bool) -> dict:
     ref_device = "cuda" if has_torch_cuda else "cpu"
     peak = meta["device"].get("hbm_peak_gbs")
     results, failures, t_start = [], 0, time.perf_counter()
+    jsonl = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115 - closed below
     label = "sim wall ms (NOT perf)" if sim else "call ms"
     print(f"# device: {meta['device']['name']}  |  {meta['timing']}")
     print(
@@ -447,9 +477,9 @@ def _run_grid(args, sim: bool) -> dict:
                         ok, err = check(out)
                     else:
                         ok, err = check(call())  # validate before timing
-                        times = _time(call, args.reps, args.warmup, flush, args.max_case_ms)
+                        times = _time(call, args.reps, args.warmup, flush, args.max_case_ms, delay)
                     kern_times = (
-                        _time(kernels_only, args.reps, args.warmup, flush, args.max_case_ms)
+                        _time(kernels_only, args.reps, args.warmup, flush, args.max_case_ms, delay)
                         if (kernels_only is not None and not sim)
                         else None
                     )
@@ -484,6 +514,9 @@ def _run_grid(args, sim: bool) -> dict:
                     row["roofline_ms"] = nbytes / (peak * 1e9) * 1e3 if peak else None
                     row["frac_of_roofline"] = row["roofline_ms"] / t_bw if (peak and not sim) else None
                     results.append(row)
+                    if jsonl is not None:  # each case on disk as soon as it is measured
+                        jsonl.write(json.dumps({**row, "device": meta["device"]["name"]}) + "\n")
+                        jsonl.flush()
                     sp = f"{row['speedup_vs_fp16']:.2f}" if row["speedup_vs_fp16"] else "-"
                     fr = f"{100 * row['frac_of_roofline']:.0f}" if row["frac_of_roofline"] else "-"
                     print(
@@ -493,6 +526,8 @@ def _run_grid(args, sim: bool) -> dict:
                         flush=True,
                     )
     meta["truncated_by_time_budget"] = truncated
+    if jsonl is not None:
+        jsonl.close()
     return {"meta": meta, "results": results, "failures": failures}
 
 
@@ -568,6 +603,8 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
     ap.add_argument("--time-budget", type=float, default=0.0, help="stop after this many seconds (0: no limit)")
     ap.add_argument("--gemv-max-tokens", type=int, default=GEMV_MAX_TOKENS, help="largest T for gemv kernels")
     ap.add_argument("--no-flush", action="store_true", help="do not flush L2 between repetitions")
+    ap.add_argument("--no-delay", action="store_true", help="no delay kernel before the start event (host time counts)")
+    ap.add_argument("--jsonl", default=None, help="also append every case to this file as one JSON line, as it is measured")
     ap.add_argument("--peak-gbs", type=float, default=None, help="HBM peak GB/s (default: from the device)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="where the JSON and plot go")

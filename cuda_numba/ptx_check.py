@@ -74,6 +74,13 @@ def _signatures():
             for kt in (i64_1, i32_1):  # routed k_t: int64 from NumPy/torch, int32 from the host path
                 sig6 = (x2, i64, i64, kt, i32_1, u32_3, f32_2, i32_2, i64, o2, f32_3, i32_1)
                 sigs.append((f"slice_gemv.gemv_kernel6[x={xdt}, out={odt}, k_t={kt.dtype}]", sv.gemv_kernel6, sig6))
+        if xdt == nt.float16:  # v7: one kernel per (tokens, bits, routed); the decode ones
+            from .sass import v7_signature
+
+            for T, nb, routed in ((1, 2, False), (1, 4, False), (1, 8, False), (2, 4, False), (1, 8, True)):
+                kern7 = sv.gemv7_kernel(T, nb, routed, sim=False)
+                sigs.append((f"slice_gemv.gemv7[T={T}, {nb} bits{', routed' if routed else ''}]", kern7,
+                             v7_signature(routed)))  # fmt: skip
         sigs.append((f"slice_linear.gather_rows_kernel[{xdt}]", sl.gather_rows_kernel, (x2, i64_1, x2)))
         sigs.append(
             (f"slice_linear.combine_scatter_kernel[{xdt}]", sl.combine_scatter_kernel, (f32_3, i64_1, i64_1, x2))
@@ -114,7 +121,8 @@ def main(argv=None) -> int:
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
         except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1
             if i == 0 and "not found" in str(exc).lower() or "Failure finding" in str(exc):
-                print(f"ptx_check: no NVVM/NVRTC available ({exc.__class__.__name__}: {exc})")
+                print(f"ptx_check: no NVVM/NVRTC available ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+                  "pip install nvidia-nvvm nvidia-cuda-nvrtc")
                 return 2
             print(f"FAIL {name}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
             failed += 1

@@ -24,7 +24,7 @@ and bytes read both grow with ``nb``. A table is built from two 16-entry nibble 
 ``tab[255]`` is the sum of the 8 activations: the zero point comes in through ``sum x``.
 
 Versions (``slice_gemv(..., version=V)``; ``slice_linear(kind="gemv", version=V)`` runs them on
-routed tokens, 8 tokens per launch):
+routed tokens, 8 tokens per launch, v7 2):
 
 1. naive: one thread per output (t, n): GEMM v1 of :mod:`cuda_numba.slice_gemm`.
 2. one block per output row, one thread per K-word; each weight is decoded once and used for
@@ -40,21 +40,31 @@ routed tokens, 8 tokens per launch):
    block writes its partial sums to a workspace, fences, counts itself done with an atomic add
    per row block, and the **last** block sums the ``S`` partials, writes the output and resets
    the counter. One launch, no second reduction kernel.
-6. v5 + **per-token precision in one launch** (the decode call path, ``slice_linear(...,
-   method="fused")``): ``k_t`` stays on the device, each token's Horner sum stops at its own
+6. v5 + **per-token precision in one launch** (``slice_linear(..., method="fused",
+   version=6)``): ``k_t`` stays on the device, each token's Horner sum stops at its own
    ``B_{k_t}`` planes with its own ``s_k, z_k``; the block loads the largest precision's planes
    once. No sort, gather, scatter, host round trip or allocation per call.
 
+7. the instruction budget of v4-v6 rebuilt (:func:`gemv7_kernel`, a kernel factory: bits and
+   tokens are compile-time constants, so every plane and nibble loop unrolls): 16-entry nibble
+   tables built once per K-slice and reused by all rows of a block; lane l of a warp reads word
+   slot l, so it only reads column l of the tables (``[value][slot]``: bank l, no conflicts);
+   unsigned index arithmetic with shifts and masks; a row's lane partials summed by warp
+   shuffles (a shared-memory sum of the same values in the simulator, which has no shuffles)
+   and added with fire-and-forget atomics, split-K closed by the last block as in v5. At most
+   2 tokens per launch (tables: 16 KB per token and K-slice). Routed: :class:`RoutedPlan`.
+   ``python -m cuda_numba.sass`` reads its machine code (``benchmarks/NOTES.md``).
+
 Launch geometry is the same on a GPU and in the simulator: block sizes are parameters with one
 default each, clamped to the problem (a 37-row layer gets 10 row slots, not 32).
-Reference :func:`slice_gemv_ref`; dispatcher :func:`slice_gemv`; launchers ``LAUNCHERS`` (v1-v5,
-signature ``launch(args, tseg, N, block, stream)``); v6 :func:`gemv_routed`.
+Reference :func:`slice_gemv_ref`; dispatcher :func:`slice_gemv`; launchers ``LAUNCHERS`` (v1-v5
+and v7, signature ``launch(args, tseg, N, block, stream)``); routed v6 / v7 :func:`gemv_routed`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, int32, uint32, uint64
 
 from ._common import cdiv, finish, is_device_array, output_array, to_device
 from .dequant import group_params, group_words, load_words, rebuild, run_uniform, uniform_ref
@@ -71,6 +81,9 @@ __all__ = [
     "slice_gemv_ref",
     "splits",
     "workspace_counters_clear",
+    "RoutedPlan",
+    "gemv7_kernel",
+    "v7_geometry",
 ]
 
 MAX_T = 8  # tokens per launch (decode); larger T is processed 8 at a time
@@ -502,7 +515,7 @@ def launch_gemv5(args, tseg, N, block=None, stream=0):
 
 
 LAUNCHERS = {1: launch_gemm1, 2: launch_gemv2, 3: launch_gemv3, 4: launch_gemv4, 5: launch_gemv5}
-VERSIONS = (*LAUNCHERS, 6)  # v6 runs through gemv_routed
+VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # v6 runs through gemv_routed; v7's launcher is added below its kernel
 TOKENS_PER_LAUNCH = MAX_T
 
 
@@ -551,12 +564,12 @@ def slice_gemv(x, w: PackedWeight, k: int, version: int = 5, block=None, out=Non
     """
     if version not in VERSIONS:
         raise ValueError(f"unknown GEMV version {version}; have {list(VERSIONS)}")
-    if version >= 4 and block is not None and (block & (block - 1) or not 1 <= block <= MAX_THREADS):
+    if 4 <= version <= 6 and block is not None and (block & (block - 1) or not 1 <= block <= MAX_THREADS):
         raise ValueError(f"block must be a power of two <= {MAX_THREADS}")
     if not 1 <= k <= len(w.slice_bits):
         raise ValueError(f"k={k} outside 1..{len(w.slice_bits)}")
     if version == 6:  # the routed kernel with every token at precision k
-        return gemv_routed(x, w, np.full(x.shape[0], k, np.int32), block=block, out=out)
+        return gemv_routed(x, w, np.full(x.shape[0], k, np.int32), block=block, out=out, version=6)
     return run_uniform(LAUNCHERS[version], TOKENS_PER_LAUNCH, x, w, k, block, out)
 
 
@@ -579,19 +592,24 @@ def _new_output(x, shape, dtype):
     return cuda.device_array(shape, dtype=dtype)
 
 
-def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
-    """Mixed-precision decode ``y[t] = x[t] @ W_{k_t}^T`` in one launch per 8 tokens (GEMV v6).
+def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0, version: int = 7):
+    """Mixed-precision decode ``y[t] = x[t] @ W_{k_t}^T`` in one launch per 8 tokens (v6) or 2 tokens (v7).
 
     x [T, K] fp16/fp32 (NumPy, Numba device array or CUDA torch tensor), ``w`` a PackedWeight
     (device arrays are used as they are), k_t int [T] in 1..E (host or device; device k_t is
     not checked, out-of-range values are clamped). Returns y [T, N] in x's dtype: NumPy for
     host x, a CUDA torch tensor for torch x, else a Numba device array; ``out`` (device or
     host) is written in place. No host round trip and no Numba allocation when x, k_t and
-    ``out`` are on the device (workspaces are cached by shape).
+    ``out`` are on the device (workspaces are cached by shape). ``version`` 6 or 7 (v7: a
+    :class:`RoutedPlan` cached per weight and token count; ``block`` = warps per block).
     """
-    nthr = block or LUT_THREADS
-    if nthr & (nthr - 1) or not 1 <= nthr <= MAX_THREADS:
+    if version not in (6, 7):
+        raise ValueError(f"the routed GEMV is version 6 or 7, not {version}")
+    nthr = block or (LUT_THREADS if version == 6 else V7_WARPS)
+    if version == 6 and (nthr & (nthr - 1) or not 1 <= nthr <= MAX_THREADS):
         raise ValueError(f"block must be a power of two <= {MAX_THREADS}")
+    if version == 7 and not 1 <= nthr <= V7_WARPS:
+        raise ValueError(f"v7 block (warps per block) must be in 1..{V7_WARPS}")
     on_device = is_device_array(x)
     torch_x = getattr(x, "is_cuda", False)
     dx = to_device(x)
@@ -622,7 +640,9 @@ def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
     else:
         dout = output_array(out, (T, w.N), dx.dtype)
     W = dw.planes.shape[2]
-    for s0 in range(0, T, MAX_T):
+    if version == 7 and T:
+        _plan(dw, T, nthr)(dx, dk, dout, stream)
+    for s0 in range(0, T if version == 6 else 0, MAX_T):
         tseg = min(MAX_T, T - s0)
         wc, rb, rows = gemv_geometry(tseg, nthr, w.N)
         S = splits(w.N, W, tseg, nthr)
@@ -634,3 +654,418 @@ def gemv_routed(x, w: PackedWeight, k_t, block=None, out=None, stream=0):
     if res is not None:
         return res
     return finish(dout, out, on_device)
+
+
+_PLANS = {}  # (id of the device planes, T, warps) -> (planes, RoutedPlan): the planes kept alive with it
+
+
+def _plan(dw: PackedWeight, T: int, warps: int) -> RoutedPlan:
+    key = (id(dw.planes), int(T), int(warps))
+    if key not in _PLANS:
+        _PLANS[key] = (dw.planes, RoutedPlan(dw, T, warps))
+    return _PLANS[key][1]
+
+
+# ---------------------------------------------------------------------------------------
+# v7: tables built once per K-slice, bits and tokens compile-time, lane = word slot
+
+V7_SLOTS = 32  # K-words per K-slice: lane l of every warp reads word slot l (1024 activations)
+V7_NIBS = 8  # 4-activation groups (nibbles) per word
+V7_TAB = V7_NIBS * 16 * V7_SLOTS  # float32 table entries per token, [nibble][value][slot]: 16 KB
+V7_MAX_T = 2  # tokens per launch: T tables of 16 KB stay under the 48 KB of static shared memory
+V7_WARPS = 8  # warps per block by default (clamped to the rows of a small layer)
+V7_BLOCKS_PER_SM = 4  # grid target: about this many blocks per SM
+V7_MIN_ROWS_PER_WARP = 16  # ... but at least this many rows per warp, to amortise the table build
+FULL_MASK = 0xFFFFFFFF
+
+_V7 = {}  # (T, NB, routed, simulator) -> compiled kernel
+
+
+def _simulator() -> bool:
+    import numba
+
+    return bool(numba.config.ENABLE_CUDASIM)
+
+
+@cuda.jit(device=True, inline=True)
+def _lookup7(tab0, tab1, tab2, tab3, tab4, tab5, tab6, tab7, a, lane4):
+    """sum_j x_j bit_j(a) over the 32 weights of plane word a: one table read per nibble (bits 4i..4i+3).
+
+    ``tab<i>`` holds nibble position i; entry (value v, slot l) is float ``32 v + l``, i.e. byte
+    ``128 v + 4 l``: the nibble is shifted straight
+    to its byte offset and masked, the lane's ``4 l`` ORed in (``lane4``), and the ``>> 2``
+    cancels against the 4 bytes per float: one shift and one logic op per read.
+    """
+    m = uint32(0x780)
+    s = tab0[((((a << uint32(7)) & m) | lane4) >> uint32(2))]
+    s += tab1[((((a << uint32(3)) & m) | lane4) >> uint32(2))]
+    s += tab2[((((a >> uint32(1)) & m) | lane4) >> uint32(2))]
+    s += tab3[((((a >> uint32(5)) & m) | lane4) >> uint32(2))]
+    s += tab4[((((a >> uint32(9)) & m) | lane4) >> uint32(2))]
+    s += tab5[((((a >> uint32(13)) & m) | lane4) >> uint32(2))]
+    s += tab6[((((a >> uint32(17)) & m) | lane4) >> uint32(2))]
+    s += tab7[((((a >> uint32(21)) & m) | lane4) >> uint32(2))]
+    return s
+
+
+@cuda.jit(device=True, inline=True)
+def _load7(planes, plane_off, off, NP, nbmax, q):
+    """q[p] = plane word p at element ``plane_off[p] + off`` (unsigned 64-bit: no negative-index fix-ups)."""
+    for p in range(NP):
+        if p < nbmax:  # routed: only the planes some token needs
+            q[p] = planes[plane_off[p] + off]
+
+
+@cuda.jit(device=True, inline=True)
+def _horner7(tab0, tab1, tab2, tab3, tab4, tab5, tab6, tab7, a, NP, nb, lane4):
+    """sum_j x_j q_j of one word from its plane words a[0..nb) (MSB first): Horner over table sums."""
+    acc = _lookup7(tab0, tab1, tab2, tab3, tab4, tab5, tab6, tab7, a[0], lane4)
+    for p in range(1, NP):
+        if p < nb:  # always true unless routed (nb = this token's B_k)
+            acc = float32(2.0) * acc + _lookup7(tab0, tab1, tab2, tab3, tab4, tab5, tab6, tab7, a[p], lane4)
+    return acc
+
+
+@cuda.jit(device=True, inline=True)
+def _fill16(tab, b, x0, x1, x2, x3):
+    """tab[b + 32 v] = sum_{j<4} x_j bit_j(v) for the 16 nibble values v: one add each."""
+    x01 = x0 + x1
+    x23 = x2 + x3
+    tab[b] = float32(0.0)
+    tab[b + uint32(32)] = x0
+    tab[b + uint32(64)] = x1
+    tab[b + uint32(96)] = x01
+    tab[b + uint32(128)] = x2
+    tab[b + uint32(160)] = x0 + x2
+    tab[b + uint32(192)] = x1 + x2
+    tab[b + uint32(224)] = x01 + x2
+    tab[b + uint32(256)] = x3
+    tab[b + uint32(288)] = x0 + x3
+    tab[b + uint32(320)] = x1 + x3
+    tab[b + uint32(352)] = x01 + x3
+    tab[b + uint32(384)] = x23
+    tab[b + uint32(416)] = x0 + x23
+    tab[b + uint32(448)] = x1 + x23
+    tab[b + uint32(480)] = x01 + x23
+
+
+@cuda.jit(device=True, inline=True)
+def _xval(x, t, k, K):
+    return float32(x[uint64(t), uint64(k)]) if k < K else float32(0.0)  # unsigned: no negative-index fix-ups
+
+
+@cuda.jit(device=True, inline=True)
+def _fill_nibble(x, t, k0, K, tab, b):
+    _fill16(tab, b, _xval(x, t, k0, K), _xval(x, t, k0 + uint32(1), K), _xval(x, t, k0 + uint32(2), K),
+            _xval(x, t, k0 + uint32(3), K))  # fmt: skip
+
+
+@cuda.jit(device=True, inline=True)
+def _build7(x, t0, s, t, K, tab0, tab1, tab2, tab3, tab4, tab5, tab6, tab7, tid, nthr):
+    """Tables of K-slice s for token t: thread l < 32 fills the 8 x 16 entries of word 32 s + l.
+
+    Consecutive threads fill consecutive slots, so their stores hit consecutive banks.
+    Activations beyond K count as 0 (their plane bits are 0 too).
+    """
+    if tid < V7_SLOTS:
+        lane = uint32(tid)
+        k0 = (uint32(s) * uint32(V7_SLOTS) + lane) << uint32(5)  # first activation of the word
+        b = lane  # entry v at b + 32 v
+        tx = t0 + t
+        _fill_nibble(x, tx, k0, K, tab0, b)
+        _fill_nibble(x, tx, k0 + uint32(4), K, tab1, b)
+        _fill_nibble(x, tx, k0 + uint32(8), K, tab2, b)
+        _fill_nibble(x, tx, k0 + uint32(12), K, tab3, b)
+        _fill_nibble(x, tx, k0 + uint32(16), K, tab4, b)
+        _fill_nibble(x, tx, k0 + uint32(20), K, tab5, b)
+        _fill_nibble(x, tx, k0 + uint32(24), K, tab6, b)
+        _fill_nibble(x, tx, k0 + uint32(28), K, tab7, b)
+
+
+def gemv7_kernel(T: int, NB: int, routed: bool = False, sim: bool | None = None):
+    """The v7 kernel for ``T`` tokens and ``NB`` planes, both compile-time constants (a kernel factory).
+
+    Grid ``(K-slices, row groups)``: block (s, r) owns K-slice s (32 words) and ``rows`` rows.
+    It builds the tables of its slice once, for every token,
+
+        tab[t][i][v][l] = sum_{j<4} x[t, 32 (32 s + l) + 4 i + j] bit_j(v)     (16 KB per token)
+
+    and reuses them for all its rows: lane l of each warp reads word slot l of one row per
+    iteration, so a lane only reads column l of the tables (address ``32 v + l``: bank l, free
+    of bank conflicts whatever the plane bits). Index arithmetic is unsigned 32-bit (shifts and
+    masks, no negative-index fix-ups); planes, scales and zero points come flattened. A row's
+    32 lane partials are summed with warp shuffles and added to a float32 workspace with an
+    atomic whose result is unused (fire-and-forget); the last block of a row group (split-K
+    counter, as v5) writes ``out`` in its dtype and zeroes the workspace for the next launch.
+
+    ``sim=True`` (default: when Numba's simulator is on) replaces the shuffles, which the
+    simulator lacks, by a sum over the same 32 lane values through shared memory: the same
+    result up to the order of the float additions. ``routed``: token t reads planes
+    ``[0, B_{k_t})`` with ``k_t`` from the device (``NB = B_E``) and v6's ``s_k, z_k``.
+
+    Arguments: ``(x, t0, kt, bk, planes, plane0, NW, W, scale, zero, G, gw, smul, zmul, zadd,
+    rows, ws, count, out)``; ``planes`` uint32 [B_E * N * W] (plane p, row n, word w at
+    ``plane0 + p NW + n W + w``, ``NW = N W``), ``scale``/``zero`` [N * G], ``ws`` float32
+    [V7_MAX_T * N] and ``count`` int32 [row groups] zero on entry and on exit.
+    """
+    sim = _simulator() if sim is None else bool(sim)
+    key = (int(T), int(NB), bool(routed), sim)
+    if key in _V7:
+        return _V7[key]
+    if not 1 <= T <= V7_MAX_T or not 1 <= NB <= MAX_BITS:
+        raise ValueError(f"v7 needs 1 <= T <= {V7_MAX_T} and 1 <= NB <= {MAX_BITS}")
+    TT, NP, ROUTED, SIM = int(T), int(NB), bool(routed), sim
+    SPB = V7_MAX_T // TT  # K-slices per block: as many as the 32 KB of tables hold (2 at T = 1)
+    TAB_LEN7 = 16 * V7_SLOTS  # one nibble position of one table set: [value][slot], 2 KB
+    RED_LEN = V7_WARPS * 32 * TT if SIM else 1
+    XS_LEN = SPB * TT
+
+    @cuda.jit
+    def kernel7(x, t0, kt, bk, planes, plane0, NW, W, scale, zero, G, gw, smul, zmul, zadd, rows, ws, count, out):
+        # two sets of tables (c = sl * TT + t: slice 0 and 1 at T = 1, token 0 and 1 at T = 2), one
+        # array per nibble position: every table read is [register + constant base] (see _lookup7)
+        a0 = cuda.shared.array(TAB_LEN7, float32)
+        a1 = cuda.shared.array(TAB_LEN7, float32)
+        a2 = cuda.shared.array(TAB_LEN7, float32)
+        a3 = cuda.shared.array(TAB_LEN7, float32)
+        a4 = cuda.shared.array(TAB_LEN7, float32)
+        a5 = cuda.shared.array(TAB_LEN7, float32)
+        a6 = cuda.shared.array(TAB_LEN7, float32)
+        a7 = cuda.shared.array(TAB_LEN7, float32)
+        b0 = cuda.shared.array(TAB_LEN7, float32)
+        b1 = cuda.shared.array(TAB_LEN7, float32)
+        b2 = cuda.shared.array(TAB_LEN7, float32)
+        b3 = cuda.shared.array(TAB_LEN7, float32)
+        b4 = cuda.shared.array(TAB_LEN7, float32)
+        b5 = cuda.shared.array(TAB_LEN7, float32)
+        b6 = cuda.shared.array(TAB_LEN7, float32)
+        b7 = cuda.shared.array(TAB_LEN7, float32)
+        red = cuda.shared.array(RED_LEN, float32)  # simulator only: the warp sums
+        last = cuda.shared.array(1, int32)
+        K = uint32(x.shape[1])
+        N = uint32(out.shape[1])
+        tid = uint32(cuda.threadIdx.x)
+        nthr = uint32(cuda.blockDim.x)
+        lane = tid & uint32(31)
+        warp = tid >> uint32(5)
+        nwarp = nthr >> uint32(5)
+        lane4 = lane << uint32(2)
+        s0 = uint32(cuda.blockIdx.x) * uint32(SPB)
+        if SPB == 2:  # T = 1: slices s0 and s0 + 1, token 0
+            _build7(x, t0, s0, 0, K, a0, a1, a2, a3, a4, a5, a6, a7, tid, nthr)
+            _build7(x, t0, s0 + uint32(1), 0, K, b0, b1, b2, b3, b4, b5, b6, b7, tid, nthr)
+        else:  # T = 2: slice s0, tokens 0 and 1
+            _build7(x, t0, s0, 0, K, a0, a1, a2, a3, a4, a5, a6, a7, tid, nthr)
+            _build7(x, t0, s0, 1, K, b0, b1, b2, b3, b4, b5, b6, b7, tid, nthr)
+        # per token: planes read, scale and zero-point multipliers (uniform across the block)
+        tnb = cuda.local.array(TT, int32)
+        tsm = cuda.local.array(TT, float32)
+        tzm = cuda.local.array(TT, float32)
+        nbmax = 0
+        for t in range(TT):
+            if ROUTED:
+                E = bk.shape[0] - 1
+                k = min(max(int32(kt[t0 + t]), 1), E)
+                tnb[t] = bk[k]
+                tsm[t] = float32(1.0) / float32(1 << (bk[k] - bk[1]))  # s_k = s / 2^(B_k - b_1)
+                tzm[t] = float32(1.0) / float32(1 << (bk[E] - bk[k]))  # z_k = z_E / 2^(B_E - B_k)
+            else:
+                tnb[t] = NP
+                tsm[t] = smul
+                tzm[t] = zmul
+            nbmax = max(nbmax, tnb[t])
+        cuda.syncthreads()
+        # this lane's words: wa in table set a, and (T = 1) wb in set b; their groups and activation sums
+        wa = s0 * uint32(V7_SLOTS) + lane
+        wb = wa + uint32(V7_SLOTS) if SPB == 2 else wa
+        ga = wa // uint32(gw)  # one division per block
+        gb = wb // uint32(gw)
+        e = uint32(15 * 32) + lane  # entry v = 15: the sum of all 4 activations of a nibble
+        xsa = a0[e] + a1[e] + a2[e] + a3[e] + a4[e] + a5[e] + a6[e] + a7[e]
+        xsb = b0[e] + b1[e] + b2[e] + b3[e] + b4[e] + b5[e] + b6[e] + b7[e]
+        qa = cuda.local.array(NP, uint32)  # plane words (registers: NP is a constant)
+        qb = cuda.local.array(NP, uint32)
+        part = cuda.local.array(TT, float32)
+        plane_off = cuda.local.array(NP, uint64)  # where plane p starts
+        for p in range(NP):
+            plane_off[p] = uint64(plane0) + uint64(p) * uint64(NW)
+        row0 = uint32(cuda.blockIdx.y) * uint32(rows)
+        row_end = min(N, uint32(row0 + uint32(rows)))
+        # every warp makes the same number of trips (the simulator's reduction syncs the block)
+        row_stop = uint32(row0 + uint32((uint32(rows) + nwarp - uint32(1)) // nwarp) * nwarp)
+        n = uint32(row0 + warp)
+        zs = zadd - float32(0.5)
+        # running element offsets of this lane's words and scale groups in row n (strength-reduced)
+        offa = uint64(n) * uint64(W) + uint64(wa)
+        sga = uint64(n) * uint64(G) + uint64(ga)
+        dgb = uint64(gb - ga)
+        step_w = uint64(nwarp) * uint64(W)
+        step_g = uint64(nwarp) * uint64(G)
+        oka = wa < uint32(W)
+        okb = SPB == 2 and wb < uint32(W)
+        while n < row_stop:
+            for t in range(TT):
+                part[t] = float32(0.0)
+            live = n < row_end
+            if live and oka:
+                _load7(planes, plane_off, offa, NP, nbmax, qa)
+                sc, ze = scale[sga], float32(zero[sga])
+                acc = _horner7(a0, a1, a2, a3, a4, a5, a6, a7, qa, NP, tnb[0], lane4)
+                part[0] = sc * tsm[0] * (acc - (ze * tzm[0] + zs) * xsa)
+                if SPB == 1:  # T = 2: token 1 reads the same plane words through table set b
+                    acc = _horner7(b0, b1, b2, b3, b4, b5, b6, b7, qa, NP, tnb[TT - 1], lane4)
+                    part[TT - 1] = sc * tsm[TT - 1] * (acc - (ze * tzm[TT - 1] + zs) * xsb)
+            if live and okb:  # T = 1: the block's second K-slice, 32 words further
+                _load7(planes, plane_off, offa + uint64(V7_SLOTS), NP, nbmax, qb)
+                sc, ze = scale[sga + dgb], float32(zero[sga + dgb])
+                acc = _horner7(b0, b1, b2, b3, b4, b5, b6, b7, qb, NP, tnb[0], lane4)
+                part[0] += sc * tsm[0] * (acc - (ze * tzm[0] + zs) * xsb)
+            offa += step_w
+            sga += step_g
+            for t in range(TT):
+                v = part[t]
+                if SIM:  # the simulator has no shuffles: the same 32 values summed through shared memory
+                    r0 = uint32((warp * uint32(TT) + uint32(t)) * uint32(32))
+                    red[r0 + lane] = v
+                    cuda.syncthreads()
+                    if lane == 0:
+                        v = float32(0.0)
+                        for u in range(32):
+                            v += red[r0 + uint32(u)]
+                    cuda.syncthreads()
+                else:
+                    v += cuda.shfl_down_sync(FULL_MASK, v, 16)
+                    v += cuda.shfl_down_sync(FULL_MASK, v, 8)
+                    v += cuda.shfl_down_sync(FULL_MASK, v, 4)
+                    v += cuda.shfl_down_sync(FULL_MASK, v, 2)
+                    v += cuda.shfl_down_sync(FULL_MASK, v, 1)
+                if lane == 0 and n < row_end:
+                    cuda.atomic.add(ws, uint64(t) * uint64(N) + uint64(n), v)  # result unused: a fire-and-forget RED
+            n = uint32(n + nwarp)
+        # split-K: the last block of this row group to finish writes the sums (as v5)
+        cuda.threadfence()
+        cuda.syncthreads()
+        if tid == 0:
+            done = cuda.atomic.add(count, cuda.blockIdx.y, 1)
+            last[0] = 1 if done == cuda.gridDim.x - 1 else 0
+        cuda.syncthreads()
+        if last[0] == 1:
+            n = uint32(row0 + tid)
+            while n < row_end:  # this row group's outputs, every token
+                for t in range(TT):
+                    i = uint64(t) * uint64(N) + uint64(n)
+                    out[t0 + t, n] = cuda.atomic.add(ws, i, float32(0.0))  # through L2, never a stale L1 line
+                    ws[i] = float32(0.0)
+                n = uint32(n + nthr)
+            if tid == 0:
+                count[cuda.blockIdx.y] = 0
+
+    _V7[key] = kernel7
+    return kernel7
+
+
+def v7_geometry(N: int, W: int, T: int = 1, warps: int = V7_WARPS, sms: int | None = None) -> tuple[int, int, int, int]:
+    """(K-blocks, row groups, rows per group, warps per block) of a v7 launch; the same on a GPU and in the simulator.
+
+    A K-block is ``V7_MAX_T // T`` K-slices of 32 words (2 at T = 1). About ``V7_BLOCKS_PER_SM``
+    blocks per SM (``sms``: the device's count by default), with at least
+    ``V7_MIN_ROWS_PER_WARP`` rows per warp so the table build (once per block) stays small.
+    """
+    if not 1 <= warps <= V7_WARPS:
+        raise ValueError(f"v7 warps per block must be in 1..{V7_WARPS}")
+    n_slices = cdiv(W, V7_SLOTS * (V7_MAX_T // max(1, min(T, V7_MAX_T))))  # blocks along K
+    warps = max(1, min(warps, cdiv(N, V7_MIN_ROWS_PER_WARP)))
+    sms = sms or _n_sm()
+    groups = max(1, min(cdiv(V7_BLOCKS_PER_SM * sms, n_slices), cdiv(N, V7_MIN_ROWS_PER_WARP * warps)))
+    rows = cdiv(N, groups)
+    return n_slices, cdiv(N, rows), rows, warps
+
+
+_V7_WS = {}  # (N, row groups, stream key) -> (ws, count), zero between launches
+
+
+def _v7_workspace(N, groups, stream):
+    key = (N, groups, 0 if not stream else id(stream))
+    if key not in _V7_WS:
+        _V7_WS[key] = (cuda.to_device(np.zeros(V7_MAX_T * N, np.float32)), cuda.to_device(np.zeros(groups, np.int32)))
+    return _V7_WS[key]
+
+
+def _flat(a):
+    """A C-contiguous device array as 1-D (a view)."""
+    return a.reshape(a.size) if a.ndim != 1 else a
+
+
+_DUMMY = {}
+
+
+def _dummy_i32():
+    if "i32" not in _DUMMY:
+        _DUMMY["i32"] = cuda.to_device(np.zeros(2, np.int32))
+    return _DUMMY["i32"]
+
+
+def launch_gemv7(args, tseg, N, block=None, stream=0):
+    """v7: ``block`` = warps per block (default V7_WARPS); ``V7_MAX_T`` tokens per launch."""
+    x, t0, _, planes, lo, hi, scale, zero, smul, zmul, zadd, gw, out = args
+    W = planes.shape[2]
+    nsl, groups, rows, warps = v7_geometry(N, W, min(tseg, V7_MAX_T), block or V7_WARPS)
+    ws, count = _v7_workspace(N, groups, stream)
+    flat = (_flat(planes), int(lo) * N * W, N * W, W, _flat(scale), _flat(zero), scale.shape[1], gw)
+    dummy = _dummy_i32()
+    for s0 in range(t0, t0 + tseg, V7_MAX_T):
+        n_tok = min(V7_MAX_T, t0 + tseg - s0)
+        kern = gemv7_kernel(n_tok, hi - lo)
+        kern[(nsl, groups), 32 * warps, stream](
+            x, s0, dummy, dummy, flat[0], flat[1], flat[2], flat[3], flat[4], flat[5], flat[6], flat[7],
+            np.float32(smul), np.float32(zmul), np.float32(zadd), rows, ws, count, out,
+        )  # fmt: skip
+
+
+LAUNCHERS[7] = launch_gemv7
+
+
+class RoutedPlan:
+    """A routed decode launch (GEMV v7, ``routed=True``) prepared once per layer and token count.
+
+    Holds the flattened weight views, ``(0, B_1, ..., B_E)`` on the device, the compiled kernel,
+    the grid and the split-K workspace, so a call is only the kernel launch(es): no allocation,
+    no host-device copy, no synchronisation. ``plan(x, kt, out, stream)`` with device arrays
+    x [T, K] (fp16/fp32), kt int [T] (values outside 1..E are clamped), out [T, N]; ``stream``
+    a Numba stream (e.g. ``cuda.external_stream(torch.cuda.current_stream().cuda_stream)``).
+    """
+
+    def __init__(self, w: PackedWeight, T: int, warps: int = V7_WARPS):
+        if not 1 <= T:
+            raise ValueError("a plan needs at least one token")
+        dw = w.to_device()
+        self.T, self.N, self.K = int(T), w.N, w.K
+        W = int(dw.planes.shape[2])
+        self.planes, self.scale, self.zero = _flat(dw.planes), _flat(dw.scale), _flat(dw.zero)
+        self.W, self.NW, self.G, self.gw = W, w.N * W, int(dw.scale.shape[1]), group_words(dw)
+        self.bk = _bk(w.slice_bits)
+        nb = int(sum(w.slice_bits))
+        self.launches = []  # (first token, kernel, grid, rows, threads)
+        for s0 in range(0, self.T, V7_MAX_T):
+            n_tok = min(V7_MAX_T, self.T - s0)
+            nsl, groups, rows, wp = v7_geometry(w.N, W, n_tok, warps)
+            self.launches.append((s0, gemv7_kernel(n_tok, nb, routed=True), (nsl, groups), rows, 32 * wp))
+        self.groups = max(g for _, _, (_, g), _, _ in self.launches)
+        self._ws = {}
+
+    def workspace(self, stream=0):
+        key = 0 if not stream else getattr(stream, "handle", id(stream))
+        key = getattr(key, "value", key)
+        if key not in self._ws:  # zeroed once; every launch leaves it zero again
+            self._ws[key] = (cuda.to_device(np.zeros(V7_MAX_T * self.N, np.float32)),
+                             cuda.to_device(np.zeros(self.groups, np.int32)))  # fmt: skip
+        return self._ws[key]
+
+    def __call__(self, x, kt, out, stream=0, workspace=None):
+        ws, count = workspace or self.workspace(stream)
+        for s0, kern, grid, rows, nthr in self.launches:
+            kern[grid, nthr, stream](
+                x, s0, kt, self.bk, self.planes, 0, self.NW, self.W, self.scale, self.zero, self.G, self.gw,
+                np.float32(1.0), np.float32(1.0), np.float32(0.0), rows, ws, count, out,
+            )  # fmt: skip
+        return out

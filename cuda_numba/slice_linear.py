@@ -14,7 +14,8 @@ Three methods:
 * ``streams``: ``x W_1^T`` for all tokens on stream 0 and ``x dW_e^T`` for the suffix of tokens
   with ``k_t >= e`` on stream e-1 (each slice's planes are read once; the launches may overlap
   on a GPU, in the simulator they run one after the other);
-* ``fused`` (decode): GEMV v6, no sort at all, each token stops at its own planes in one launch.
+* ``fused`` (decode): GEMV v6 or v7, no sort at all, each token stops at its own planes in one
+  launch (v7: one launch per 2 tokens, a :class:`~cuda_numba.slice_gemv.RoutedPlan` per layer).
 
 ``CASES`` names every (method, ladder, version) the benchmark times; :func:`run_kernels` runs
 only the compute kernels of one case on inputs sorted beforehand. Reference: :func:`slice_linear_ref`.
@@ -41,8 +42,9 @@ COLS_PER_THREAD = 4  # gather / scatter: grid-stride columns per thread
 # Benchmarkable cases: name -> (method, kind, version). The benchmark and the GPU tests use this
 # list (and run_kernels), never the private helpers below.
 CASES = {
-    **{f"gemv{v}": ("grouped", "gemv", v) for v in (1, 2, 3, 4, 5)},
+    **{f"gemv{v}": ("grouped", "gemv", v) for v in (1, 2, 3, 4, 5, 7)},
     "fused-gemv6": ("fused", "gemv", 6),
+    "fused-gemv7": ("fused", "gemv", 7),
     **{f"gemm{v}": ("grouped", "gemm", v) for v in slice_gemm.VERSIONS},
     "streams-gemv2": ("streams", "gemv", 2),
     "streams-gemv5": ("streams", "gemv", 5),
@@ -181,7 +183,7 @@ def run_kernels(case: str, dxs, w: PackedWeight, k_t, ybuf=None, streams=None, o
     """
     method, kind, version = CASES[case]
     if method == "fused":
-        return slice_gemv.gemv_routed(dxs, w, dk if dk is not None else k_t, out=out)
+        return slice_gemv.gemv_routed(dxs, w, dk if dk is not None else k_t, out=out, version=version)
     _, starts = route_permutation(k_t, len(w.slice_bits))
     if method == "streams":
         return _run_streams(kind, version, dxs, w, starts, ybuf, None, streams)
@@ -203,16 +205,16 @@ def slice_linear(
 
     x [T, K] fp16/fp32, k_t int [T] in 1..E; ``method`` one of ``METHODS`` (module docstring),
     ``kind`` "gemv" / "gemm" and ``version`` pick the ladder's kernel. ``method="fused"`` needs
-    ``kind="gemv", version=6``; there k_t may be a device array (not checked, clamped to 1..E),
+    ``kind="gemv", version=6`` or ``7``; there k_t may be a device array (not checked, clamped to 1..E),
     nothing goes back to the host, and nothing is allocated per call when x and ``out`` are on
     the device. Returns y [T, N] in x's dtype (NumPy for host x; ``out`` written in place if given).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "fused":
-        if (kind, version) != ("gemv", 6):
-            raise ValueError('method="fused" runs GEMV v6 only: pass kind="gemv", version=6')
-        return slice_gemv.gemv_routed(x, w, k_t, block=block, out=out)
+        if kind != "gemv" or version not in (6, 7):
+            raise ValueError('method="fused" runs GEMV v6 or v7: pass kind="gemv", version=6 or 7')
+        return slice_gemv.gemv_routed(x, w, k_t, block=block, out=out, version=version)
     _ladder(kind, version)  # raises ValueError for an unknown version
     on_device, dx, dw = prepare(x, w)
     T, K = dx.shape

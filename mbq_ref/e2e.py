@@ -118,6 +118,59 @@ def decode_tokens_per_s(model, prompt_len: int, new_tokens: int, vocab: int, dev
     return {"tok_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens, "logits_finite": finite}
 
 
+def projection_step(model, device: str, graph: bool = False, reps: int = 20) -> dict:
+    """One decode step of every packed projection (one token each, the model's order), eager and as a CUDA graph.
+
+    The packed decode path (:meth:`mbq_ref.packed.PackedMoBiLinear._decode`) never synchronises
+    with the host, so a whole step can be captured by ``torch.cuda.graph`` and replayed with one
+    launch from Python. Returns microseconds per step: ``eager_us`` and, with ``graph`` on a GPU,
+    ``graph_us`` and ``graph_max_abs_diff`` (replayed outputs against eager ones). Inputs are
+    random (the projections only, no attention or norms between them).
+    """
+    import torch
+
+    from .packed import packed_layers
+
+    layers = list(packed_layers(model).values())
+    dtype = next(iter(layers)).scale.dtype if device != "cuda" else torch.float16
+    gen = torch.Generator(device=device).manual_seed(0)
+    xs = [torch.randn(1, p.in_features, device=device, dtype=dtype, generator=gen) for p in layers]
+
+    def step():
+        return [p(x) for p, x in zip(layers, xs)]
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        ref = step()  # warm-up: compiles, plans, workspaces
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        out = {"projections": len(layers), "eager_us": 1e6 * (time.perf_counter() - t0) / reps}
+        if graph and device == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # warm-up on the capture stream (its own workspaces)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=side):  # the stream whose plans and workspaces were warmed up
+                static = step()
+            g.replay()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                g.replay()
+            sync()
+            out["graph_us"] = 1e6 * (time.perf_counter() - t0) / reps
+            out["graph_max_abs_diff"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(static, ref))
+    return out
+
+
 def _settings(slice_bits, wanted: str):
     """(label, fixed_k or None) for ``wanted`` = "2,4,...,routed": static bits B_k and the router's own mix."""
     B = [int(b) for b in np.cumsum(slice_bits)]
@@ -165,6 +218,9 @@ def _run_model(name, args, device, sim) -> list[dict]:
         bits = sum(p.stats.bit_sum for p in layers.values()) / max(toks, 1)
         row = {"model": name, "backend": "packed", "setting": label, "avg_bits": bits, **r, "weights_mem_bytes": mem1}
         row.update({f"packed_{key}": v for key, v in sizes.items()})
+        if getattr(args, "graph", False) and label == _settings((2, 2, 2, 2), args.settings)[0][0]:
+            row["projection_step"] = projection_step(model, device, graph=not sim)
+            print(f"{name:>10} packed projections, one decode step: {row['projection_step']}", flush=True)
         paper = PAPER_TOK_S.get(round(bits)) if name == "llama2-7b" and abs(bits - round(bits)) < 1e-9 else None
         row["paper_a100_tok_s"] = paper
         rows.append(row)
@@ -199,6 +255,8 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     ap.add_argument("--settings", default=None, help="static bit-widths and/or 'routed' (default "
                     f"{DEFAULTS['settings'][0]}; --sim: {DEFAULTS['settings'][1]})")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--graph", action="store_true", help="also time one decode step of the packed projections "
+                    "captured as a CUDA graph (GPU only)")  # fmt: skip
     ap.add_argument("--sim", action="store_true", help="CUDA simulator: tiny model, correctness only (NOT speed)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--no-write", action="store_true")

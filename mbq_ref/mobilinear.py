@@ -111,7 +111,12 @@ class RoutedSlices(nn.Module):
     Attributes set by subclasses: ``name``, ``slice_bits``, ``in_features``,
     ``out_features``, ``bias``, ``router`` (:class:`mbq_ref.mobiroute.MoBiRouter`),
     ``tau_logit``, ``fixed_k``, ``token_slices``, ``stats``
-    (:class:`mbq_ref.mobiroute.BitStats`); :meth:`_init_routing` sets the last four.
+    (:class:`mbq_ref.mobiroute.BitStats`), ``host_checks``; :meth:`_init_routing` sets the last five.
+
+    ``host_checks`` (None = by device): CPU inputs are checked on the host (NaN/inf input,
+    slice counts in 1..E) and a bad one raises at once; CUDA inputs are checked on the device
+    and counted in ``stats``, so decode never waits for the GPU; :meth:`check_stats` (and
+    :attr:`avg_bits`) raise for what was counted. True / False force one way.
     """
 
     def _init_routing(self, tau: float) -> None:
@@ -119,6 +124,9 @@ class RoutedSlices(nn.Module):
         self.fixed_k: int | None = None
         self.token_slices: TokenSlices = None
         self.stats = BitStats(self.num_slices)
+        # None: check inputs on the host for CPU tensors, defer the checks on the device for CUDA
+        # ones (a host read would wait for the GPU at every projection); True / False force it.
+        self.host_checks: bool | None = None
 
     @property
     def num_slices(self) -> int:
@@ -143,12 +151,18 @@ class RoutedSlices(nn.Module):
             raise MoBiError(f"k must be an int in 1..{self.num_slices} slices, got {k!r} (layer {self.name!r})")
         return k
 
+    def _host_checks(self, x: torch.Tensor) -> bool:
+        checks = getattr(self, "host_checks", None)
+        return (not x.is_cuda) if checks is None else bool(checks)
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise MoBiError(
                 f"input has {x.shape[-1]} features, layer {self.name!r} expects {self.in_features} (shape {tuple(x.shape)})"
             )
-        if not torch.isfinite(x).all():
+        if not self._host_checks(x):  # decode on a GPU: counted on the device, reported by check_stats
+            self.stats.note_nonfinite(x)
+        elif not torch.isfinite(x).all():
             raise MoBiError(f"input to layer {self.name!r} contains NaN/inf; check the layers before it")
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +175,7 @@ class RoutedSlices(nn.Module):
                 raise MoBiError(
                     f"token_slices has shape {tuple(ks.shape)} but the input has tokens {tuple(lead)} (layer {self.name!r})"
                 )
-            if ks.numel() and (ks.min() < 1 or ks.max() > self.num_slices):
+            if self._host_checks(x) and ks.numel() and (ks.min() < 1 or ks.max() > self.num_slices):
                 raise MoBiError(f"token_slices must be in 1..{self.num_slices} (layer {self.name!r})")
             return ks
         if self.fixed_k is not None:
@@ -179,14 +193,22 @@ class RoutedSlices(nn.Module):
         lead = x.shape[:-1]
         counts = self.route(x).reshape(-1)  # [T]
         y = self.slice_matmul(x.reshape(-1, self.in_features), counts)
-        self.stats.update(counts, counts_to_bits(counts, self.slice_bits))
+        check = self._host_checks(x)
+        self.stats.update(counts, counts_to_bits(counts, self.slice_bits, check=check), check=check)
         return y.reshape(*lead, self.out_features)
 
     forward = serve
 
+    def check_stats(self) -> None:
+        """Raise :class:`MoBiError` if a check deferred on the device failed since the last reset."""
+        problem = self.stats.problems()
+        if problem:
+            raise MoBiError(f"layer {self.name!r}: {problem}")
+
     @property
     def avg_bits(self) -> float:
-        """Mean bits per token since the last :meth:`reset_stats` (inference calls only)."""
+        """Mean bits per token since the last :meth:`reset_stats` (inference calls only; runs :meth:`check_stats`)."""
+        self.check_stats()
         return self.stats.avg_bits
 
     def reset_stats(self) -> None:

@@ -303,8 +303,21 @@ def surrogate_saturation(
     return float((g < rel).double().mean()) if g.numel() else math.nan
 
 
-def counts_to_bits(counts: torch.Tensor, slice_bits) -> torch.Tensor:
-    """Bits per token ``b_t = B_{k_t}`` (float32, same shape as ``counts``)."""
+_CUM_BITS = {}  # (slice_bits, device) -> float32 [E + 1] = (0, B_1, ..., B_E), for counts_to_bits(check=False)
+
+
+def counts_to_bits(counts: torch.Tensor, slice_bits, check: bool = True) -> torch.Tensor:
+    """Bits per token ``b_t = B_{k_t}`` (float32, same shape as ``counts``).
+
+    ``check=False`` skips the range check (it reads the device; decode defers it to
+    :class:`BitStats`): counts are clamped to 0..E, so an out-of-range count reads 0 or B_E bits.
+    """
+    if not check:  # decode: the table is made once per device (a tensor from host data is a copy and a sync)
+        key = (tuple(int(b) for b in slice_bits), str(counts.device))
+        if key not in _CUM_BITS:
+            _CUM_BITS[key] = torch.tensor([0, *cumulative_bits(slice_bits)], dtype=torch.float32, device=counts.device)
+        cum = _CUM_BITS[key]
+        return cum[counts.long().clamp(0, len(cum) - 1)]
     cum = torch.tensor([0, *cumulative_bits(slice_bits)], dtype=torch.float32, device=counts.device)
     if counts.numel() and (counts.min() < 1 or counts.max() > len(cum) - 1):
         raise RouteError(f"slice counts must be in 1..{len(cum) - 1}, got {int(counts.min())}..{int(counts.max())}")
@@ -462,27 +475,74 @@ def threshold_for_bits(logits: torch.Tensor, slice_bits, target: float) -> float
 
 @dataclass
 class BitStats:
-    """Running routing statistics of one layer: tokens seen, summed bits, tokens per slice count."""
+    """Running routing statistics of one layer: tokens seen, summed bits, tokens per slice count.
+
+    The sums live on the device of the counts they are fed (decode never waits for the GPU to
+    report them); ``bit_sum``, ``hist`` and ``avg_bits`` copy them to the host when read.
+    ``tokens`` is a host integer (a tensor shape, known without reading the device). Checks a
+    layer defers during decode are counted here too (:meth:`note_nonfinite`, out-of-range
+    counts in :meth:`update` with ``check=False``) and reported by :meth:`problems`.
+    """
 
     num_slices: int
     tokens: int = 0
-    bit_sum: float = 0.0
-    hist: torch.Tensor = field(default=None)  # long [E]: tokens that read exactly k slices (k = 1..E)
 
     def __post_init__(self):
-        if self.hist is None:
-            self.hist = torch.zeros(self.num_slices, dtype=torch.long)
+        self._bits = torch.zeros((), dtype=torch.float64)
+        self._hist = torch.zeros(self.num_slices, dtype=torch.long)  # tokens that read exactly k slices
+        self._bad_counts = torch.zeros((), dtype=torch.long)
+        self._nonfinite = torch.zeros((), dtype=torch.long)
 
-    def update(self, counts: torch.Tensor, bits: torch.Tensor) -> None:
-        """Add one batch: ``counts`` (slices per token) and ``bits`` (bits per token), both ``[T]``."""
-        self.tokens += counts.numel()
-        self.bit_sum += float(bits.double().sum())
-        self.hist += torch.bincount(counts.reshape(-1).cpu() - 1, minlength=self.num_slices)
+    def _on(self, device) -> None:
+        if self._hist.device != device:  # follow the layer (moved once, not per batch)
+            self._bits, self._hist = self._bits.to(device), self._hist.to(device)
+            self._bad_counts, self._nonfinite = self._bad_counts.to(device), self._nonfinite.to(device)
+
+    def update(self, counts: torch.Tensor, bits: torch.Tensor, check: bool = True) -> None:
+        """Add one batch: ``counts`` (slices per token) and ``bits`` (bits per token), both ``[T]``.
+
+        ``check=False``: counts outside 1..E are counted on the device (see :meth:`problems`)
+        instead of being an error now; nothing is read back from the device either way.
+        """
+        c = counts.reshape(-1)
+        self._on(c.device)
+        self.tokens += c.numel()
+        self._bits += bits.double().sum()
+        if not check:
+            self._bad_counts += ((c < 1) | (c > self.num_slices)).sum()
+        idx = (c - 1).clamp(0, self.num_slices - 1)
+        self._hist.index_add_(0, idx, torch.ones_like(idx))  # no bincount: it reads the max back
+
+    def note_nonfinite(self, x: torch.Tensor) -> None:
+        """Count (on the device) one batch whose input has NaN/inf: a check deferred during decode."""
+        self._on(x.device)
+        self._nonfinite += (~torch.isfinite(x)).any()
+
+    def problems(self) -> str | None:
+        """What the deferred checks found since the last reset (reads the device), or None."""
+        bad, nonfinite = int(self._bad_counts), int(self._nonfinite)
+        out = []
+        if nonfinite:
+            out.append(f"{nonfinite} input batch(es) contained NaN/inf")
+        if bad:
+            out.append(f"{bad} token(s) had a slice count outside 1..{self.num_slices}")
+        return "; ".join(out) or None
+
+    @property
+    def bit_sum(self) -> float:
+        """Summed bits of every token seen (read from the device)."""
+        return float(self._bits)
+
+    @property
+    def hist(self) -> torch.Tensor:
+        """long ``[E]`` on the CPU: tokens that read exactly k slices (k = 1..E)."""
+        return self._hist.cpu()
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
-        self.tokens, self.bit_sum = 0, 0.0
-        self.hist.zero_()
+        self.tokens = 0
+        for t in (self._bits, self._hist, self._bad_counts, self._nonfinite):
+            t.zero_()
 
     @property
     def avg_bits(self) -> float:

@@ -13,9 +13,12 @@ that is ``B_E + 64 / g`` bits per weight (8.5 for slices 2,2,2,2 and g = 128). P
 reads the first ``B_k`` planes: ``Ŵ_k = s_k (Q_k - z_k + 1/2)``, ``s_k = s / 2^(B_k - b_1)``,
 ``z_k = z_E / 2^(B_E - B_k)`` (``cuda_numba/dequant.py``).
 
-Forward (``backend``): ``"kernels"`` runs :func:`cuda_numba.slice_linear.slice_linear`
-(decode, T <= 8: the one-launch routed GEMV v6 with k_t kept on the device; more tokens:
-grouped GEMM v3), ``"torch"`` dequantizes ``Ŵ_k`` from the planes and multiplies in torch
+Forward (``backend``): ``"kernels"`` runs the bit-plane kernels (decode, T <= 8: the routed
+GEMV v7 through a :class:`cuda_numba.slice_gemv.RoutedPlan` cached per layer and token count,
+launched on torch's current stream with k_t, x and the output viewed in place: no host
+synchronisation, no copy, no Numba allocation per call, so a decode step can be captured in a
+CUDA graph; more tokens: :func:`cuda_numba.slice_linear.slice_linear` grouped GEMM v3, which
+sorts the tokens on the host), ``"torch"`` dequantizes ``Ŵ_k`` from the planes and multiplies in torch
 (the CPU reference), ``"auto"`` (default) = kernels for CUDA inputs, torch otherwise. Under
 Numba's CUDA simulator ``"kernels"`` also runs on CPU tensors (that is how the tests check it).
 Both layers are :class:`mbq_ref.mobilinear.RoutedSlices`: the same routing policy, checks,
@@ -55,6 +58,8 @@ class PackedMoBiLinear(RoutedSlices):
         self.tau_logit = float(tau_logit)
         self.backend = "auto"
         self._packed = {}  # device -> cuda_numba PackedWeight viewing the buffers (no copy)
+        self._plans = {}  # (device, T) -> cuda_numba RoutedPlan (the decode launch, prepared once)
+        self._streams = {}  # CUDA stream handle -> Numba external stream
 
     @classmethod
     @torch.no_grad()
@@ -82,7 +87,7 @@ class PackedMoBiLinear(RoutedSlices):
         )
 
     def _apply(self, fn, *args, **kwargs):
-        self._packed = {}  # .to() / .half() / .cuda() give the buffers new storage: drop the views
+        self._packed, self._plans = {}, {}  # .to() / .half() / .cuda() give the buffers new storage: drop the views
         return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -102,10 +107,13 @@ class PackedMoBiLinear(RoutedSlices):
 
             from cuda_numba.packing import PackedWeight
 
+            from cuda_numba._common import device_view
+
             s32 = self.scale.float().contiguous()  # float32 even after model.half(); cached below
+            self._s32 = s32  # the views below do not keep the tensor alive
             if device.type == "cuda":
-                planes = cuda.as_cuda_array(self.planes).view(np.uint32)
-                scale, zero = cuda.as_cuda_array(s32), cuda.as_cuda_array(self.zero)
+                planes = device_view(self.planes).view(np.uint32)
+                scale, zero = device_view(s32), device_view(self.zero)
             else:
                 planes, scale, zero = self.planes.numpy().view(np.uint32), s32.numpy(), self.zero.numpy()
             self._packed[key] = PackedWeight(planes, scale, zero, self.slice_bits, self.group_size, self.in_features)
@@ -118,18 +126,41 @@ class PackedMoBiLinear(RoutedSlices):
             return x.is_cuda
         return self.backend == "kernels"
 
+    def _stream(self, device):
+        """torch's current stream on ``device`` as a Numba stream (0 in the simulator)."""
+        if device.type != "cuda":
+            return 0
+        from numba import cuda
+
+        handle = torch.cuda.current_stream(device).cuda_stream
+        if handle not in self._streams:
+            self._streams[handle] = cuda.external_stream(handle)
+        return self._streams[handle]
+
+    def _decode(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """T <= 8 tokens: one routed GEMV v7 plan launch per 2 tokens, everything stays on the device."""
+        from cuda_numba._common import device_view
+        from cuda_numba.slice_gemv import RoutedPlan
+
+        T = x2.shape[0]
+        key = (str(x2.device), T)
+        if key not in self._plans:
+            self._plans[key] = RoutedPlan(self._weight(x2.device), T)
+        xin = x2 if x2.dtype in (torch.float16, torch.float32) else x2.float()
+        xin = xin.contiguous()
+        y = torch.empty(T, self.out_features, dtype=xin.dtype, device=x2.device)
+        k = counts.contiguous()
+        self._plans[key](device_view(xin), device_view(k), device_view(y), self._stream(x2.device))
+        return y.to(x2.dtype)
+
     def _kernels(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from cuda_numba.slice_linear import slice_linear
 
-        w = self._weight(x2.device)
-        if x2.is_cuda:
-            xin, kin = x2.contiguous(), counts
-        else:  # the CUDA simulator: host arrays in, NumPy out
-            xin, kin = x2.contiguous().numpy(), counts.numpy()
         if x2.shape[0] <= DECODE_MAX_T:
-            y = slice_linear(xin, w, kin, method="fused", kind="gemv", version=6)
-        else:
-            y = slice_linear(xin, w, kin if not x2.is_cuda else counts.cpu().numpy(), kind="gemm", version=3)
+            return self._decode(x2, counts)
+        w = self._weight(x2.device)
+        xin = x2.contiguous() if x2.is_cuda else x2.contiguous().numpy()  # the simulator: host arrays
+        y = slice_linear(xin, w, counts.cpu().numpy(), kind="gemm", version=3)  # prefill: sorts on the host
         return torch.as_tensor(y, device=x2.device)
 
     def _torch(self, x2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,12 @@
 # 2. the **popcount identity** that turns an integer dot product into AND + popcount;
 # 3. a real projection of `data/tiny-llama`, MoBiSlice-quantized, with its real activations;
 # 4. **one kernel body**, written here in a dozen lines and checked against the package;
-# 5. the two **kernel ladders** — decode GEMV (v1–v6, `slice_gemv.py`) and prefill GEMM
+# 5. the two **kernel ladders** — decode GEMV (v1–v7, `slice_gemv.py`) and prefill GEMM
 #    (v1–v3, `slice_gemm.py`) — on that layer;
 # 6. **token grouping** by routed precision, the **streams** variant and the one-launch
 #    **fused** decode (`slice_linear.py`);
-# 7. where the GPU numbers live (`python -m cuda_numba.bench`).
+# 7. where the GPU numbers live (`python -m cuda_numba.bench`), and what the compiled machine code
+#    predicts for the decode kernels (`python -m cuda_numba.sass`).
 #
 # Every kernel file follows one pattern (llm.c `dev/cuda` style): a reference, numbered
 # versions, one dispatcher taking `version=`. The kernels run here in Numba's **CUDA
@@ -138,11 +139,13 @@ for p in range(8):
         ax.spines[side].set_color(slice_colors[p // 2])
         ax.spines[side].set_linewidth(2)
 fig.text(0.06, 0.93, "planes[p] as [N rows x 64 bit positions] (grey = padding, | = word boundary)", fontsize=9)
-ax = fig.add_axes([0.76, 0.12, 0.22, 0.75])
+ax = fig.add_axes([0.77, 0.17, 0.21, 0.68])  # right of the planes: its tick labels stay clear of them
 w_demo = pk.pack_mobislice(codes_demo, np.ones((N_demo, 1), np.float32), np.zeros((N_demo, 1)), SB, K_demo)
 kb = [w_demo.bits_at(k) * N_demo * planes_demo.shape[2] * 4 for k in (1, 2, 3, 4)]
-ax.barh([f"k={k} ({2 * k} bit)" for k in (1, 2, 3, 4)], kb, color=slice_colors)
-ax.set_xlabel("plane bytes read")
+ax.bar(range(1, 5), kb, color=slice_colors[:4])
+ax.set_xticks(range(1, 5), [f"k={k}\n{2 * k} bit" for k in (1, 2, 3, 4)], fontsize=8)
+ax.set_ylabel("plane bytes read", fontsize=8)
+ax.tick_params(axis="y", labelsize=7)
 ax.set_title("precision k reads planes[:2k]", fontsize=9)
 plt.show()
 print("bytes read per precision:", kb, "(linear in the bits used; fp16 would read", N_demo * K_demo * 2, ")")
@@ -396,6 +399,7 @@ print(f"inline kernel == package v1 == torch reference (max |y| = {np.abs(y_ref)
 # | | v4 | **look-up tables** of activation sums replace the per-weight rebuild (below) |
 # | | v5 | v4 + split-K: more blocks than a layer has row blocks; the last block of a row block sums the partials |
 # | | v6 | v5 + each token stops at its own `B_{k_t}` planes in the same launch (routed decode, no sort) |
+# | | v7 | tables once per K-slice for many rows; lane = word slot (conflict-free tables); bits and tokens compile-time; warp shuffles + atomics |
 # | `slice_gemm.py` | v1 | naive, one thread per output |
 # | | v2 | 16×16 output tiles; x and the *dequantized* weights staged in shared memory per K-word |
 # | | v3 | 64×64 tiles, each thread a 4×4 register sub-tile |
@@ -502,9 +506,11 @@ T_r = len(k_route)
 perm, starts = sl.route_permutation(k_route, E)
 cmap = plt.get_cmap("viridis", E)
 fig, axes = plt.subplots(3, 1, figsize=(9, 4.6), gridspec_kw={"height_ratios": [1, 1, 2.2]})
-axes[0].imshow(k_route[None, :], cmap=cmap, vmin=0.5, vmax=E + 0.5, aspect="auto")
+strip = axes[0].imshow(k_route[None, :], cmap=cmap, vmin=0.5, vmax=E + 0.5, aspect="auto")
 axes[0].set_title("routed slice count k_t of the real tokens, in token order", fontsize=9)
 axes[1].imshow(k_route[perm][None, :], cmap=cmap, vmin=0.5, vmax=E + 0.5, aspect="auto")
+key = fig.colorbar(strip, ax=axes[:2], ticks=range(1, E + 1), fraction=0.03, pad=0.01)  # the colour key
+key.ax.set_yticklabels([f"k={k_} ({B[k_ - 1]} bit)" for k_ in range(1, E + 1)], fontsize=7)
 axes[1].set_title("after the stable sort: one contiguous segment per precision", fontsize=9)
 for ax in axes[:2]:
     ax.set_yticks([])
@@ -523,7 +529,6 @@ ax.set_yticks(range(1, E + 1))
 ax.set_yticklabels([f"slice {e}" for e in range(1, E + 1)], fontsize=8)
 ax.set_xlabel("sorted token position")
 ax.set_title("streams variant: the work each slice does (base slice for every token)", fontsize=9)
-fig.tight_layout()
 plt.show()
 print("tokens per precision:", np.diff(starts).tolist(), "| average bits:", float(np.mean(B[k_route - 1])))
 
@@ -554,18 +559,23 @@ print("k_t =", k_m.tolist())
 
 # %%
 results_dir = REPO / "benchmarks" / "results"
-reports = sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []
+reports = []  # the bench's files: a "results" list measured on a device (not sass.json, not e2e_*)
+for path in sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []:
+    rep = json.loads(path.read_text())
+    if "results" in rep and "device" in rep.get("meta", {}) and not path.name.startswith("e2e_"):
+        reports.append((path, rep))
 if not reports:
     print("No GPU results measured yet: run `python -m cuda_numba.bench` on a machine with a CUDA GPU "
           "(see benchmarks/README.md). Nothing here is a performance claim.")
-for path in reports:
-    rep = json.loads(path.read_text())
+measured_speedups = []  # every measured (kernel call) / (fp16 call) ratio shown below
+for path, rep in reports:
     dev = rep["meta"]["device"]
     print(f"{path.name}: {dev['name']} (driver {dev.get('driver_version')}), {rep['meta']['utc']}, "
           f"commit {rep['meta']['git_commit'][:12]}")
     best = {}
     for r in rep["results"]:
         if r.get("speedup_vs_fp16") and r["kernel"] != "fp16":
+            measured_speedups.append(r["speedup_vs_fp16"])
             key = (r["K"], r["N"], r["tokens"], r["bits"])
             if key not in best or r["speedup_vs_fp16"] > best[key][1]:
                 best[key] = (r["kernel"], r["speedup_vs_fp16"], r.get("frac_of_roofline"))
@@ -577,6 +587,62 @@ for path in reports:
         from IPython.display import Image, display
 
         display(Image(filename=str(png)))
+if measured_speedups:
+    top = max(measured_speedups)
+    timed = sorted({r["kernel"] for _, rep in reports for r in rep["results"] if r["kernel"] != "fp16"})
+    verdict = "is reproduced" if top > 1 else "is NOT reproduced"
+    print(f"\nMeasured so far: the kernel calls ran at {min(measured_speedups):.3f}-{top:.3f}x the speed of torch "
+          f"fp16 (the best one {1 / top:.0f}x slower). The paper's speed-up over fp16 (Sec. 5.4) {verdict} "
+          f"by these measurements, which time only {', '.join(timed)}.")
+fp16_us = {(r["K"], r["N"]): 1e3 * r["ms_median"] for _, rep in reports for r in rep["results"]
+           if r["kernel"] == "fp16" and r["tokens"] == 1 and r["bits"] == 4}
+
+# %% [markdown]
+# ### What the compiler says: a prediction, not a measurement
+#
+# Without a GPU we can still read what one would execute. `python -m cuda_numba.sass` compiles
+# each decode GEMV for `sm_90` (Numba → PTX → `ptxas`), disassembles it (`nvdisasm`) and counts:
+# registers, local memory (spills), the instructions of the hot loop and, for v7 (whose bits and
+# token count are compile-time constants, so every loop but the row loop is unrolled), the
+# instructions per weight. The **predicted lower bound** is the larger of reading the packed
+# bytes at the datasheet HBM bandwidth and issuing those instructions at 4 warp-instructions
+# per clock per SM:
+#
+# $$t \ge \max\Big(\frac{\text{bytes}}{\text{bandwidth}},\ \frac{N K \cdot \text{instructions per weight}}{\text{SMs}\cdot 128\cdot f_\text{clock}}\Big).$$
+#
+# GEMV v7 builds its tables once per K-slice and reuses them for many rows, each lane reading
+# only its own column of the tables (no bank conflicts), with unsigned 32-bit index arithmetic
+# and the bit-width unrolled (`benchmarks/NOTES.md`). The table below is read from
+# `benchmarks/results/sass.json`; v1-v6 read the bit-width at run time, and the report models
+# their instruction counts not at all ("-"): their registers and local memory show why v7 was needed.
+
+# %%
+sass_path = results_dir / "sass.json"
+if sass_path.exists():
+    sass_rep = json.loads(sass_path.read_text())
+    rows_h200 = [r for r in sass_rep["rows"] if r["gpu"] == "H200-SXM"]
+    shapes_s = sorted({r["shape"] for r in rows_h200}, key=lambda s_: [-int(v) for v in s_.split("x")])
+    print(f"PREDICTION for one H200 (T = 1 token), from {sass_path.name}: {sass_rep['meta']['formula']}")
+    def cell(r):
+        """'instructions per weight, predicted us' of one row ('-' where the report has no model)."""
+        return "-" if r["predicted_us"] is None else f"{r['instructions_per_weight']:.2f}, {r['predicted_us']:.1f}"
+
+    print("per shape: instructions per weight, predicted us")
+    print(f"{'kernel':>7} {'bits':>4} {'regs':>4} {'local B':>7} " + " ".join(f"{s_:>16}" for s_ in shapes_s))
+    by_k = {}
+    for r in rows_h200:
+        by_k.setdefault((r["kernel"], r["bits"]), {})[r["shape"]] = r
+    for (kern, b_), by_s in sorted(by_k.items(), key=lambda kv: (int(kv[0][0][4:]), kv[0][1])):
+        r0 = next(iter(by_s.values()))
+        cells = " ".join(f"{cell(by_s[s_]):>16}" for s_ in shapes_s)
+        print(f"{kern:>7} {b_:>4} {r0['registers']:>4} {r0['local_bytes']:>7} {cells}")
+    v7_4 = by_k[("gemv7", 4)]["14336x4096"]
+    fp = fp16_us.get((14336, 4096))
+    print(f"\nv7 at 4 bits on 14336x4096: predicted >= {v7_4['predicted_us']:.1f} us ({v7_4['bound']}-bound)"
+          + (f"; torch fp16 measured {fp:.0f} us per call in the run above (host time after the start event included)"
+             if fp else "") + ". v7 on a GPU: pending.")
+else:
+    print("benchmarks/results/sass.json not found: run `python -m cuda_numba.sass` (needs the compilers, no GPU)")
 
 # %% [markdown]
 # ## Summary
@@ -588,9 +654,11 @@ for path in reports:
 # * With **fp16 activations** the kernels rebuild `Q_k` by shift-and-add from the planes they
 #   read and apply the shared scale once per group; the same kernel computes a residual slice.
 #   On a real layer of the bundled model every version of both ladders matches the reference.
-# * **Look-up tables** of activation sums (GEMV v4–v6) replace the per-weight rebuild by four
-#   table reads per plane word; v6 also serves each token at its own precision in one launch,
-#   so a routed decode step needs no sort at all. Their GPU times are still to be measured.
+# * **Look-up tables** of activation sums (GEMV v4–v7) replace the per-weight rebuild by table
+#   reads per plane word; v6 and v7 also serve each token at its own precision in one launch,
+#   so a routed decode step needs no sort at all. v7's compiled code is predicted to meet the
+#   memory/instruction bound at about 6 instructions per weight at 4 bits (section 7); its GPU
+#   time, like v4–v6's, is still to be measured.
 # * **Routing** is a stable sort by `k_t` (contiguous segments, inverse permutation after): one
 #   launch per precision (*grouped*), or the base slice for all tokens plus one residual launch
 #   per slice on its own stream (*streams*).

@@ -194,3 +194,101 @@ def test_checkpoint_served_by_the_kernels(tmp_path):
     assert sum(int((h > 0).sum() > 1) for h in hist.values()) >= 3  # tokens at several precisions in one launch
     assert average_bits(ck.model) == average_bits(ref.model)
     torch.testing.assert_close(got, want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+def _count_host_syncs(monkeypatch, fn):
+    """Run ``fn()`` with every way the host can wait for the device patched to count; returns the calls.
+
+    Counted: torch's host reads (``item``, ``tolist``, ``bool``/``float``/``int`` of a tensor,
+    ``.cpu()``), tensors made from host data (``torch.tensor``, ``torch.as_tensor``: a copy to
+    the device), torch's and Numba's synchronise, Numba copies (``to_device``,
+    ``copy_to_host``) and a synchronising ``as_cuda_array``. Each call is returned with the functions on its stack.
+    """
+    import traceback
+
+    import numba.cuda as nc
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    calls = []
+
+    def counting(name, orig):
+        def f(*a, **k):
+            calls.append((name, [fr.name for fr in traceback.extract_stack()[:-1]]))
+            return orig(*a, **k)
+
+        return f
+
+    T = torch.Tensor
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu"):
+        monkeypatch.setattr(T, name, counting(name, getattr(T, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", counting("torch.cuda.synchronize", torch.cuda.synchronize))
+    for name in ("tensor", "as_tensor"):  # a tensor made from host data is a host-to-device copy (and a sync)
+        monkeypatch.setattr(torch, name, counting(f"torch.{name}", getattr(torch, name)))
+    monkeypatch.setattr(nc, "synchronize", counting("numba.synchronize", nc.synchronize))
+    monkeypatch.setattr(nc, "to_device", counting("numba.to_device", nc.to_device))
+    if hasattr(nc, "as_cuda_array"):  # not in the simulator
+        orig = nc.as_cuda_array
+        monkeypatch.setattr(nc, "as_cuda_array", lambda obj, sync=True: (calls.append(("as_cuda_array", [])) if sync
+                                                                         else None) or orig(obj, sync=sync))  # fmt: skip
+    monkeypatch.setattr(FakeCUDAArray, "copy_to_host", counting("copy_to_host", FakeCUDAArray.copy_to_host))
+    try:
+        with torch.no_grad():
+            out = fn()
+    finally:
+        monkeypatch.undo()
+    return calls, out
+
+
+def _in_router(stack) -> bool:
+    """The call was made inside the router module's forward (``route`` -> ``self.router(x)``)."""
+    return "route" in stack and "_call_impl" in stack[stack.index("route") :]
+
+
+@pytest.mark.parametrize("routing", ["fixed_k", "router"])
+def test_decode_projection_never_synchronises(models, monkeypatch, routing):
+    """A decode call of a packed layer (the GPU path: deferred checks, a cached RoutedPlan) reads nothing back.
+
+    In the simulator CPU tensors stand for device memory (viewed in place, as CUDA tensors are
+    on a GPU). After a first call, which prepares the plan and its workspace, a call of
+    ``serve`` and the packed backend must count zero host synchronisations. With the router
+    on, the router's own forward (MoBiRouter) is left out of the count.
+    """
+    _, packed, _ = models
+    layer = packed.model.layers[0].mlp.down_proj
+    layer.host_checks = False  # what a CUDA input gets by default
+    layer.fixed_k = 3 if routing == "fixed_k" else None
+    x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(7))
+    try:
+        layer.reset_stats()
+        with torch.no_grad():
+            y0 = layer(x)  # prepares the RoutedPlan
+        calls, y1 = _count_host_syncs(monkeypatch, lambda: layer(x))
+        ours = [(name, stack[-4:]) for name, stack in calls if not _in_router(stack)]
+        assert ours == [], f"host synchronisations in one decode projection: {ours}"
+        torch.testing.assert_close(y1, y0)
+        assert layer.stats.tokens == 2 and layer.stats.problems() is None  # read lazily, after the calls
+    finally:
+        layer.host_checks, layer.fixed_k = None, None
+        layer.reset_stats()
+
+
+def test_deferred_checks_report_on_read(models):
+    """With host checks off, a NaN input is not an error at call time; reading the stats reports it."""
+    _, packed, _ = models
+    layer = packed.model.layers[0].mlp.up_proj
+    layer.host_checks = False
+    try:
+        layer.reset_stats()
+        x = torch.randn(1, layer.in_features)
+        x[0, 3] = float("nan")
+        with torch.no_grad():
+            layer(x)
+        assert "NaN/inf" in layer.stats.problems()
+        with pytest.raises(MoBiError, match="NaN/inf"):
+            layer.avg_bits
+        layer.host_checks = True
+        with pytest.raises(MoBiError, match="NaN/inf"):
+            layer(x)
+    finally:
+        layer.host_checks = None
+        layer.reset_stats()

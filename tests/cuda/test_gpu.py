@@ -169,3 +169,21 @@ def test_cli_eval_and_generate_on_cuda(tmp_path, capsys):
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert [s["measured_bits"] for s in res["tokens"]] == [2.0, 2.0, 8.0] and res["backend"] == "packed"
+
+
+def test_packed_decode_step_in_cuda_graph():
+    """One decode step of the packed projections (the sync-free RoutedPlan path) captured as a CUDA graph:
+    the replay gives the eager outputs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch")
+    from mbq_ref.e2e import build_model, pack_random, projection_step
+    from mbq_ref.packed import packed_layers
+
+    model = build_model("tiny", "cuda")
+    pack_random(model)
+    for p in packed_layers(model).values():
+        p.backend, p.fixed_k = "kernels", 2
+    res = projection_step(model, "cuda", graph=True, reps=3)
+    assert res["projections"] == 7 and res["graph_max_abs_diff"] < 1e-3

@@ -14,6 +14,7 @@ IDS = {
     4: "v4_lut",
     5: "v5_lut_splitk",
     6: "v6_lut_routed",
+    7: "v7_lut_per_slice",
 }
 
 
@@ -43,7 +44,7 @@ def test_lut_every_token_count_and_bits(rng, T):
     x, codes, scale, zero, w = setup_layer(rng, T, N, K, dtype=np.float32)
     for k in (1, 2, 4):
         ref = sv.slice_gemv_ref(x, codes, scale, zero, SB, k, 32).numpy()
-        for version in (4, 5, 6):
+        for version in (4, 5, 6, 7):
             assert_close(sv.slice_gemv(x, w, k, version=version, out=poisoned((T, N), np.float32)), ref, np.float32)
 
 
@@ -58,7 +59,7 @@ def test_split_k_really_splits_and_resets_its_counters(rng):
     assert sv.workspace_counters_clear()
 
 
-@pytest.mark.parametrize("version,block", [(1, (4, 2)), (2, 4), (3, (4, 2)), (4, 8), (5, 16), (6, 8)])
+@pytest.mark.parametrize("version,block", [(1, (4, 2)), (2, 4), (3, (4, 2)), (4, 8), (5, 16), (6, 8), (7, 2)])
 def test_block_sizes_are_parameters(rng, version, block):
     """Any allowed block gives the same numbers (the geometry is the same in the simulator and on a GPU)."""
     T, N, K = 2, 11, 50
@@ -78,7 +79,7 @@ def test_geometry_fits_the_tables():
 def test_errors(rng):
     x, *_, w = setup_layer(rng, 1, 5, 64, dtype=np.float32)
     with pytest.raises(ValueError):
-        sv.slice_gemv(x, w, 1, version=7)
+        sv.slice_gemv(x, w, 1, version=8)
     with pytest.raises(ValueError):
         sv.slice_gemv(x, w, 1, version=5, block=6)
     with pytest.raises(ValueError):
@@ -87,3 +88,43 @@ def test_errors(rng):
         sv.gemv_routed(x, w, [5])
     with pytest.raises(ValueError):
         sv.gemv_routed(x, w, [1, 2])
+
+
+def test_v7_split_k_blocks_and_workspace(rng):
+    """v7 over several K-blocks (2 x 32 words each at T = 1) and row groups; twice on the same
+    workspace (the last block of a row group zeroes it); T = 2 and 3 (2 + 1 tokens per launch)."""
+    from cuda_numba.slice_gemv import v7_geometry
+
+    N, K = 23, 32 * 32 * 2 + 96  # 67 words: 2 K-blocks at T = 1, 3 K-slices at T = 2
+    assert v7_geometry(N, 67, 1)[0] == 2 and v7_geometry(N, 67, 2)[0] == 3
+    for T in (1, 3):
+        x, codes, scale, zero, w = setup_layer(rng, T, N, K, dtype=np.float32)
+        ref = sv.slice_gemv_ref(x, codes, scale, zero, SB, 3, 32).numpy()
+        for _ in range(2):
+            assert_close(sv.slice_gemv(x, w, 3, version=7, out=poisoned((T, N), np.float32)), ref, np.float32)
+    assert all(not ws.copy_to_host().any() and not c.copy_to_host().any() for ws, c in sv._V7_WS.values())
+
+
+def test_v7_routed_plan(rng):
+    """RoutedPlan (the decode launch of the packed backend): mixed k_t, more tokens than one launch takes."""
+    from numba import cuda
+
+    from cuda_numba.slice_linear import slice_linear_ref
+
+    T, N, K = 3, 17, 96
+    x, codes, scale, zero, w = setup_layer(rng, T, N, K, dtype=np.float16)
+    k_t = np.array([4, 1, 2])
+    plan = sv.RoutedPlan(w, T)
+    out = cuda.to_device(poisoned((T, N), np.float16))
+    plan(cuda.to_device(x), cuda.to_device(k_t.astype(np.int64)), out)
+    assert_close(out.copy_to_host(), slice_linear_ref(x, codes, scale, zero, SB, k_t, 32).numpy(), np.float16)
+
+
+def test_v7_kernel_factory():
+    """Bits and tokens are compile-time constants: one kernel per (T, bits, routed), cached."""
+    assert sv.gemv7_kernel(1, 4) is sv.gemv7_kernel(1, 4)
+    assert sv.gemv7_kernel(1, 4) is not sv.gemv7_kernel(1, 2)
+    with pytest.raises(ValueError):
+        sv.gemv7_kernel(sv.V7_MAX_T + 1, 4)
+    with pytest.raises(ValueError):
+        sv.v7_geometry(10, 3, 1, warps=sv.V7_WARPS + 1)

@@ -24,7 +24,7 @@ def test_every_case_routed(rng, case):
     assert_close(y, sl.slice_linear_ref(x, codes, scale, zero, SB, k_t, 32).numpy(), np.float16)
 
 
-@pytest.mark.parametrize("case", ["gemv3", "streams-gemm2", "fused-gemv6"])
+@pytest.mark.parametrize("case", ["gemv3", "streams-gemm2", "fused-gemv6", "fused-gemv7"])
 def test_run_kernels_matches_the_call(rng, case):
     """run_kernels (what the benchmark times) computes the same partials as the full call."""
     from numba import cuda
@@ -81,7 +81,8 @@ def test_property_route_permutation(k_t):
     np.testing.assert_array_equal(ks[inv], k_t)  # the inverse permutation restores the order
 
 
-def test_fused_device_path_has_no_round_trip_or_allocation(rng, monkeypatch):
+@pytest.mark.parametrize("version", [6, 7])
+def test_fused_device_path_has_no_round_trip_or_allocation(rng, monkeypatch, version):
     """Device x, k_t (int64, as a router would produce) and out: after a first call (which caches
     the workspace), a call moves nothing between host and device and allocates nothing."""
     from numba import cuda
@@ -92,7 +93,7 @@ def test_fused_device_path_has_no_round_trip_or_allocation(rng, monkeypatch):
     dw = w.to_device()
     dx, dk = cuda.to_device(x), cuda.to_device(k_t.astype(np.int64))
     dout = cuda.to_device(poisoned((T, N), np.float16))
-    sl.slice_linear(dx, dw, dk, method="fused", kind="gemv", version=6, out=dout)
+    sl.slice_linear(dx, dw, dk, method="fused", kind="gemv", version=version, out=dout)
 
     def forbidden(*a, **k):
         raise AssertionError("host round trip or allocation in the device call path")
@@ -101,7 +102,7 @@ def test_fused_device_path_has_no_round_trip_or_allocation(rng, monkeypatch):
     for name in ("to_device", "device_array", "device_array_like", "pinned_array"):
         monkeypatch.setattr(cuda, name, forbidden)
     monkeypatch.setattr(type(dx), "copy_to_host", forbidden)
-    y = sl.slice_linear(dx, dw, dk, method="fused", kind="gemv", version=6, out=dout2)
+    y = sl.slice_linear(dx, dw, dk, method="fused", kind="gemv", version=version, out=dout2)
     monkeypatch.undo()
     assert y is dout2
     assert_close(y.copy_to_host(), sl.slice_linear_ref(x, codes, scale, zero, (3, 3, 2), k_t, 32).numpy(), np.float16)
@@ -141,3 +142,5 @@ def test_errors(rng):
         sl.slice_linear(x, w, [1, 5], method="fused", kind="gemv", version=6)
     with pytest.raises(ValueError):
         sl.slice_linear(x, w, [1, 2], method="fused", kind="gemv", version=5)
+    with pytest.raises(ValueError):
+        sl.slice_linear(x, w, [1, 2], method="fused", kind="gemv", version=7, block=9)
