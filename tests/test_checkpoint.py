@@ -169,9 +169,23 @@ def test_payload_hash_covers_name_dtype_shape_and_bytes():
     assert payload_sha256(a) != payload_sha256({"x": torch.tensor([0, 0, 0, 1], dtype=torch.uint8)})
 
 
-def test_embedded_tokenizer_roundtrip(quantized, tmp_path, tiny_tokenizer):
-    path = save_checkpoint(quantized, tmp_path / "tok.safetensors", {"base_model": "random"}, tokenizer=tiny_tokenizer)
-    ck = load_checkpoint(path)
+@pytest.fixture(scope="module")
+def tok_saved(tmp_path_factory, tiny_tokenizer):
+    """A 1-layer random Llama with the bundled tokenizer's vocabulary, saved with that tokenizer embedded."""
+    torch.manual_seed(0)
+    model = random_llama("llama", layers=1, hidden=64, vocab=len(tiny_tokenizer))
+    quantize_mobiquant(model, torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1)),
+                       replace(TINY, group_size=64), progress=False)  # fmt: skip
+    path = tmp_path_factory.mktemp("tok") / "tok.safetensors"
+    return save_checkpoint(model, path, {"base_model": "random"}, tokenizer=tiny_tokenizer, thresholds={2.0: 1.0, 8.0: 0.0})
+
+
+def test_embedded_tokenizer_roundtrip(quantized, tok_saved, tmp_path, tiny_tokenizer):
+    # a tokenizer whose ids run past the model's vocabulary is refused on save (nothing written)
+    with pytest.raises(CheckpointError, match="past the model's vocabulary of 256"):
+        save_checkpoint(quantized, tmp_path / "no.safetensors", tokenizer=tiny_tokenizer)
+    assert not list(tmp_path.iterdir())
+    ck = load_checkpoint(tok_saved)
     text = "It is a truth universally acknowledged, that a single man"
     assert ck.tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
 
@@ -522,10 +536,10 @@ def test_lone_surrogate_in_header_refused(saved, tmp_path):
         read_metadata(_header_metadata(saved, tmp_path / "surrogate.safetensors", md))
 
 
-def test_broken_embedded_tokenizer_refused(quantized, tmp_path, tiny_tokenizer):
+def test_broken_embedded_tokenizer_refused(tok_saved, tmp_path):
     from mbq_ref.checkpoint.format import _meta_sha256
 
-    good = save_checkpoint(quantized, tmp_path / "tok.safetensors", {"base_model": "random-llama"}, tokenizer=tiny_tokenizer)
+    good = tok_saved
     header, data = _split(good)
     md = header["__metadata__"]
     files = json.loads(md["tokenizer"])
