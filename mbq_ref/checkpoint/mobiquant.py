@@ -372,7 +372,7 @@ def _real(value, what: str) -> float:
 
     item = value
     if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" and hasattr(value, "ndim"):
-        if value.numel() if isinstance(value, torch.Tensor) else value.size != 1:
+        if (value.numel() if isinstance(value, torch.Tensor) else value.size) != 1:
             raise CheckpointError(f"{what} must be one real number, got an array of shape {tuple(value.shape)}")
         item = value.item() if isinstance(value, torch.Tensor) else value.reshape(()).item()
     if isinstance(item, bool) or not isinstance(item, (numbers.Real, Decimal)):
