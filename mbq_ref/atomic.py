@@ -89,8 +89,9 @@ def _check_destination(path: Path) -> None:
         if exc.errno == errno.ELOOP:
             raise OutputError(f"cannot write {path}: it is a symbolic link loop; fix or remove the link") from exc
         if exc.errno == errno.ENAMETOOLONG:
-            raise OutputError(f"cannot write {path}: the name is too long for the filesystem "
-                              f"({len(os.fsencode(path.name))} bytes); choose a shorter name") from exc  # fmt: skip
+            longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+            raise OutputError(f"cannot write {path}: a name in it is too long for the filesystem "
+                              f"({longest} bytes); choose a shorter name") from exc  # fmt: skip
         if exc.errno == errno.ENOENT and os.path.islink(path):
             raise OutputError(f"cannot write {path}: it is a symbolic link to a missing file "
                               f"({os.readlink(path)}); fix or remove the link") from exc  # fmt: skip

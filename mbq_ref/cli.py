@@ -195,9 +195,9 @@ def _check_tour_output(out: Path, settings) -> None:
     from .thresholds import table_targets
     from .zoo import load_model
 
+    check_writable(out / "report.json")  # a folder name too long, a link loop, read-only: before loading anything
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; the tour writes a folder of reports, give a folder path")
-    check_writable(out / "report.json")  # a folder name too long, a link loop, read-only: before loading anything
     cfg = MoBiConfig.tiny()
     model, tok = load_model(settings.model, with_tokenizer=True)
     need = estimate_checkpoint_bytes(model, cfg.slice_bits, settings.group_size, cfg.router_hidden,
@@ -587,6 +587,11 @@ def main(argv: list[str] | None = None) -> int:
         # the reader went away (`mbq info X --json | head -c1`, `| true`): stop quietly like any Unix filter
         _silence_stdout()
         return 128 + signal.SIGPIPE
+    except (MBQError, FileNotFoundError) as exc:
+        # our errors carry "what is wrong + how to fix it"; anything else is a bug (exit 1, traceback)
+        msg = " ".join(str(exc).split())
+        print(f"mbq {args.command}: error: {msg}", file=sys.stderr)
+        return 2
     except OSError as exc:
         # files are written through mbq_ref.atomic (OutputError); a full disk left over is standard output's
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -594,11 +599,6 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print(f"mbq {args.command}: error: cannot write the output ({exc.strerror}); redirect it to a file "
               "on a disk with free space", file=sys.stderr)  # fmt: skip
-        return 2
-    except (MBQError, FileNotFoundError) as exc:
-        # our errors carry "what is wrong + how to fix it"; anything else is a bug (exit 1, traceback)
-        msg = " ".join(str(exc).split())
-        print(f"mbq {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except Terminated:
         print("terminated", file=sys.stderr)
