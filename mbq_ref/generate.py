@@ -150,6 +150,10 @@ def generate(
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise GenerateError("the prompt is empty; pass some text with --prompt")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:  # e.g. an added token past the embedding: IndexError otherwise
+        raise GenerateError(f"the prompt has token id {int(ids.max())}, past the model's vocabulary of {vocab}; "
+                            "remove special tokens from the prompt or use the model's own tokenizer")  # fmt: skip
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and ids.shape[1] + max_new_tokens > ctx:
         raise GenerateError(

@@ -515,7 +515,11 @@ def _load_tokenizer(meta: dict, raw: dict, path: Path):
 
 
 def _top_token_id(tokenizer) -> int:
-    """The largest id ``tokenizer`` can produce (its vocabulary and added tokens); -1 if it cannot say."""
+    """The largest id of ``tokenizer``'s own vocabulary (added special tokens, which real models may number past
+    ``vocab_size`` and never produce from text, are not counted); -1 if it cannot say."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return max(backend.get_vocab(with_added_tokens=False).values(), default=-1)
     return max(tokenizer.get_vocab().values(), default=-1) if hasattr(tokenizer, "get_vocab") else -1
 
 
