@@ -618,10 +618,32 @@ def build_parser(prog: str | None = None, parser_class=argparse.ArgumentParser) 
     return ap
 
 
+def _fail(prog: str, msg: str) -> int:
+    """A bad option: one line ``PROG: error: ...`` on stderr (the format of every mbq command), exit code 2."""
+    print(f"{prog}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    return 2
+
+
+def _check_slice_bits(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(_ints(text))
+    except ValueError:
+        bits = ()
+    if not bits or any(not 1 <= b <= 8 for b in bits) or sum(bits) > 8:
+        raise ValueError(f"--slice-bits {text!r}: give 1..8-bit slices totalling at most 8 bits (one byte per code), e.g. 2,2,2,2")
+    return bits
+
+
 def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParser) -> int:
     """Entry point (``python -m cuda_numba.bench``, later ``mbq bench``); returns the exit code."""
-    args = build_parser(prog, parser_class).parse_args(argv)
+    ap = build_parser(prog, parser_class)
+    args = ap.parse_args(argv)
     import numba
+
+    try:
+        _check_slice_bits(args.slice_bits)
+    except ValueError as exc:
+        return _fail(ap.prog, exc)
 
     if args.sim and (rc := enter_simulator("cuda_numba.bench", argv)) is not None:
         return rc
@@ -636,11 +658,8 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
                 if numba.config.ENABLE_CUDASIM
                 else "Numba sees no CUDA GPU"
             )
-            print(
-                f"cuda_numba.bench: no real GPU ({why}); run it on a GPU machine, or pass --sim for a "
-                "simulator demo (not a performance number)."
-            )
-            return 2
+            return _fail(ap.prog, f"no real GPU ({why}); run it on a GPU machine, or pass --sim for a "
+                                  "simulator demo (not a performance number)")  # fmt: skip
     if args.sim:
         args.shapes = args.shapes or SIM_SHAPES
         args.tokens = args.tokens or SIM_TOKENS
@@ -659,8 +678,7 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
     try:
         report = _run_grid(args, sim)
     except (argparse.ArgumentTypeError, ValueError) as exc:
-        print(f"cuda_numba.bench: {exc}")
-        return 2
+        return _fail(ap.prog, exc)
     failures = report.pop("failures")
     if not args.sim and not args.no_write:
         path = _write(report, Path(args.out_dir), plot=not args.no_plot)

@@ -17,6 +17,7 @@ and how to fix it), 1 an internal failure (with the traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -176,9 +177,32 @@ def _cmd_tour(args) -> int:
 
     t0 = time.time()
     settings = TourSettings(args.quick, model=args.model)
+    _check_tour_output(Path(args.out), settings)
     report = run_tour(Path(args.out), progress=not args.no_progress, settings=settings)
     print(f"report: {Path(args.out) / 'report.md'} and report.json ({len(report)} sections), {time.time() - t0:.0f} s")
     return 0
+
+
+#: room for the tour's reports and plots beside its checkpoint (they total a few hundred KiB)
+TOUR_REPORT_BYTES = 2 * 2**20
+
+
+def _check_tour_output(out: Path, settings) -> None:
+    """The tour's folder can take its checkpoint and reports, checked before any work (a full disk: one line)."""
+    from .atomic import OutputError, check_writable
+    from .checkpoint import estimate_checkpoint_bytes
+    from .mobiquant import MoBiConfig
+    from .thresholds import table_targets
+    from .zoo import load_model
+
+    check_writable(out / "report.json")  # a folder name too long, a link loop, read-only: before loading anything
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; the tour writes a folder of reports, give a folder path")
+    cfg = MoBiConfig.tiny()
+    model, tok = load_model(settings.model, with_tokenizer=True)
+    need = estimate_checkpoint_bytes(model, cfg.slice_bits, settings.group_size, cfg.router_hidden,
+                                     len(table_targets(settings.table_step, cfg.slice_bits)), tok)  # fmt: skip
+    check_writable(out / "mobiquant.safetensors", need_bytes=need + TOUR_REPORT_BYTES)
 
 
 # --- mbq quantize ------------------------------------------------------------------
@@ -186,7 +210,7 @@ def _cmd_quantize(args) -> int:
     import torch
 
     from .atomic import check_writable
-    from .checkpoint import save_checkpoint
+    from .checkpoint import estimate_checkpoint_bytes, save_checkpoint
     from .data import DATASETS, calibration_windows, load_corpus, tokenize_corpus
     from .fakequant import check_group_size
     from .mobiquant import MoBiConfig
@@ -194,6 +218,11 @@ def _cmd_quantize(args) -> int:
     from .zoo import load_model
 
     out = check_writable(args.out)  # before minutes of calibration: a folder, read-only or full disk, a file in the way
+    if args.dtype != "float32":
+        # calibration, the threshold search and the saved codes are float32 computations; a float16/bfloat16
+        # model failed only after the whole calibration ("mat1 and mat2 must have the same dtype")
+        raise UsageError(f"--dtype {args.dtype} is not supported: MoBiQuant calibration runs in float32; use "
+                         "--dtype float32 (the default) and cast the served model afterwards")  # fmt: skip
     cfg = MoBiConfig.paper() if args.preset == "paper" else MoBiConfig.tiny()
     targets = table_targets(args.table_step, cfg.slice_bits)  # bad --table-step: fail before any work
     calib = cfg.calib
@@ -213,8 +242,9 @@ def _cmd_quantize(args) -> int:
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype=dtype, with_tokenizer=True)
     check_group_size(model, cfg.group_size)  # e.g. 128 on SmolLM2 (hidden 576): one line, before calibrating
-    # at least one byte per weight (the codes; embeddings and norms are stored unquantized)
-    check_writable(out, need_bytes=sum(p.numel() for p in model.parameters()))
+    # the file's size from the model's shapes (within a few % of the real file, tests/test_checkpoint.py)
+    check_writable(out, need_bytes=estimate_checkpoint_bytes(model, cfg.slice_bits, cfg.group_size, cfg.router_hidden,
+                                                             len(targets), tok))  # fmt: skip
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and calib.seqlen > ctx:
         raise UsageError(f"--seqlen {calib.seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
@@ -344,32 +374,58 @@ def _cmd_generate(args) -> int:
 
 
 # --- mbq info --------------------------------------------------------------------------
+def _printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``, ``\\n``, ``\\u202e``): a header string
+    is data from the file, and an escape sequence or a newline in it must not reach the terminal as one."""
+    import unicodedata
+
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") else ch
+        for ch in text
+    )
+
+
+def _strict_json(obj):
+    """``obj`` with every NaN/inf number replaced by null, so that ``json.dumps(allow_nan=False)`` succeeds."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def _cmd_info(args) -> int:
     from .checkpoint import read_metadata
 
     meta = read_metadata(args.file)
     if args.json:
-        print(json.dumps(meta, indent=1))
+        # strict JSON: NaN (a table row without a measurement, a NaN result) becomes null; control characters are escaped
+        print(json.dumps(_strict_json(meta), indent=1, allow_nan=False))
         return 0
+    lines = []
     q, b = meta["quantization"], meta["base_model"]
     # informational fields (created, results) are not cross-checked: print them only as far as they are well-formed
-    print(f"{args.file}: mbq-ref MoBiQuant checkpoint, format version {meta['format_version']}, created {meta.get('created', '?')}")
-    print(f"base model: {b['id']} ({b['architecture']}, {b['dtype']}, config sha256 {b['config_sha256'][:16]}...)")
-    print(f"slices {q['slice_bits']} -> {q['cumulative_bits']} bits, group {q['group_size']}, "
-          f"{len(q['layers'])} MoBiLinear layers, router hidden {q['router_hidden']}")  # fmt: skip
+    lines.append(f"{args.file}: mbq-ref MoBiQuant checkpoint, format version {meta['format_version']}, created {meta.get('created', '?')}")
+    lines.append(f"base model: {b['id']} ({b['architecture']}, {b['dtype']}, config sha256 {b['config_sha256'][:16]}...)")
+    lines.append(f"slices {q['slice_bits']} -> {q['cumulative_bits']} bits, group {q['group_size']}, "
+                 f"{len(q['layers'])} MoBiLinear layers, router hidden {q['router_hidden']}")  # fmt: skip
     targets = meta["thresholds"]["targets"]
     if targets:
-        print(f"threshold table: {len(targets)} targets, {targets[0]:g}..{targets[-1]:g} bits")
+        lines.append(f"threshold table: {len(targets)} targets, {targets[0]:g}..{targets[-1]:g} bits")
     res = meta.get("results")
     res = res if isinstance(res, dict) else {}
     if isinstance(res.get("avg_bits_trained"), (int, float)) and isinstance(res.get("train_bits"), (int, float)):
         sat = res.get("surrogate_saturation")
         sat = f"{sat:.3f}" if isinstance(sat, (int, float)) else "n/a"
-        print(f"router: {res['avg_bits_trained']:.3f} bits at the trained threshold on the calibration windows "
-              f"(train_bits {res['train_bits']:g}), surrogate saturation {sat}")
+        lines.append(f"router: {res['avg_bits_trained']:.3f} bits at the trained threshold on the calibration windows "
+                     f"(train_bits {res['train_bits']:g}), surrogate saturation {sat}")  # fmt: skip
     for k, v in res.items():
         if not isinstance(v, (dict, list)):
-            print(f"  {k}: {v}")
+            lines.append(f"  {k}: {v}")
+    print("\n".join(_printable(line) for line in lines))
     return 0
 
 
@@ -502,6 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's own flush at exit does not print a second error."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``mbq`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -514,11 +580,25 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     try:
         with terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no temporary file is left
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a full or closed stdout fails here, inside the handlers below
+            return code
+    except BrokenPipeError:
+        # the reader went away (`mbq info X --json | head -c1`, `| true`): stop quietly like any Unix filter
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except (MBQError, FileNotFoundError) as exc:
         # our errors carry "what is wrong + how to fix it"; anything else is a bug (exit 1, traceback)
         msg = " ".join(str(exc).split())
         print(f"mbq {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # files are written through mbq_ref.atomic (OutputError); a full disk left over is standard output's
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _silence_stdout()
+        print(f"mbq {args.command}: error: cannot write the output ({exc.strerror}); redirect it to a file "
+              "on a disk with free space", file=sys.stderr)  # fmt: skip
         return 2
     except Terminated:
         print("terminated", file=sys.stderr)

@@ -52,15 +52,28 @@ def _check(name: str, split: str) -> None:
         raise CorpusError(f"unknown split {split!r} for {name}; choose one of {', '.join(SPLITS)}")
 
 
-def _load_bundled(name: str, split: str) -> str:
-    import datasets
+def _read_paragraphs(path) -> list[str]:
+    """The non-blank paragraphs of a UTF-8 text file: blocks separated by a blank line (``"\\n\\n"``).
 
-    datasets.disable_progress_bars()  # a 0.1 s load needs no bar
+    The same split as ``datasets.load_dataset("text", sample_by="paragraph")`` (universal newlines, then
+    ``"\\n\\n"``; ``tests/test_data.py`` checks they agree on every bundled file) without its cache, so a
+    read-only ``HF_HOME`` / ``HF_DATASETS_CACHE`` does not matter.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"corpus file {path} is not UTF-8 text (byte {exc.start}); rebuild it with "
+                          "`python data/prepare.py` or save it as UTF-8")  # fmt: skip
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus file {path} ({exc.strerror or exc}); check its permissions") from exc
+    return [t for t in text.split("\n\n") if t.strip()]
+
+
+def _load_bundled(name: str, split: str) -> str:
     path = corpus_dir() / name / f"{split}.txt"
     if not path.is_file():
         raise CorpusError(f"missing bundled file {path}; rebuild it with `python data/prepare.py`")
-    ds = datasets.load_dataset("text", data_files={split: str(path)}, sample_by="paragraph", split=split)
-    paragraphs = [t for t in ds["text"] if t.strip()]
+    paragraphs = _read_paragraphs(path)
     if not paragraphs:
         raise CorpusError(f"bundled file {path} is empty; rebuild it with `python data/prepare.py`")
     return "\n\n".join(paragraphs)

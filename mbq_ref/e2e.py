@@ -245,6 +245,12 @@ def paper_line() -> str:
     return "paper (MoBiQuant, LLaMA2-7B, A100): " + ", ".join(f"{b} bits {t} tok/s" for b, t in PAPER_TOK_S.items())
 
 
+def _fail(prog: str, msg) -> int:
+    """A bad option: one line ``PROG: error: ...`` on stderr (the format of every mbq command), exit code 2."""
+    print(f"{prog}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParser) -> int:
     """Entry point (``python -m mbq_ref.e2e``, ``mbq bench --e2e``); returns the exit code."""
     ap = parser_class(prog=prog or "python -m mbq_ref.e2e", description=__doc__.split("\n\n")[0])
@@ -271,28 +277,23 @@ def main(argv=None, prog: str | None = None, parser_class=argparse.ArgumentParse
         if getattr(args, key) is None:
             setattr(args, key, sim_default if args.sim else gpu)
     if args.prompt < 1 or args.new_tokens < 1:
-        print("mbq_ref.e2e: --prompt and --new-tokens must be at least 1")
-        return 2
+        return _fail(ap.prog, f"--prompt and --new-tokens must be at least 1, got {args.prompt} and {args.new_tokens}")
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # renamed in newer transformers
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         _settings((2, 2, 2, 2), args.settings)
     except ValueError as exc:
-        print(f"mbq_ref.e2e: {exc}")
-        return 2
+        return _fail(ap.prog, exc)
     bad = [m for m in names if m not in MODELS]
     if bad:
-        print(f"mbq_ref.e2e: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
-        return 2
+        return _fail(ap.prog, f"unknown model {bad[0]!r} in --models; choose from {', '.join(MODELS)}")
     sim = bool(numba.config.ENABLE_CUDASIM)
     if args.sim != sim:
-        print("mbq_ref.e2e: the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): pass --sim, or unset it on a GPU")
-        return 2
+        return _fail(ap.prog, "the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): pass --sim, or unset it on a GPU")
     from cuda_numba import real_gpu_available
 
     if not sim and not real_gpu_available():
-        print("mbq_ref.e2e: no real GPU; run it on a GPU machine, or with --sim in the simulator")
-        return 2
+        return _fail(ap.prog, "no real GPU; run it on a GPU machine, or with --sim in the simulator")
     device = "cpu" if sim else "cuda"
     if sim:
         print("SIMULATOR: the times below are NOT performance numbers")

@@ -150,6 +150,10 @@ def generate(
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise GenerateError("the prompt is empty; pass some text with --prompt")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:  # e.g. an added token past the embedding: IndexError otherwise
+        raise GenerateError(f"the prompt has token id {int(ids.max())}, past the model's vocabulary of {vocab}; "
+                            "remove special tokens from the prompt or use the model's own tokenizer")  # fmt: skip
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and ids.shape[1] + max_new_tokens > ctx:
         raise GenerateError(
@@ -185,8 +189,13 @@ def generate(
         out = model(input_ids=nxt, past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float()  # [vocab]
+        if not bool(torch.isfinite(logits).all()):  # argmax of NaN is token 0: never print <pad><pad>... as text
+            raise GenerateError(f"the model produced NaN/inf logits at new token {step + 1}; its weights or config "
+                                "hold values that overflow, re-create the checkpoint")  # fmt: skip
         if temperature > 0:
-            logits = logits / temperature
+            # shift first (the top logit becomes 0) and divide in float64 (a Python float such as 1e-300 is not
+            # rounded to 0): a tiny temperature (1e-45) then gives -inf for the others, never inf or 0/0 = NaN
+            logits = (logits.double() - logits.max()) / temperature
             if top_k > 0:
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

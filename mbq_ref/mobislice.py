@@ -324,13 +324,17 @@ class SlicedWeight:
         ``zero_grid`` picks the scale/zero rule of :func:`floor_scale_zero`.
         """
         bits = check_slice_bits(slice_bits)
-        wg = _groups(w.detach(), group_size)
+        if isinstance(group_size, bool) or not hasattr(group_size, "__index__") or int(group_size) < 1:
+            raise SliceError(f"group_size must be a positive integer such as 128, got {group_size!r}")
+        wg = _groups(w.detach(), int(group_size))
         if xmin is None:
             xmin = wg.amin(-1)
         if xmax is None:
             xmax = wg.amax(-1)
         s, z = floor_scale_zero(xmin.detach(), xmax.detach(), bits, zero_grid)
-        return cls(slice_codes(w, s, z, bits, group_size), s.detach().clone(), z.detach().clone(), bits, group_size)
+        if not bool(torch.isfinite(z).all()):  # e.g. a constant 1e30 group: range ~0, zero point -1e30/s overflows
+            raise SliceError(f"a group's zero point overflows float32 (|w| up to {float(w.abs().max()):.3g} in a group of near-zero range); such a weight cannot be sliced")
+        return cls(slice_codes(w, s, z, bits, int(group_size)), s.detach().clone(), z.detach().clone(), bits, int(group_size))
 
     @property
     def num_slices(self) -> int:

@@ -21,11 +21,37 @@ from tqdm.auto import tqdm
 
 from .errors import MBQError
 
-__all__ = ["perplexity", "PerplexityResult", "windows", "EvalError"]
+__all__ = ["perplexity", "PerplexityResult", "windows", "EvalError", "NonFiniteError"]
 
 
 class EvalError(MBQError):
     """An evaluation request that cannot be run (too-long seqlen, too-short data)."""
+
+
+class NonFiniteError(EvalError, FloatingPointError):
+    """The model produced NaN/inf logits: its numbers are broken (also a ``FloatingPointError``)."""
+
+
+def _count(v, what: str, allow_none: bool = False) -> None:
+    """Refuse anything but a positive integer (``None`` too when ``allow_none``): a count of windows or a batch size."""
+    if v is None and allow_none:
+        return
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise EvalError(f"{what} must be a positive integer{' or None' if allow_none else ''}, got {v!r}")
+
+
+def check_token_ids(ids, vocab: int | None, what: str = "ids") -> None:
+    """``ids`` must be a 1-D integer tensor of token ids in ``0..vocab-1`` (:func:`mbq_ref.data.tokenize_corpus`)."""
+    if not isinstance(ids, torch.Tensor):
+        raise EvalError(f"{what} must be a 1-D torch tensor of token ids (mbq_ref.data.tokenize_corpus gives one), "
+                        f"got {type(ids).__name__}")  # fmt: skip
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise EvalError(f"{what} must hold integer token ids, got dtype {ids.dtype}; use ids.long()")
+    if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+        raise EvalError(f"{what} hold token ids {int(ids.min())}..{int(ids.max())}, outside the model's vocabulary "
+                        f"0..{(vocab or 0) - 1}; tokenize with the model's own tokenizer")  # fmt: skip
 
 
 @dataclass
@@ -74,7 +100,15 @@ def perplexity(
         seqlen: window length; must not exceed the model's context.
         max_windows: evaluate only the first windows (quick looks; ``None`` = all,
             the protocol used for every number in the README).
+        batch_size: windows per forward pass.
+
+    Raises:
+        EvalError: a bad argument (non-positive counts, ids that are not a 1-D integer tensor inside the
+            vocabulary, seqlen too long); NonFiniteError (also a ``FloatingPointError``): NaN/inf logits.
     """
+    _count(max_windows, "max_windows", allow_none=True)
+    _count(batch_size, "batch_size")
+    check_token_ids(ids, getattr(getattr(model, "config", None), "vocab_size", None))
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise EvalError(f"seqlen must be an integer >= 2 (a window predicts its tokens 2..seqlen), got {seqlen!r}")
     ctx = _context_length(model)
@@ -91,7 +125,8 @@ def perplexity(
             logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="none"
         ).view(batch.size(0), -1).mean(1)
         if not torch.isfinite(nll).all():
-            raise FloatingPointError(f"non-finite loss in windows {i}..{i + len(batch) - 1}; the model produced NaN/inf logits")
+            raise NonFiniteError(f"non-finite loss in windows {i}..{i + len(batch) - 1}: the model produced NaN/inf "
+                                 "logits; its weights or config hold values that overflow, re-create the checkpoint")  # fmt: skip
         nlls.extend(nll.tolist())
     mean = sum(nlls) / len(nlls)
     return PerplexityResult(ppl=math.exp(mean), nll=mean, n_windows=len(nlls), seqlen=seqlen, window_nll=nlls)

@@ -33,3 +33,36 @@ class small_mount:
         subprocess.run(["umount", str(self.path)], check=False)
         self.path.rmdir()
         return False
+
+
+def forge(src, dst, meta=None, tensors=None, header=None):
+    """Copy checkpoint ``src`` to ``dst`` with edits, recomputing both hashes as a careful forger would.
+
+    ``meta(d)`` edits the parsed ``mbq_meta`` dict, ``tensors(t)`` the ``{name: tensor}`` dict, and
+    ``header(md)`` the raw ``__metadata__`` strings (after the other edits, before rehashing; it may
+    replace ``md["mbq_meta"]`` by any text). Returns ``dst`` as a ``Path``.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mbq_ref.checkpoint import payload_sha256
+    from mbq_ref.checkpoint.format import _meta_sha256
+
+    with safe_open(str(src), "pt") as f:
+        md = dict(f.metadata())
+    t = load_file(str(src))
+    if tensors is not None:
+        tensors(t)
+    m = json.loads(md["mbq_meta"])
+    if meta is not None:
+        meta(m)
+    m["payload_sha256"] = payload_sha256(t)
+    md["mbq_meta"] = json.dumps(m)
+    if header is not None:
+        header(md)
+    md["meta_sha256"] = _meta_sha256(md["mbq_meta"], md.get("tokenizer", ""))
+    save_file(t, str(dst), metadata=md)
+    return Path(dst)

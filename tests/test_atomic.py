@@ -97,3 +97,63 @@ def test_sigterm_during_write_leaves_no_temporary_file(tmp_path):
 
 def test_errors_are_mbq_errors():
     assert issubclass(OutputError, MBQError) and issubclass(Terminated, KeyboardInterrupt)
+
+
+# --- outputs that must never be replaced, and names at the filesystem's limits -----------------
+def _special_outputs(tmp_path):
+    """A folder, a FIFO, a link loop and a link to nothing, each as an output path."""
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "loopB", tmp_path / "loopA")
+    os.symlink(tmp_path / "loopA", tmp_path / "loopB")
+    os.symlink(tmp_path / "missing", tmp_path / "dangling")
+    return {
+        "dir": (tmp_path / "dir", "is a folder"),
+        "fifo": (tmp_path / "fifo", "FIFO"),
+        "loop": (tmp_path / "loopA", "symbolic link loop"),
+        "dangling": (tmp_path / "dangling", "missing file"),
+        "loop-folder": (tmp_path / "loopA" / "x.st", "symbolic link loop"),
+        "dangling-folder": (tmp_path / "dangling" / "x.st", "symbolic link to a missing folder"),
+    }
+
+
+@pytest.mark.parametrize("which", ["dir", "fifo", "loop", "dangling", "loop-folder", "dangling-folder"])
+def test_non_regular_outputs_are_refused_before_any_write(tmp_path, which):
+    """Neither the early check nor the write itself replaces a folder, a FIFO or a link that goes nowhere."""
+    path, match = _special_outputs(tmp_path)[which]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(OutputError, match=match):
+        check_writable(path)
+    with pytest.raises(OutputError, match=match):
+        atomic_write_text(path, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "fifo").exists() and not (tmp_path / "fifo").is_file()
+
+
+def test_device_node_is_never_replaced():
+    """`--out /dev/null` as root used to replace the device node by a regular file."""
+    st = os.stat("/dev/null")
+    for f in (check_writable, lambda p: atomic_write_text(p, "x")):
+        with pytest.raises(OutputError, match="character device"):
+            f("/dev/null")
+    assert os.stat("/dev/null").st_rdev == st.st_rdev and not Path("/dev/null").is_file()
+
+
+def test_empty_path_is_refused():
+    with pytest.raises(OutputError, match="empty"):
+        atomic_write_text("", "x")
+    with pytest.raises(OutputError, match="empty"):
+        check_writable("")
+
+
+def test_long_names(tmp_path):
+    """A legal 245-byte name works (the temporary and probe names are shortened); a 300-byte one is refused."""
+    ok = tmp_path / ("a" * 241 + ".txt")
+    check_writable(ok)
+    atomic_write_text(ok, "x")
+    assert ok.read_text() == "x" and len(list(tmp_path.iterdir())) == 1
+    long = tmp_path / ("b" * 300)
+    with pytest.raises(OutputError, match="300 bytes"):
+        check_writable(long)
+    with pytest.raises(OutputError, match="300 bytes"):
+        atomic_write_text(long, "x")

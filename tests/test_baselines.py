@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import random_llama
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mbq_ref.baselines import (
@@ -88,6 +88,16 @@ def test_mobislice_is_sliced_weight():
 
 
 # --- error bounds and ordering --------------------------------------------
+def _rounding_slack(w: torch.Tensor, w_hat: torch.Tensor, gs: int) -> torch.Tensor:
+    """``[N, K]`` float32 rounding allowed on top of an exact bound: 4 ulps of the largest magnitude in each
+    group (the scale, the grid point ``s (q - z)`` and the difference are each rounded once, each within half
+    an ulp of that magnitude; a relative tolerance on the bound alone is too tight at 8 bits, where the bound
+    ``s_8 / 2`` is 510 times smaller than the group's largest weight)."""
+    n = w.shape[0]
+    top = torch.maximum(w.abs(), w_hat.abs()).reshape(n, -1, gs).amax(-1)  # [N, K/g]
+    return (4 * torch.finfo(torch.float32).eps * top).repeat_interleave(gs, 1)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1), bits=st.integers(1, 8), gs=st.sampled_from([16, 64]), scale=st.floats(1e-3, 1e2)
@@ -97,19 +107,22 @@ def test_msb_mid_error_at_most_half_a_coarse_step(seed, bits, gs, scale):
     q, s, z = rtn_codes(w, 8, gs)
     w_hat = dequant_truncated(q, s, z, 8, bits, "mid", gs)
     half_coarse = s.repeat_interleave(gs, 1) * 2 ** (8 - bits) / 2  # s_b / 2, s_b = 2^(8-b) s_8
-    assert ((w - w_hat).abs() <= half_coarse * (1 + 1e-5) + 1e-7 * scale).all()
+    assert ((w - w_hat).abs() <= half_coarse + _rounding_slack(w, w_hat, gs)).all()
 
 
+@example(seed=1852367, gs=128)
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), gs=st.sampled_from([16, 128]))
 def test_mobislice_error_bound_everywhere(seed, gs):
+    # seed 1852367, gs 128 once failed with a relative tolerance of 1e-5: error / (s_8/2) = 1.0000145 for the
+    # group's largest weight on a cell edge, below float32 rounding at that magnitude (now _rounding_slack)
     # min/max range and the finest-grid zero point: no weight is clipped, the s_k/2 bound holds for all of them
     w = _weight(seed, 4, 256, heavy=True)
     sw = SlicedWeight.from_float(w, (2, 2, 2, 2), gs)
     s = sw.scale.repeat_interleave(gs, 1)
     for k, w_hat in enumerate(baseline_weights(w, "mobislice", (2, 4, 6, 8), gs).values(), start=1):
         s_k = s / 4 ** (k - 1)
-        assert ((w - w_hat).abs() <= (s_k / 2) * (1 + 1e-5)).all()
+        assert ((w - w_hat).abs() <= s_k / 2 + _rounding_slack(w, w_hat, gs)).all()
 
 
 @pytest.mark.parametrize("heavy", [False, True], ids=["gaussian", "heavy-tailed"])

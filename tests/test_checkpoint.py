@@ -1,14 +1,20 @@
 """One-file checkpoints, MoBiQuant and static: exact round trip, atomic save, and every refusal (mbq_ref.checkpoint)."""
 
 import json
+import math
 import os
 import pickle
 import struct
 from dataclasses import replace
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from helpers import random_llama
 
 from mbq_ref.calibrate import CalibConfig
@@ -169,9 +175,23 @@ def test_payload_hash_covers_name_dtype_shape_and_bytes():
     assert payload_sha256(a) != payload_sha256({"x": torch.tensor([0, 0, 0, 1], dtype=torch.uint8)})
 
 
-def test_embedded_tokenizer_roundtrip(quantized, tmp_path, tiny_tokenizer):
-    path = save_checkpoint(quantized, tmp_path / "tok.safetensors", {"base_model": "random"}, tokenizer=tiny_tokenizer)
-    ck = load_checkpoint(path)
+@pytest.fixture(scope="module")
+def tok_saved(tmp_path_factory, tiny_tokenizer):
+    """A 1-layer random Llama with the bundled tokenizer's vocabulary, saved with that tokenizer embedded."""
+    torch.manual_seed(0)
+    model = random_llama("llama", layers=1, hidden=64, vocab=len(tiny_tokenizer))
+    quantize_mobiquant(model, torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1)),
+                       replace(TINY, group_size=64), progress=False)  # fmt: skip
+    path = tmp_path_factory.mktemp("tok") / "tok.safetensors"
+    return save_checkpoint(model, path, {"base_model": "random"}, tokenizer=tiny_tokenizer, thresholds={2.0: 1.0, 8.0: 0.0})
+
+
+def test_embedded_tokenizer_roundtrip(quantized, tok_saved, tmp_path, tiny_tokenizer):
+    # a tokenizer whose ids run past the model's vocabulary is refused on save (nothing written)
+    with pytest.raises(CheckpointError, match="past the model's vocabulary of 256"):
+        save_checkpoint(quantized, tmp_path / "no.safetensors", tokenizer=tiny_tokenizer)
+    assert not list(tmp_path.iterdir())
+    ck = load_checkpoint(tok_saved)
     text = "It is a truth universally acknowledged, that a single man"
     assert ck.tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
 
@@ -522,10 +542,10 @@ def test_lone_surrogate_in_header_refused(saved, tmp_path):
         read_metadata(_header_metadata(saved, tmp_path / "surrogate.safetensors", md))
 
 
-def test_broken_embedded_tokenizer_refused(quantized, tmp_path, tiny_tokenizer):
+def test_broken_embedded_tokenizer_refused(tok_saved, tmp_path):
     from mbq_ref.checkpoint.format import _meta_sha256
 
-    good = save_checkpoint(quantized, tmp_path / "tok.safetensors", {"base_model": "random-llama"}, tokenizer=tiny_tokenizer)
+    good = tok_saved
     header, data = _split(good)
     md = header["__metadata__"]
     files = json.loads(md["tokenizer"])
@@ -783,3 +803,244 @@ def test_sigterm_during_save_leaves_no_temporary_file(quantized, saved, tmp_path
         save_checkpoint(quantized, path, {"base_model": "changed"})
     monkeypatch.undo()
     assert path.read_bytes() == before and _leftovers(tmp_path, path) == []
+
+
+# --- forged files that pass both hashes (docs/robustness.md, "reliability round 3") --------------
+def _rehash_config(m):
+    m["base_model"]["config_sha256"] = config_sha256(m["base_model"]["config"])
+
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+@pytest.mark.parametrize("where", ["mbq_meta", "mbq_meta-40", "tensor-index", "metadata-entry"])
+def test_deeply_nested_json_refused(saved, tmp_path, where):
+    """100,000 nested brackets used to raise RecursionError; any JSON deeper than MAX_JSON_DEPTH is refused."""
+    from helpers import forge
+
+    from mbq_ref.checkpoint.format import MAX_JSON_DEPTH
+
+    dst = tmp_path / "deep.safetensors"
+    if where == "mbq_meta":
+        forge(saved, dst, header=lambda md: md.update(mbq_meta=_deep(100_000)))
+    elif where == "mbq_meta-40":
+        forge(saved, dst, meta=lambda m: m.update(extra={"x": json.loads(_deep(MAX_JSON_DEPTH + 8))}))
+    else:  # the raw header text: a deep value beside the tensor index, or inside __metadata__
+        header, data = _split(saved)
+        text = json.dumps(header)
+        key = '"__metadata__": {' if where == "metadata-entry" else "{"
+        text = text.replace(key, key + f'"zz": {_deep(100_000)}, ', 1)
+        h = text.encode() + b" " * (-len(text) % 8)
+        dst.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    with pytest.raises(CheckpointError, match=f"deeper than {MAX_JSON_DEPTH} levels"):
+        read_metadata(dst)
+    with pytest.raises(CheckpointError, match=f"deeper than {MAX_JSON_DEPTH} levels"):
+        load_checkpoint(dst, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("flag", ["mlp_bias", "attention_bias"])
+def test_config_bias_flag_refused_or_supported(saved, tmp_path, flag):
+    """A config with mlp_bias/attention_bias used to end in KeyError 'q.<layer>.bias'. Refused when the layers
+    store no bias; loaded (and computing exactly the original with zero biases) when they do."""
+    from helpers import forge
+
+    def set_flag(m):
+        m["base_model"]["config"][flag] = True
+        _rehash_config(m)
+
+    with pytest.raises(ModelMismatchError, match=f"{flag}"):
+        load_checkpoint(forge(saved, tmp_path / "flag.safetensors", meta=set_flag), with_tokenizer=False)
+    parts = ("gate_proj", "up_proj", "down_proj") if flag == "mlp_bias" else ("q_proj", "k_proj", "v_proj", "o_proj")
+    biased = []
+
+    def add_bias_entries(m):
+        set_flag(m)
+        for info in m["quantization"]["layers"]:
+            if info["name"].endswith(parts):
+                info["bias"] = True
+                biased.append(info)
+
+    def add_bias_tensors(t):
+        for info in biased:
+            t[f"q.{info['name']}.bias"] = torch.zeros(info["shape"][0])
+
+    dst = tmp_path / "biased.safetensors"
+    forge(saved, dst, meta=add_bias_entries)  # collect the layers first (the meta edit runs after the tensors)
+    forge(saved, dst, meta=add_bias_entries, tensors=add_bias_tensors)
+    ck = load_checkpoint(dst, with_tokenizer=False)
+    assert torch.equal(_logits(ck.model, _x()), _logits(load_checkpoint(saved, with_tokenizer=False).model, _x()))
+
+
+def test_tensor_shapes_checked_against_the_architecture(saved, tmp_path):
+    """A norm of the wrong shape, a config whose MLP is wider than the stored layers: refused before allocation."""
+    from helpers import forge
+
+    bad = forge(saved, tmp_path / "norm.safetensors", tensors=lambda t: t.update({"fp.model.norm.weight": torch.ones(64)}))
+    with pytest.raises(ModelMismatchError, match=r"fp.model.norm.weight has shape \(64,\).*needs \(128,\)"):
+        load_checkpoint(bad, with_tokenizer=False)
+
+    def wider(m):
+        m["base_model"]["config"]["intermediate_size"] *= 2
+        _rehash_config(m)
+
+    with pytest.raises(ModelMismatchError, match="mlp.gate_proj is"):
+        load_checkpoint(forge(saved, tmp_path / "wide.safetensors", meta=wider), with_tokenizer=False)
+
+
+def test_static_file_shapes_checked_against_the_architecture(tmp_path):
+    from helpers import forge
+
+    from mbq_ref.checkpoint import load_static_checkpoint, save_static_checkpoint
+    from mbq_ref.fakequant import quantize_model
+
+    path = save_static_checkpoint(quantize_model(random_llama("llama", layers=1), bits=3, group_size=128), tmp_path / "w3.st")
+
+    def wider(m):
+        m["base_model"]["config"]["intermediate_size"] *= 2
+        _rehash_config(m)
+
+    with pytest.raises(ModelMismatchError, match="mlp.gate_proj is"):
+        load_static_checkpoint(forge(path, tmp_path / "wide.st", meta=wider))
+
+    def no_bias(m):
+        m["base_model"]["config"]["mlp_bias"] = True
+        _rehash_config(m)
+
+    with pytest.raises(ModelMismatchError, match="mlp_bias"):
+        load_static_checkpoint(forge(path, tmp_path / "bias.st", meta=no_bias))
+
+
+def test_missing_embedding_refused_before_allocation(saved, tmp_path):
+    """Config sizes in range (vocab 2^20) with the embedding deleted used to allocate 256 GiB; now the
+    architecture is checked on the meta device first."""
+    from helpers import forge
+
+    def huge(m):
+        m["base_model"]["config"].update(vocab_size=2**20, hidden_size=2**12)
+        _rehash_config(m)
+
+    bad = forge(saved, tmp_path / "noemb.safetensors", meta=huge,
+                tensors=lambda t: t.pop("fp.model.embed_tokens.weight"))  # fmt: skip
+    with pytest.raises(ModelMismatchError, match="missing|is \\(|does not exist"):
+        load_checkpoint(bad, with_tokenizer=False)
+    bad = forge(saved, tmp_path / "noemb2.safetensors", tensors=lambda t: t.pop("fp.model.embed_tokens.weight"))
+    with pytest.raises(ModelMismatchError, match="fp.model.embed_tokens.weight is missing"):
+        load_checkpoint(bad, with_tokenizer=False)
+
+
+def test_achieved_null_is_not_measured(saved, tmp_path):
+    """`achieved: null` (accepted by the checker) used to raise TypeError in set_bits; it means "not measured"."""
+    from helpers import forge
+
+    bad = forge(saved, tmp_path / "null.safetensors", meta=lambda m: m["thresholds"].update(achieved=[None, None, None]))
+    ck = load_checkpoint(bad, with_tokenizer=False)
+    ref = load_checkpoint(saved, with_tokenizer=False)
+    assert ck.set_bits(5.0) == ref.set_bits(5.0)
+    assert ck.set_bits(3.0) and math.isnan(ck.table.achieved[0])
+
+
+def test_tokenizer_ids_past_the_vocabulary_refused(tok_saved, tmp_path):
+    from helpers import forge
+
+    def edit(md):
+        files = json.loads(md["tokenizer"])
+        name = next(n for n in files if n.endswith("tokenizer.json"))
+        tj = json.loads(files[name])
+        tj["model"]["vocab"]["zzqq"] = 99_999
+        files[name] = json.dumps(tj)
+        md["tokenizer"] = json.dumps(files)
+
+    with pytest.raises(TamperedCheckpointError, match="token ids up to 99999, past the model's vocabulary"):
+        load_checkpoint(forge(tok_saved, tmp_path / "ids.safetensors", header=edit))
+
+
+def _layer_key(saved, what):
+    return f"q.{_layer0(saved)}.{what}"
+
+
+FINITE_BUT_FATAL = {  # finite values that make every forward pass inf/NaN: refused on load
+    "norm-3e38": (lambda s: ("tensors", lambda t: t["fp.model.norm.weight"].fill_(3e38)), "fp.model.norm.weight"),
+    "scale-3e38": (lambda s: ("tensors", _fill(_layer_key(s, "scale"), 3e38)), "dequantize to weights"),
+    "zero-1e30": (lambda s: ("tensors", lambda t: t.update({_layer_key(s, "zero"): t[_layer_key(s, "zero")].float() + 1e30})),
+                  "dequantize to weights"),
+    "rope_theta-0": (lambda s: ("meta", lambda m: (m["base_model"]["config"]["rope_parameters"].update(rope_theta=0),
+                                                   _rehash_config(m))), "rope_theta"),
+    "rms_norm_eps--1": (lambda s: ("meta", lambda m: (m["base_model"]["config"].update(rms_norm_eps=-1), _rehash_config(m))),
+                        "rms_norm_eps"),
+}
+
+
+@pytest.mark.parametrize("case", list(FINITE_BUT_FATAL))
+def test_finite_values_that_break_the_model_refused(saved, tmp_path, case):
+    from helpers import forge
+
+    make, match = FINITE_BUT_FATAL[case]
+    kind, edit = make(saved)
+    bad = forge(saved, tmp_path / "big.safetensors", **{kind: edit})
+    with pytest.raises(TamperedCheckpointError, match=match):
+        load_checkpoint(bad, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("edit", ["tau_logit-reversed", "achieved-reversed"])
+def test_non_monotone_threshold_table_refused(saved, tmp_path, edit):
+    """A reversed table routed `--bits 3` at 6.8 measured bits; now it is refused on load."""
+    from helpers import forge
+
+    if edit == "tau_logit-reversed":
+        bad = forge(saved, tmp_path / "rev.safetensors",
+                    tensors=lambda t: t.update({"thresholds.tau_logit": t["thresholds.tau_logit"].flip(0).contiguous()}))  # fmt: skip
+        match = "not monotone"
+    else:
+        bad = forge(saved, tmp_path / "rev.safetensors", meta=lambda m: m["thresholds"].update(achieved=[8.0, 5.0, 2.0]))
+        match = "must not decrease"
+    with pytest.raises(TamperedCheckpointError, match=match):
+        load_checkpoint(bad, with_tokenizer=False)
+
+
+REAL_WRAPPERS = {
+    "float": float, "np.float32": lambda x: np.float32(x), "np.float64": lambda x: np.float64(x),
+    "np.int64": lambda x: np.int64(round(x)), "tensor0d": lambda x: torch.tensor(x), "ndarray0d": lambda x: np.array(x),
+    "Fraction": lambda x: Fraction(x), "Decimal": lambda x: Decimal(repr(x)),
+}  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.floats(2.0, 8.0), wrap=st.sampled_from(sorted(REAL_WRAPPERS)))
+def test_set_bits_accepts_real_numbers(saved_checkpoint, bits, wrap):
+    """numpy scalars, 0-d tensors, Fraction and Decimal route exactly like the float they equal."""
+    x = REAL_WRAPPERS[wrap](bits)
+    assert saved_checkpoint.set_bits(x) == saved_checkpoint.set_bits(float(x))
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(saved):
+    return load_checkpoint(saved, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("value", ["3", True, 3j, [3.0], None, torch.tensor([3.0, 4.0]), np.array([3.0, 4.0])],
+                         ids=["str", "bool", "complex", "list", "None", "tensor2", "array2"])  # fmt: skip
+def test_set_bits_refuses_other_types_by_type(saved_checkpoint, value):
+    with pytest.raises(CheckpointError, match="real number"):
+        saved_checkpoint.set_bits(value)
+
+
+def test_api_misuse_is_a_clear_error(quantized, saved, tmp_path):
+    from mbq_ref.atomic import OutputError
+
+    ck = load_checkpoint(saved, with_tokenizer=False)
+    first = ck.pack(backend="torch")
+    assert ck.pack(backend="torch") is first  # packing twice used to say "model has no MoBiLinear layers"
+    ck.set_bits(5.0)
+    with pytest.raises(CheckpointError, match="expect_model must be"):
+        load_checkpoint(saved, expect_model=42)
+    with pytest.raises(OutputError, match="empty"):
+        save_checkpoint(quantized, "")
+
+
+def test_size_estimate_within_10_percent(quantized, saved, tok_saved):
+    """The free-space check of `mbq quantize` uses this estimate; it must be within 10 % of the real file."""
+    from mbq_ref.checkpoint import estimate_checkpoint_bytes
+
+    got = estimate_checkpoint_bytes(quantized, TINY.slice_bits, TINY.group_size, TINY.router_hidden, n_targets=3)
+    assert abs(got - saved.stat().st_size) <= 0.1 * saved.stat().st_size, (got, saved.stat().st_size)

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mbq_ref.data import BUNDLED, CorpusError, calibration_windows, load_corpus, tokenize_corpus
 
@@ -83,3 +85,55 @@ def test_empty_bundled_file_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("MBQ_DATA_DIR", str(tmp_path))
     with pytest.raises(CorpusError, match="empty"):
         load_corpus("bible", "test")
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe caf\xe9 \x80\n\nmore"], ids=["0-byte", "not-utf8"])
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_empty_or_non_utf8_file_is_refused(monkeypatch, tmp_path, content, split):
+    """A 0-byte or non-UTF-8 corpus file used to raise DatasetGenerationError; now a one-line CorpusError."""
+    (tmp_path / "corpus" / "austen").mkdir(parents=True)
+    (tmp_path / "corpus" / "austen" / f"{split}.txt").write_bytes(content)
+    monkeypatch.setenv("MBQ_DATA_DIR", str(tmp_path))
+    with pytest.raises(CorpusError, match="empty|not UTF-8"):
+        load_corpus("austen", split)
+
+
+@settings(max_examples=40, deadline=None)
+@given(paras=st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=30), max_size=8),
+       sep=st.sampled_from(["\n\n", "\r\n\r\n", "\n\n\n", "\n \n"]))  # fmt: skip
+def test_paragraphs_match_the_datasets_text_loader(tmp_path_factory, paras, sep):
+    """Our reader splits paragraphs exactly like datasets' text loader (the loader it replaced), without a cache."""
+    import datasets
+
+    from mbq_ref.data import _read_paragraphs
+
+    datasets.disable_progress_bars()
+    path = tmp_path_factory.mktemp("para") / "f.txt"
+    path.write_bytes(sep.join(paras).encode("utf-8"))
+    ours = _read_paragraphs(path)
+    if not ours:  # nothing but blank lines: datasets refuses such a file ("no data"), load_corpus says "empty"
+        assert not "".join(paras).strip()
+        return
+    ds = datasets.load_dataset("text", data_files={"t": str(path)}, sample_by="paragraph", split="t",
+                               cache_dir=str(path.parent / "cache"))  # fmt: skip
+    assert ours == [t for t in ds["text"] if t.strip()]
+
+
+def test_read_only_hf_cache_does_not_matter(monkeypatch):
+    """HF_HOME / HF_DATASETS_CACHE on a read-only filesystem used to raise OSError while loading a bundled corpus."""
+    from helpers import small_mount
+
+    with small_mount(ro=True) as ro:
+        monkeypatch.setenv("HF_HOME", str(ro))
+        monkeypatch.setenv("HF_DATASETS_CACHE", str(ro / "datasets"))
+        assert len(load_corpus("austen", "test")) > 100_000
+
+
+def test_data_dir_that_is_a_file_is_named(monkeypatch, tmp_path):
+    from mbq_ref.paths import DataDirError
+
+    f = tmp_path / "data.txt"
+    f.write_text("x")
+    monkeypatch.setenv("MBQ_DATA_DIR", str(f))
+    with pytest.raises(DataDirError, match="is a file, not a folder"):
+        load_corpus("austen", "test")

@@ -8,8 +8,10 @@ from mbq_ref import e2e
 def test_bad_arguments_return_2(capsys):
     assert e2e.main(["--models", "gpt5", "--sim"]) == 2
     assert e2e.main(["--models", "tiny", "--sim", "--settings", "3"]) == 2  # 3 bits is not a slice boundary
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 2 and all(line.startswith("mbq_ref.e2e: ") for line in out)
+    assert e2e.main(["--sim", "--new-tokens", "-1"]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()  # one line each on stderr, in the house format; nothing on stdout
+    assert len(err) == 3 and all(line.startswith("python -m mbq_ref.e2e: error: ") for line in err) and not cap.out
 
 
 @pytest.mark.skipif(real_gpu(), reason="a real GPU is present")

@@ -214,3 +214,22 @@ def test_bad_shapes_and_values():
     sw = SlicedWeight.from_float(torch.randn(2, 8), (2, 2), 8)
     with pytest.raises(SliceError, match="k=3"):
         sw.dequant(3)
+
+
+@pytest.mark.parametrize("gs", [64.0, "64", True, 0, None])
+def test_from_float_group_size_type(gs):
+    with pytest.raises(SliceError, match="group_size must be a positive integer"):
+        SlicedWeight.from_float(torch.randn(2, 128), (2, 2, 2, 2), gs)
+
+
+@settings(max_examples=20, deadline=None)
+@given(value=st.floats(1e12, 3e38), sign=st.sampled_from([1.0, -1.0]))
+def test_constant_huge_row_is_refused_or_exact(value, sign):
+    """A constant 1e30 row used to dequantize to NaN silently: the result is finite and exact, or a SliceError."""
+    w = torch.full((2, 128), sign * value)
+    try:
+        sw = SlicedWeight.from_float(w, (2, 2, 2, 2), 128)
+    except SliceError as exc:
+        assert "overflows" in str(exc)
+        return
+    assert torch.isfinite(sw.dequant()).all()

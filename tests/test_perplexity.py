@@ -75,3 +75,40 @@ def test_seqlen_below_two_is_refused(seqlen):
     """A window of one token predicts nothing (was a misleading FloatingPointError)."""
     with pytest.raises(EvalError, match="seqlen must be an integer >= 2"):
         perplexity(_Uniform(8), torch.randint(0, 8, (100,)), seqlen=seqlen, progress=False)
+
+
+class _Vocab(_Uniform):
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.config.vocab_size = vocab
+
+
+@pytest.mark.parametrize(
+    "ids, kw, match",
+    [
+        (None, {"max_windows": 0}, "max_windows"), (None, {"max_windows": -1}, "max_windows"),
+        (None, {"max_windows": 2.5}, "max_windows"), (None, {"batch_size": 0}, "batch_size"),
+        (None, {"batch_size": -2}, "batch_size"), (None, {"batch_size": True}, "batch_size"),
+        (torch.rand(200), {}, "integer token ids"), (list(range(200)), {}, "1-D torch tensor"),
+        (torch.arange(200) % 60, {}, "outside the model's vocabulary"), (torch.arange(200) - 1, {}, "outside"),
+    ],
+    ids=["windows-0", "windows-neg", "windows-float", "batch-0", "batch-neg", "batch-bool",
+         "float-ids", "list-ids", "oov-ids", "negative-ids"],
+)  # fmt: skip
+def test_bad_arguments_are_eval_errors(ids, kw, match):
+    """ZeroDivisionError, RuntimeError, ValueError, IndexError, AttributeError before; one EvalError now."""
+    ids = torch.arange(200) % 50 if ids is None else ids
+    with pytest.raises(EvalError, match=match):
+        perplexity(_Vocab(50), ids, seqlen=16, progress=False, **kw)
+
+
+def test_nan_logits_are_an_eval_error_and_a_floating_point_error():
+    from mbq_ref.errors import MBQError
+    from mbq_ref.perplexity import NonFiniteError
+
+    model = _Vocab(50)
+    with torch.no_grad():
+        model.p.fill_(float("nan"))
+    with pytest.raises(NonFiniteError) as err:
+        perplexity(model, torch.arange(200) % 50, seqlen=16, progress=False)
+    assert isinstance(err.value, MBQError) and isinstance(err.value, FloatingPointError)

@@ -1,6 +1,7 @@
 """The bundled tiny Llama, load_model, and the reproducible training script."""
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -119,3 +120,43 @@ def test_random_llama_unknown_architecture():
 
     with pytest.raises(ValueError, match="unknown architecture"):
         random_llama("gpt2")
+
+
+def _local_model_cases(tmp_path):
+    import json
+    import shutil
+
+    from mbq_ref.paths import model_dir
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    (tmp_path / "noweights").mkdir()
+    shutil.copy(model_dir() / "config.json", tmp_path / "noweights" / "config.json")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    data = tmp_path / "data"
+    shutil.copytree(model_dir(), data / "tiny-llama", copy_function=os.symlink)  # links: no 20 MB copy
+    (data / "tiny-llama" / "config.json").unlink()
+    (data / "tiny-llama" / "config.json").write_text('{"model_type": "llama", "hidden')  # damaged bundled files
+    return {
+        "no-config": (str(tmp_path / "empty"), "has no config.json"),
+        "a-file": (str(tmp_path / "afile"), "is a file"),
+        "broken-json": (str(tmp_path / "badjson"), "is not valid JSON"),
+        "no-weights": (str(tmp_path / "noweights"), "no weights"),
+        "gpt2": (str(tmp_path / "gpt2"), "describes a 'gpt2' model"),
+        "damaged-bundled": ("tiny-llama", "not valid JSON.*git checkout data/"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no-config", "a-file", "broken-json", "no-weights", "gpt2", "damaged-bundled"])
+def test_local_folder_errors_name_the_real_problem(monkeypatch, tmp_path, case):
+    """Every local-folder problem used to be reported as "offline mode is on"."""
+    name, match = _local_model_cases(tmp_path)[case]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if case == "damaged-bundled":
+        monkeypatch.setenv("MBQ_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(ModelError, match=match) as err:
+        load_model(name)
+    assert "offline mode" not in str(err.value)

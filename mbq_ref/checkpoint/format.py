@@ -41,6 +41,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -71,6 +72,13 @@ __all__ = [
 
 # safetensors refuses headers above 100 MB; a bigger length field means "not safetensors"
 _MAX_HEADER = 100_000_000
+#: deepest JSON nesting accepted in a header (ours is at most ~6 levels: mbq_meta -> base_model -> config ->
+#: rope_parameters -> ...); a forged file nested 100,000 levels deep must be refused, not crash the parser
+MAX_JSON_DEPTH = 32
+#: the largest magnitude accepted in a stored float tensor and in a dequantized weight: the float16 range.
+#: Real weights are orders of magnitude smaller; a forged norm weight of 3e38 (finite) makes every
+#: activation inf/NaN, so it is refused on load instead of failing (or printing <pad>) later.
+MAX_ABS_VALUE = 65504.0
 # config keys that say how a model was loaded or saved, not what it computes
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",
@@ -195,6 +203,36 @@ def _meta_sha256(meta_json: str, tokenizer_json: str) -> str:
 
 
 # --- reading the header ---------------------------------------------------------
+def _too_deep(obj, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``obj`` (parsed JSON) nests lists/objects deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            if d > limit:
+                return True
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return False
+
+
+def load_json(text, path: Path, what: str, error=None):
+    """``json.loads(text)`` with a depth limit of :data:`MAX_JSON_DEPTH`; ``error`` (a :class:`CheckpointError`
+    class) is raised for nesting too deep for it or for the parser. Other parse errors propagate (``ValueError``)."""
+    error = error or TamperedCheckpointError
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        obj = None
+        deep = True
+    else:
+        deep = _too_deep(obj)
+    if deep:
+        raise error(f"{path}: {what} nests JSON deeper than {MAX_JSON_DEPTH} levels; not a file written by mbq-ref, "
+                    "re-create it with `mbq quantize`")  # fmt: skip
+    return obj
+
+
+
 def read_header(path: Path, fmt: FileFormat) -> tuple[dict, dict, int]:
     """Parse and check the safetensors header of ``path`` (an ``fmt`` file) without loading tensors.
 
@@ -233,7 +271,9 @@ def read_header(path: Path, fmt: FileFormat) -> tuple[dict, dict, int]:
             f"cannot read {path} ({exc.strerror or exc}); check its permissions (e.g. `chmod a+r {path}`)"
         ) from exc
     try:
-        header = json.loads(raw)
+        header = load_json(raw, path, "the safetensors header", ForeignFileError)
+    except CheckpointError:
+        raise
     except ValueError as exc:  # includes UnicodeDecodeError
         raise ForeignFileError(f"{path} is not a safetensors file (its header is not JSON)") from exc
     if not isinstance(header, dict):
@@ -279,7 +319,9 @@ def read_meta(path: str | os.PathLike, fmt: FileFormat) -> dict:
 
 def _parse_meta(path: Path, raw: dict, fmt: FileFormat) -> dict:
     try:
-        meta = json.loads(raw["mbq_meta"])
+        meta = load_json(raw["mbq_meta"], path, "the mbq_meta header entry")
+    except CheckpointError:
+        raise
     except (KeyError, ValueError) as exc:
         raise TamperedCheckpointError(f"{path}: the mbq_meta header entry is missing or not JSON") from exc
     if not isinstance(meta, dict):
@@ -367,6 +409,7 @@ def _check_config(path: Path, base: dict) -> None:
         flag = key in ("use_cache", "output_attentions", "output_hidden_states", "return_dict")
         if not (isinstance(cfg[key], bool) if flag else (cfg[key] is None or isinstance(cfg[key], str))):
             raise bad(path, f"config {key} must be {'true or false' if flag else 'a string'}, got {cfg[key]!r}")
+    _check_config_floats(path, cfg)
     act = cfg.get("hidden_act", "silu")
     if not isinstance(act, str) or act not in ACT2FN:
         raise bad(path, f"config hidden_act {act!r} is not an activation transformers knows")
@@ -379,6 +422,52 @@ def _check_config(path: Path, base: dict) -> None:
         raise bad(path, f"the stored config cannot be hashed ({exc})") from exc
     if got != base["config_sha256"]:
         raise bad(path, "base_model.config_sha256 does not match the stored config")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_config_floats(path: Path, cfg: dict) -> None:
+    """RoPE base and norm epsilon: values that make every forward non-finite (``rope_theta=0`` divides by
+    zero, ``rms_norm_eps<=0`` takes the root of a negative or zero mean square) are refused on load."""
+    ropes = [("rope_theta", cfg.get("rope_theta"))]
+    for key in ("rope_parameters", "rope_scaling"):
+        sub = cfg.get(key)
+        if isinstance(sub, dict):
+            ropes.append((f"{key}.rope_theta", sub.get("rope_theta")))
+            ropes += [(f"{key}.{k}", sub.get(k)) for k in ("factor", "original_max_position_embeddings") if k in sub]
+    for name, v in ropes:
+        if v is not None and not (_number(v) and math.isfinite(v) and v > 0):
+            raise bad(path, f"config {name} must be a finite number > 0, got {v!r}")
+    for name in ("rms_norm_eps", "layer_norm_eps", "norm_eps"):
+        v = cfg.get(name)
+        if v is not None and not (_number(v) and math.isfinite(v) and 0 < v < 1):
+            raise bad(path, f"config {name} must be a number in (0, 1), got {v!r}")
+    f = cfg.get("partial_rotary_factor")
+    if f is not None and not (_number(f) and 0 < f <= 1):
+        raise bad(path, f"config partial_rotary_factor must be in (0, 1], got {f!r}")
+
+
+def check_magnitude(path: Path, name: str, t: torch.Tensor, limit: float = MAX_ABS_VALUE) -> None:
+    """Refuse a float tensor holding finite values beyond ``±limit`` (see :data:`MAX_ABS_VALUE`)."""
+    if t.is_floating_point() and t.numel():
+        top = float(t.detach().abs().max())
+        if top > limit:
+            raise bad(path, f"tensor {name} holds values up to {top:.3g}, beyond ±{limit:g} (no trained weight "
+                            "is that large; it would make the model's outputs inf/NaN)")  # fmt: skip
+
+
+def check_dequant_range(path: Path, name: str, scale: torch.Tensor, zero: torch.Tensor, levels: int, step: float = 1.0) -> None:
+    """Refuse scales and zero points whose dequantized weights ``s (q - z) / step`` (``q`` in ``0..levels-1``)
+    can exceed :data:`MAX_ABS_VALUE`: finite but huge values (``scale=3e38``, ``zero=1e30``) that make the model
+    non-finite. ``step`` is the ratio of ``scale`` to the grid of ``zero`` (MoBiSlice: ``2^(B_E - B_1)``)."""
+    z = zero.double()
+    reach = scale.double() * torch.maximum(z.abs(), (levels - 1 - z).abs()) / step
+    top = float(reach.max()) if reach.numel() else 0.0
+    if not top <= MAX_ABS_VALUE:
+        raise bad(path, f"layer {name}: scale and zero points dequantize to weights up to {top:.3g}, beyond "
+                        f"±{MAX_ABS_VALUE:g} (no trained weight is that large)")  # fmt: skip
 
 
 def _check_layers(path: Path, q: dict, group_size: int) -> None:
@@ -428,6 +517,15 @@ def check_finite(path: Path, name: str, t: torch.Tensor, allow_inf: bool = False
         raise bad(path, f"tensor {name} holds {int(nonfinite.sum())} {'NaN' if allow_inf else 'NaN/inf'} values")
 
 
+def _grid(q: dict) -> tuple[int, float]:
+    """``(levels, step)`` of a layer's codes: MoBiSlice codes have ``2^B_E`` levels with the zero point on the
+    finest grid, ``2^(B_E - B_1)`` times finer than the stored base scale; static codes ``2^b`` levels, step 1."""
+    if "slice_bits" in q:
+        sb = q["slice_bits"]
+        return 2 ** sum(sb), float(2 ** (sum(sb) - sb[0]))
+    return 2 ** q["bits"], 1.0
+
+
 def _check_tensors(path: Path, meta: dict, tensors: dict[str, torch.Tensor], fmt: FileFormat) -> None:
     """Every tensor against the metadata: names, dtypes, shapes, code range (``fmt``'s checks), finite values."""
     q = meta["quantization"]
@@ -456,6 +554,7 @@ def _check_tensors(path: Path, meta: dict, tensors: dict[str, torch.Tensor], fmt
         check_finite(path, p + "zero", zf)
         if bool((zf != zf.round()).any()):
             raise bad(path, f"layer {name}: zero points are not integers")
+        check_dequant_range(path, name, scale, zero, *_grid(q))
         if info.get("bias"):
             expected.add(p + "bias")
             if p + "bias" not in tensors or tuple(tensors[p + "bias"].shape) != (n,):
@@ -469,6 +568,7 @@ def _check_tensors(path: Path, meta: dict, tensors: dict[str, torch.Tensor], fmt
             raise bad(path, f"tied tensor {alias} -> {target} does not match the stored tensors")
     for key in fp:
         check_finite(path, key, tensors[key])
+        check_magnitude(path, key, tensors[key])
     extra = sorted(set(tensors) - expected)
     if extra:
         raise bad(path, f"unexpected tensors {extra[:3]}")
@@ -569,6 +669,11 @@ def check_expected(path: Path, meta: dict, expect) -> None:
     base = meta["base_model"]
     if expect is None:
         return
+    if not isinstance(expect, (str, os.PathLike, nn.Module, dict)) and not hasattr(expect, "to_dict"):
+        raise CheckpointError(
+            f"expect_model must be a model id or folder, an nn.Module or a HF config, got {type(expect).__name__} "
+            f"{expect!r:.40}; pass e.g. expect_model='tiny-llama' or None"
+        )
     if isinstance(expect, (str, os.PathLike)):
         if str(expect) == base["id"]:
             return
@@ -595,8 +700,53 @@ def check_expected(path: Path, meta: dict, expect) -> None:
         )
 
 
-def build_skeleton(meta: dict) -> nn.Module:
-    """The base architecture from the stored HF config (weights are overwritten afterwards)."""
+def _check_fits(probe: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], path) -> None:
+    """The file's tensors against the architecture its config builds (``probe``, on the meta device).
+
+    Every quantized layer is an ``nn.Linear`` of the stored shape with a bias exactly when the file stores
+    one (a config with ``attention_bias``/``mlp_bias`` that the layers do not follow is refused); every
+    other tensor of the architecture is stored (directly or as a tied alias) with its exact shape.
+    """
+    q, tied = meta["quantization"], meta.get("tied", {})
+    arch = meta["base_model"]["architecture"]
+    fix = "the file was edited or written by a broken tool, re-create it with `mbq quantize`"
+    quantized = [info["name"] for info in q["layers"]]
+    for info in q["layers"]:
+        name, (n, k) = info["name"], info["shape"]
+        try:
+            lin = probe.get_submodule(name)
+        except AttributeError:
+            raise ModelMismatchError(f"{path}: layer {name} does not exist in the {arch} its config builds; {fix}") from None
+        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (n, k):
+            got = (lin.out_features, lin.in_features) if isinstance(lin, nn.Linear) else type(lin).__name__
+            raise ModelMismatchError(f"{path}: layer {name} is {(n, k)} in the file but {got} in the {arch} its config builds; {fix}")
+        if (lin.bias is not None) != info["bias"]:
+            raise ModelMismatchError(
+                f"{path}: layer {name} {'has a' if lin.bias is not None else 'has no'} bias in the {arch} its config "
+                f"builds (attention_bias / mlp_bias) but the file stores {'one' if info['bias'] else 'none'}; {fix}"
+            )
+    prefixes = tuple(f"{name}." for name in quantized)
+    sd = probe.state_dict()
+    for key, t in sd.items():
+        if key.startswith(prefixes):
+            continue
+        src = f"fp.{tied.get(key, key)}"
+        if src not in tensors:
+            raise ModelMismatchError(f"{path}: tensor {src} is missing; the {arch} its config builds needs it; {fix}")
+        if tuple(tensors[src].shape) != tuple(t.shape):
+            raise ModelMismatchError(f"{path}: tensor {src} has shape {tuple(tensors[src].shape)}, the {arch} its "
+                                     f"config builds needs {tuple(t.shape)}; {fix}")  # fmt: skip
+    extra = sorted(k for k in tensors if k.startswith("fp.") and k[3:] not in sd)
+    if extra:
+        raise ModelMismatchError(f"{path}: tensors {extra[:3]} do not exist in the {arch} its config builds; {fix}")
+
+
+def build_skeleton(meta: dict, tensors: dict[str, torch.Tensor] | None = None, path=None) -> nn.Module:
+    """The base architecture from the stored HF config (weights are overwritten afterwards).
+
+    With ``tensors`` (the file's), the architecture is first built on the meta device and checked
+    against them (:func:`_check_fits`) before any memory is allocated.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -614,9 +764,17 @@ def build_skeleton(meta: dict) -> nn.Module:
         no_init_weights = contextlib.nullcontext
     try:
         cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+        if tensors is not None:
+            # the architecture on the meta device first (no memory): every tensor it needs must be in the file
+            # with its shape, so a config that disagrees with the file is refused before anything is allocated
+            with torch.device("meta"):
+                probe = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            _check_fits(probe, meta, tensors, path)
         # random init of weights that are overwritten anyway costs minutes on an 8B model
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    except CheckpointError:
+        raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
         # the fields we know were checked in _check_meta; transformers validates the rest
         raise CheckpointError(

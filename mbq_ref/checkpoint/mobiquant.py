@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from ..thresholds import ThresholdTable
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "MOBIQUANT", "Checkpoint", "load_checkpoint", "read_metadata", "save_checkpoint",
+    "FORMAT", "FORMAT_VERSION", "MOBIQUANT", "Checkpoint", "estimate_checkpoint_bytes", "load_checkpoint",
+    "read_metadata", "save_checkpoint",
 ]  # fmt: skip
 
 #: Value of the ``format`` header entry of a MoBiQuant checkpoint.
@@ -103,6 +104,10 @@ def _check_meta(path: Path, meta: dict) -> None:
         a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in achieved
     ):
         raise bad(path, "thresholds.achieved must list one number per target")
+    measured = [a for a in achieved if a is not None and math.isfinite(a)]
+    if any(b < a for a, b in zip(measured, measured[1:])):
+        # a row placed at the bits it measured: a reversed table would route 3 bits as 7 (Sec. 4.2 controller)
+        raise bad(path, f"thresholds.achieved must not decrease as the targets increase, got {achieved}")
 
 
 def _check_layer(path: Path, meta: dict, info: dict, tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -144,6 +149,11 @@ def _check_table(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> se
     if tuple(u.shape) != (len(targets), n_layers):
         raise bad(path, f"threshold table has shape {tuple(u.shape)}, expected {(len(targets), n_layers)}")
     check_finite(path, "thresholds.tau_logit", u, allow_inf=True)
+    # more bits = a lower threshold: each layer's logit(τ) must not increase along the table (±inf included)
+    rising = (u[1:] > u[:-1]).any(0) if len(u) > 1 else torch.zeros(n_layers, dtype=torch.bool)
+    if bool(rising.any()):
+        layer = meta["quantization"]["layers"][int(rising.nonzero()[0])]["name"]
+        raise bad(path, f"the threshold table is not monotone: logit(τ) of layer {layer} rises with the target bits")
     return {"thresholds.targets", "thresholds.tau_logit"}
 
 
@@ -275,6 +285,10 @@ def save_checkpoint(
     packed = [n for n, m in layers.items() if isinstance(m, PackedMoBiLinear)]
     if packed:  # bit-planes only: no codes in the stored layout (and nothing half-written)
         raise CheckpointError(f"layer {packed[0]!r} is packed (pack_model); save the model before packing it")
+    vocab = getattr(model.config, "vocab_size", None)
+    if tokenizer is not None and vocab is not None and _top_token_id(tokenizer) >= vocab:
+        raise CheckpointError(f"the tokenizer produces token ids up to {_top_token_id(tokenizer)}, past the model's "
+                              f"vocabulary of {vocab}; pass the model's own tokenizer")  # fmt: skip
     names = list(layers)
     tensors: dict[str, torch.Tensor] = {}
     for name, m in layers.items():
@@ -304,7 +318,68 @@ def save_checkpoint(
     return write_checkpoint(path, MOBIQUANT, body, tensors, _tokenizer_files(tokenizer))
 
 
+def estimate_checkpoint_bytes(
+    model: nn.Module, slice_bits=(2, 2, 2, 2), group_size: int = 128, router_hidden: int = 64,
+    n_targets: int = 0, tokenizer=None,
+) -> int:
+    """The size in bytes of the file :func:`save_checkpoint` will write for ``model``, before calibrating it.
+
+    Counts what the file stores (module docstring): per quantized projection ``[N, K]`` the codes
+    (1 byte per weight, 4 above 8 bits), a float32 scale and a uint8 zero per group, the router
+    (``fc1 [H, K]``, ``fc2 [E-1, H]``, biases, two scalars, float32), ``tau_logit`` and the bias;
+    every other tensor at its dtype (tied tensors once); the threshold table; the tokenizer files
+    and the header (config, layer list, one index entry per tensor). ``tests/test_checkpoint.py``
+    checks it is within 10 % of the real size. ``mbq quantize`` and ``mbq tour`` refuse a disk
+    with less free space before any work.
+    """
+    from ..fakequant import quantizable_linears
+
+    layers = quantizable_linears(model)
+    code_bytes = 1 if sum(slice_bits) <= 8 else 4
+    e = len(slice_bits)
+    total, n_tensors = 0, 0
+    for m in layers.values():
+        n, k = m.out_features, m.in_features
+        router = router_hidden * k + router_hidden + (e - 1) * router_hidden + (e - 1) + 2
+        total += n * k * code_bytes + n * (k // group_size) * (4 + 1) + 4 * router + 8
+        n_tensors += 9
+        if m.bias is not None:
+            total += n * m.bias.element_size()
+            n_tensors += 1
+    prefixes = tuple(f"{q}." for q in layers)
+    seen = set()
+    for key, v in model.state_dict().items():
+        if key.startswith(prefixes) or not v.numel():
+            continue
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ident in seen:  # a tied tensor is stored once (fp_tensors)
+            continue
+        seen.add(ident)
+        total += v.numel() * v.element_size()
+        n_tensors += 1
+    total += n_targets * 8 * (1 + len(layers))
+    header = len(_tokenizer_files(tokenizer)) + len(json.dumps(model.config.to_dict(), default=str))
+    header += sum(len(name) + 80 for name in layers) + 120 * n_tensors + 2048  # layer list, tensor index, fixed fields
+    return total + header
+
+
 # --- loading -----------------------------------------------------------------
+def _real(value, what: str) -> float:
+    """A real number as a float: Python and numpy numbers, ``Fraction``, ``Decimal``, a 0-d (one-element) tensor
+    or array. Booleans, strings, complex numbers and anything else are refused by type (:class:`CheckpointError`)."""
+    import numbers
+    from decimal import Decimal
+
+    item = value
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" and hasattr(value, "ndim"):
+        if (value.numel() if isinstance(value, torch.Tensor) else value.size) != 1:
+            raise CheckpointError(f"{what} must be one real number, got an array of shape {tuple(value.shape)}")
+        item = value.item() if isinstance(value, torch.Tensor) else value.reshape(()).item()
+    if isinstance(item, bool) or not isinstance(item, (numbers.Real, Decimal)):
+        raise CheckpointError(f"{what} must be a real number such as 3.0, got {type(value).__name__} {value!r:.40}")
+    return float(item)
+
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint: the rebuilt model (eval mode, routing as saved), its metadata and tokenizer."""
@@ -315,6 +390,7 @@ class Checkpoint:
     tokenizer: object | None = None
     table: ThresholdTable | None = None
     _layers: dict | None = field(default=None, repr=False)
+    _packed: dict | None = field(default=None, repr=False)
 
     @property
     def cumulative_bits(self) -> list[int]:
@@ -329,8 +405,11 @@ class Checkpoint:
         """
         from ..packed import pack_model
 
+        if self._packed is not None:  # already served from bit-planes: packing again has nothing to do
+            return self._packed
         report = pack_model(self.model, backend=backend)
         self._layers = None  # set_bits looks the (new) layers up again
+        self._packed = report
         return report
 
     def set_bits(self, bits: float) -> dict[str, float]:
@@ -343,8 +422,9 @@ class Checkpoint:
             CheckpointError: ``bits`` outside ``[B_1, B_E]`` or no table stored.
         """
         lo, hi = self.cumulative_bits[0], self.cumulative_bits[-1]
-        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or math.isnan(bits) or not lo <= bits <= hi:
-            raise CheckpointError(f"bits must be in {lo}..{hi} for slices {self.meta['quantization']['slice_bits']}, got {bits}")
+        bits = _real(bits, "bits")
+        if math.isnan(bits) or not lo <= bits <= hi:
+            raise CheckpointError(f"bits must be in {lo}..{hi} for slices {self.meta['quantization']['slice_bits']}, got {bits:g}")
         if self.table is None:
             raise CheckpointError(f"{self.path} has no threshold table; re-create it with `mbq quantize`")
         if self._layers is None:
@@ -427,7 +507,20 @@ def _load_tokenizer(meta: dict, raw: dict, path: Path):
         from ..zoo import load_tokenizer
 
         tok = load_tokenizer(meta["base_model"]["id"])
+    top = _top_token_id(tok)
+    vocab = meta["base_model"]["config"].get("vocab_size")
+    if vocab is not None and top >= vocab:
+        raise bad(path, f"the tokenizer produces token ids up to {top}, past the model's vocabulary of {vocab}")
     return tok
+
+
+def _top_token_id(tokenizer) -> int:
+    """The largest id of ``tokenizer``'s own vocabulary (added special tokens, which real models may number past
+    ``vocab_size`` and never produce from text, are not counted); -1 if it cannot say."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return max(backend.get_vocab(with_added_tokens=False).values(), default=-1)
+    return max(tokenizer.get_vocab().values(), default=-1) if hasattr(tokenizer, "get_vocab") else -1
 
 
 
@@ -451,7 +544,7 @@ def load_checkpoint(path: str | os.PathLike, expect_model=None, with_tokenizer: 
     """
     path = Path(path)
     meta, raw, tensors = load_validated(path, MOBIQUANT, expect_model)
-    model = build_skeleton(meta)
+    model = build_skeleton(meta, tensors, path)
     quantized = [info["name"] for info in meta["quantization"]["layers"]]
     load_fp(model, meta, tensors, quantized, path)
     _install_layers(model, meta, tensors, path)
@@ -463,7 +556,8 @@ def load_checkpoint(path: str | os.PathLike, expect_model=None, with_tokenizer: 
             raise TamperedCheckpointError(f"{path}: threshold table has shape {tuple(logits.shape)}")
         from ..thresholds import ThresholdTable
 
-        table = ThresholdTable(targets, logits, quantized, list(meta["thresholds"].get("achieved", [])))
+        achieved = [math.nan if a is None else float(a) for a in meta["thresholds"].get("achieved", [])]  # null: not measured
+        table = ThresholdTable(targets, logits, quantized, achieved)
     tok = _load_tokenizer(meta, raw, path) if with_tokenizer else None
     return Checkpoint(model=model, meta=meta, path=path, tokenizer=tok, table=table)
 

@@ -139,7 +139,7 @@ def load_static_checkpoint(path: str | os.PathLike, expect_model=None) -> Checkp
 
     path = Path(path)
     meta, _, tensors = load_validated(path, STATIC, expect_model)
-    model = build_skeleton(meta)
+    model = build_skeleton(meta, tensors, path)
     q = meta["quantization"]
     load_fp(model, meta, tensors, [i["name"] for i in q["layers"]], path)
     for info in q["layers"]:

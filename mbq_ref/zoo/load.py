@@ -32,20 +32,58 @@ def _resolve(name: str) -> str:
 def load_tokenizer(name: str = "tiny-llama"):
     from transformers import AutoTokenizer
 
+    path = _resolve(name)
     try:
-        return AutoTokenizer.from_pretrained(_resolve(name))
-    except ModelError:
-        raise
+        return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(_explain(name, exc)) from exc
+        raise ModelError(_explain(name, exc, path)) from exc
 
 
-def _explain(name: str, exc: Exception) -> str:
+def _diagnose_folder(name: str, path: str) -> str | None:
+    """What is wrong with a local ``path`` (a folder or file given as a model), or None if nothing visible is."""
+    import json
+    from pathlib import Path
+
+    from .random import ARCHITECTURES
+
+    p = Path(path)
+    bundled = name in MODELS
+    fix = "restore the bundled files (`git checkout data/`) or retrain with `python -m mbq_ref.zoo.train_tiny`" if bundled \
+        else "save the model with `model.save_pretrained(folder)` and its tokenizer beside it"  # fmt: skip
+    if not p.exists():
+        return None
+    if not p.is_dir():
+        return f"{path} is a file; a model is a folder holding config.json and weights (or a hub id)"
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        return f"folder {path} has no config.json, so it is not a saved model; {fix}"
+    try:
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        return f"{cfg} is not valid JSON ({type(exc).__name__}); {fix}"
+    if not isinstance(d, dict):
+        return f"{cfg} is not a JSON object; {fix}"
+    model_type = d.get("model_type")
+    if model_type not in ARCHITECTURES:
+        return (f"{cfg} describes a {model_type!r} model; mbq-ref quantizes Llama-family models with q/k/v/o and "
+                f"gate/up/down projections (tested: {', '.join(ARCHITECTURES)})")  # fmt: skip
+    if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
+        return f"folder {path} has config.json but no weights (*.safetensors); {fix}"
+    return None
+
+
+def _explain(name: str, exc: Exception, path: str | None = None) -> str:
     import os
 
+    diagnosis = _diagnose_folder(name, path or name)
+    if diagnosis:
+        return f"cannot load model {name!r}: {diagnosis}"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else type(exc).__name__
     known = ", ".join(MODELS + tuple(REAL_MODELS))
+    if os.path.exists(path or name):  # a local folder that looks right but does not load: say what failed
+        detail = " ".join(str(exc).split())[:200]
+        return f"cannot load model {name!r} from {path or name} ({type(exc).__name__}: {detail}); check or re-save its files"
+    why = "offline mode is on (HF_HUB_OFFLINE=1), so hub ids cannot be fetched" if offline else type(exc).__name__
     return f"cannot load model {name!r} ({why}); offline models: {known}, or pass a local folder / reachable hub id"
 
 
@@ -67,7 +105,7 @@ def load_model(name: str = "tiny-llama", dtype: torch.dtype = torch.float32, wit
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(_explain(name, exc)) from exc
+        raise ModelError(_explain(name, exc, path)) from exc
     model.eval()
     if with_tokenizer:
         return model, load_tokenizer(name)

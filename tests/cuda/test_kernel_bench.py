@@ -20,7 +20,7 @@ def test_help_exits_zero(capsys):
 @pytest.mark.skipif(real_gpu(), reason="a real GPU is present: the benchmark would run")
 def test_no_real_gpu_returns_2(capsys):
     assert bench.main(["--shapes", "64x16"]) == 2
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert "no real GPU" in out and len(out.splitlines()) == 1
 
 
