@@ -16,6 +16,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the same floats on every x86-64 CPU with AVX2 (MKL and ATen kernels pinned; the committed
+# results files are computed this way and checked strictly, mbq_ref.results.NUMERICS)
+os.environ.setdefault("MKL_CBWR", "AVX2")
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 sys.setswitchinterval(5e-4)
 
 # notebooks/*.py are jupytext sources; nbval runs their .ipynb twins.

@@ -165,7 +165,7 @@ def cached_mobiquant(name: str, calib_ids: torch.Tensor, cfg) -> tuple[torch.nn.
     The MoBiQuant model (full-precision weights, clipping, routers, frozen slices) and
     the calibration log are pickled in one entry keyed by the model files, the
     windows, ``cfg`` and the code version; a hit or a miss returns the same
-    unpickled objects. The model routes at ``cfg.tau``.
+    unpickled objects. The model routes at its trained thresholds (``log["thresholds"]``).
 
     Args:
         name: model name for :func:`mbq_ref.zoo.load_model` (e.g. ``"tiny-llama"``).

@@ -271,7 +271,7 @@ def _mse(block, x, y, kw, bs) -> float:
     return sse / y.numel()
 
 
-def _train_stage(i, block, mods, stage, x_q, y_fp, kw, cfg, bar) -> BlockLog:
+def _train_stage(i, block, mods, stage, x_q, y_fp, kw, cfg, bar, before_step=None) -> BlockLog:
     t0 = time.perf_counter()
     for _, m in mods:
         m.calib_stage = stage
@@ -290,6 +290,8 @@ def _train_stage(i, block, mods, stage, x_q, y_fp, kw, cfg, bar) -> BlockLog:
             order = torch.randperm(len(x_q), generator=gen)
             for j in range(0, len(order), cfg.batch_size):
                 idx = order[j : j + cfg.batch_size]
+                if before_step is not None:
+                    before_step(i, block, stage, True)
                 out = _block_out(block, x_q[idx], kw)
                 loss = F.mse_loss(out, y_fp[idx]) + _extra_loss(mods, stage)
                 if not torch.isfinite(loss):
@@ -305,6 +307,8 @@ def _train_stage(i, block, mods, stage, x_q, y_fp, kw, cfg, bar) -> BlockLog:
             bar.set_postfix(block=i, stage=stage, loss=f"{epoch_losses[-1]:.3g}")
         for p in params:
             p.requires_grad_(False)
+    if before_step is not None:
+        before_step(i, block, stage, False)  # training over: the final MSE at the stage's own setting
     final = _mse(block, x_q, y_fp, kw, cfg.batch_size) if params else init
     n = sum(p.numel() for p in params)
     return BlockLog(i, stage, init, final, epoch_losses, n, time.perf_counter() - t0)
@@ -317,6 +321,7 @@ def calibrate_blocks(
     stages: tuple[str, ...] = ("lwc",),
     progress: bool = True,
     finish_block=None,
+    before_step=None,
 ) -> CalibLog:
     """Calibrate every decoder block of an already-swapped model, in place (Alg. 1, OmniQuant).
 
@@ -332,6 +337,9 @@ def calibrate_blocks(
             stage of block ``i``, in inference mode, before its output feeds block ``i + 1``;
             ``rerun()`` runs the calibrated block once over its calibration inputs
             (MoBiQuant's budget settle, :func:`mbq_ref.mobiquant.settle_budget`, uses it).
+        before_step: optional ``before_step(i, block, stage, training)`` called before the
+            forward of every optimizer step (``training=True``) and once after the stage's
+            last step (``training=False``); MoBiQuant draws each step's bit budget with it.
     Returns:
         :class:`CalibLog` with the block MSE before/after each stage.
     Raises:
@@ -356,7 +364,7 @@ def calibrate_blocks(
             with full_precision(layer):
                 y_fp = _run(layer, x_fp, kw, cfg.batch_size)  # [n, T, d] reference output
             for stage in stages:
-                log.entries.append(_train_stage(i, layer, mods, stage, x_q, y_fp, kw, cfg, bar))
+                log.entries.append(_train_stage(i, layer, mods, stage, x_q, y_fp, kw, cfg, bar, before_step))
                 bar.update(1)
             for _, m in mods:
                 m.calib_stage = None

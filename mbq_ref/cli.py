@@ -111,6 +111,17 @@ def _bits_value(text: str) -> float:
     return v
 
 
+def _bits_pair(text: str) -> tuple[float, float]:
+    """``LO,HI`` bits for ``--budget-range`` (checked against the slices when the config is built)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers of bits LO,HI such as 2,8, got {text!r}")
+    lo, hi = (_bits_value(p.strip()) for p in parts)
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"LO must not exceed HI, got {text!r}")
+    return lo, hi
+
+
 def _finite_or_none(v):
     """``--json`` prints strict JSON: a NaN/inf number becomes null (``NaN`` is not JSON)."""
     return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -207,6 +218,8 @@ def _check_tour_output(out: Path, settings) -> None:
 
 # --- mbq quantize ------------------------------------------------------------------
 def _cmd_quantize(args) -> int:
+    from dataclasses import replace
+
     import torch
 
     from .atomic import check_writable
@@ -237,6 +250,12 @@ def _cmd_quantize(args) -> int:
         cfg.train_bits = args.train_bits
     if args.group_size is not None:
         cfg.group_size = args.group_size
+    if args.router_hidden is not None:
+        cfg.router_hidden = args.router_hidden
+    try:  # checked now (the dataclass validates on construction), not after calibrating
+        cfg = replace(cfg, routing=args.routing or cfg.routing, budget_range=args.budget_range or cfg.budget_range)
+    except MBQError as exc:
+        raise UsageError(str(exc)) from exc
     calib.seed = args.seed
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -500,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_positive(int), default=None,
                    help="weights per scale/zero group; must divide every projection's input dim (default 128; 64 for smollm2-135m)")
     q.add_argument("--train-bits", type=_bits_value, default=None, help="target bits of the budget loss (default 3.0)")
+    q.add_argument("--routing", choices=("ladder", "per_slice"), default=None,
+                   help="router design (default ladder: one score per token, trained over a range of budgets; "
+                        "per_slice: one score per slice, trained at --train-bits; see docs/design.md)")
+    q.add_argument("--budget-range", type=_bits_pair, default=None, metavar="LO,HI",
+                   help="ladder: mean bits each training step's budget is drawn from (default: the whole 2,8)")
+    q.add_argument("--router-hidden", type=_positive(int), default=None,
+                   help="hidden width of each router MLP (default: the preset's, tiny 4, paper 64)")
     q.add_argument("--table-step", type=_float_range(MIN_TABLE_STEP, 6.0, "a table step in bits"), default=0.25,
                    help=f"spacing of the threshold table in bits, {MIN_TABLE_STEP}..6 (default 0.25)")
     q.add_argument("--threshold-windows", type=_positive(int), default=8,

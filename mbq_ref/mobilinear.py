@@ -36,6 +36,7 @@ control) is a :class:`mbq_ref.mobiroute.RouterBudget`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -53,14 +54,21 @@ from .mobiroute import (
     slice_counts,
     ste_masks,
     tau_to_logit,
+    threshold_for_bits,
 )
 from .mobislice import ZERO_GRIDS, SlicedWeight, check_slice_bits, floor_scale_zero, slice_codes, slice_deltas
 from .quantizer import LearnableClip, check_weight
 
-__all__ = ["STAGES", "MoBiError", "MoBiLinear", "RoutedSlices", "sliced_matmul"]
+__all__ = ["ROUTINGS", "STAGES", "MoBiError", "MoBiLinear", "RoutedSlices", "sliced_matmul"]
 
 #: Calibration stages of Alg. 1: first-slice stabilisation, then slices + router jointly.
 STAGES = ("base", "joint")
+
+#: Router designs (``docs/design.md``): ``"ladder"`` (default) one score per token, the
+#: threshold splits each layer's tokens between two adjacent slice counts, budgets sampled
+#: over a range while training; ``"per_slice"`` one score per residual slice, nested masks by
+#: cumulative minimum, a budget loss at one ``train_bits`` (the earlier design, kept as an ablation).
+ROUTINGS = ("ladder", "per_slice")
 
 TokenSlices = torch.Tensor | Callable[["RoutedSlices", torch.Tensor], torch.Tensor] | None
 
@@ -256,9 +264,13 @@ class MoBiLinear(RoutedSlices):
         zero_grid: str = "finest",
         score_bound: float = 8.0,
         surrogate_temperature: float = 1.0,
+        routing: str = "ladder",
     ):
         super().__init__()
         self.name = name
+        if routing not in ROUTINGS:
+            raise MoBiError(f"unknown routing {routing!r}; use one of {ROUTINGS} (layer {name!r})")
+        self.routing = routing
         if zero_grid not in ZERO_GRIDS:
             raise MoBiError(f"unknown zero_grid {zero_grid!r}; use one of {ZERO_GRIDS} (layer {name!r})")
         self.zero_grid = zero_grid
@@ -278,8 +290,12 @@ class MoBiLinear(RoutedSlices):
         dev = self.weight.device
         self.clip = LearnableClip(self.out_features, self.in_features, self.group_size, clip_init).to(dev)
         self.router = MoBiRouter(
-            self.in_features, self.num_slices - 1, router_hidden, router_init_bias, score_bound, surrogate_temperature
+            self.in_features, self.num_slices - 1, router_hidden, router_init_bias, score_bound, surrogate_temperature,
+            ladder=routing == "ladder",
         ).to(dev)
+        # ladder: the mean bits of the current joint step (set per step by the calibration's
+        # budget sampler, mbq_ref.mobiquant); None = the budget's train_bits
+        self.step_bits: float | None = None
         self.fixed_k_weight = float(fixed_k_weight)
         self.surrogate_temperature = float(surrogate_temperature)
         self._init_routing(tau)
@@ -393,8 +409,14 @@ class MoBiLinear(RoutedSlices):
             self.router.set_input_scale(x2)
         xf = x2.float()
         deltas = self.slice_deltas()  # E x [N, K], differentiable in the clip
-        y = xf @ deltas[0].T  # base slice for every token (the shared expert): [T, N]
-        if self._stage == "joint":
+        if self._stage == "joint" and self.routing == "ladder":
+            if self.budget.ref is None:  # first joint step: score statistics from data
+                self.router.init_from_data(xf, self.tau_logit, self.slice_bits, self.train_bits)
+                self.budget.ref = 1.0  # (marks the stage as started; a ladder has no budget loss)
+            y = self._ladder_forward(xf, deltas)
+        else:
+            y = xf @ deltas[0].T  # base slice for every token (the shared expert): [T, N]
+        if self._stage == "joint" and self.routing == "per_slice":
             if self.budget.ref is None:  # first joint step: start on budget, scores spread over the surrogate
                 self.router.init_from_data(xf, self.tau_logit, self.slice_bits, self.train_bits)
             # [T, E-1], hard forward / soft backward centred on the training threshold
@@ -409,6 +431,41 @@ class MoBiLinear(RoutedSlices):
             y = y + self.bias.float()
         return y.to(x2.dtype)
 
+    def _ladder_forward(self, xf: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+        """One joint step of a ladder router at this step's budget ``b`` (``step_bits``), bias excluded.
+
+        The threshold is the batch quantile that gives exactly ``b`` mean bits
+        (:func:`mbq_ref.mobiroute.threshold_for_bits`), so no budget loss is needed: every
+        token reads ``k`` slices and the tokens above the threshold one more::
+
+            y_t = x_t Ŵ_k^T + m_t · x_t (Ŵ_{k+1} - Ŵ_k)^T        m_t = 1[r_{t,k} > u] (straight-through)
+
+        The soft mask ``σ((r_{t,k} - u) / T)`` carries the gradient: the reconstruction loss
+        raises the scores of the tokens whose extra slice lowers it (the router learns a
+        ranking), and the clipping gets gradient from both readings ``Ŵ_k`` and ``Ŵ_{k+1}``;
+        sampling ``b`` over a range trains every width the checkpoint serves.
+        """
+        r = self.router(xf)  # [T, E-1], a ladder: r_e = s - (e - 1) ρ
+        b = self.train_bits if self.step_bits is None else float(self.step_bits)
+        u = threshold_for_bits(r.detach(), self.slice_bits, b)
+        counts = slice_counts(r.detach(), u)  # [T], two adjacent values at most
+        k = int(counts.min())
+        w_k = deltas[0]
+        for e in range(1, k):
+            w_k = w_k + deltas[e]  # Ŵ_k
+        y = xf @ w_k.T
+        if k < self.num_slices:
+            col = r[:, k - 1]  # the rung between k and k + 1 slices
+            hard = (col > u).to(col.dtype)
+            soft = torch.sigmoid((col - u) / self.surrogate_temperature) if math.isfinite(u) else hard
+            m = hard + soft - soft.detach()
+            y = y + m[:, None] * (xf @ deltas[k].T)
+            bits = self.slice_bits[k] * m.mean() + sum(self.slice_bits[:k])
+        else:
+            bits = xf.new_tensor(float(sum(self.slice_bits)))
+        self._last = {"bits": bits}
+        return y
+
     # --- calibration contract (docs/design.md) --------------------------------
     def calib_parameters(self, stage: str) -> list[dict]:
         """AdamW groups: LWC logits in both stages (``"lwc"``), plus the router in ``"joint"`` (``"router"``)."""
@@ -416,7 +473,9 @@ class MoBiLinear(RoutedSlices):
             raise MoBiError(f"unknown calibration stage {stage!r}; MoBiLinear has {STAGES} (layer {self.name!r})")
         groups = [{"params": [self.clip.gamma, self.clip.beta], "name": "lwc"}]
         if stage == "joint":
-            groups.append({"params": list(self.router.parameters()), "name": "router"})
+            # a ladder's offset stays 0: its per-step threshold sets the level
+            params = [p for n, p in self.router.named_parameters() if not (self.router.ladder and n == "offset")]
+            groups.append({"params": params, "name": "router"})
         return groups
 
     def calib_loss(self, stage: str) -> torch.Tensor | float:
@@ -431,6 +490,9 @@ class MoBiLinear(RoutedSlices):
         ``e_k^0`` its value at the first joint step.
         """
         if stage == "base" or not self._last:
+            return 0.0
+        if self.routing == "ladder":  # the quantile threshold meets the budget exactly: no loss
+            self._last = {}
             return 0.0
         loss = self.budget.step(self._last["bits"], self.slice_bits, self.router)
         if self.fixed_k_weight > 0:

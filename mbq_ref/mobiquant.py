@@ -31,8 +31,8 @@ from torch import nn
 
 from .calibrate import CalibConfig, calibrate_blocks
 from .fakequant import check_group_size, modules_of_type, quantizable_linears
-from .mobilinear import STAGES, MoBiError, MoBiLinear, RoutedSlices
-from .mobiroute import BitStats, RouterBudget, counts_to_bits, slice_counts, surrogate_saturation
+from .mobilinear import ROUTINGS, STAGES, MoBiError, MoBiLinear, RoutedSlices
+from .mobiroute import BitStats, RouterBudget, counts_to_bits, slice_counts, surrogate_saturation, threshold_for_bits
 from .mobislice import cumulative_bits
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "mobi_layers",
     "quantize_mobiquant",
     "reset_bit_stats",
+    "router_cost",
     "routing_diagnostics",
     "set_slices",
     "set_threshold",
@@ -80,6 +81,12 @@ class MoBiConfig:
         budget_offset_step: ``κ``: after each step the router's score offset moves by
             ``-κ (b̄ - b*) / (B_E - B_1)`` (integral control on the hard bits; a score shift
             of 1 = one standard deviation of the normalised scores).
+        routing: the router design (:data:`mbq_ref.mobilinear.ROUTINGS`, ``docs/design.md``):
+            ``"ladder"`` (default, ours) one score per token, each step's threshold the batch
+            quantile for a budget drawn from :attr:`budget_range`; ``"per_slice"`` one score per
+            residual slice, trained at ``train_bits`` with the budget loss (the earlier design).
+        budget_range: ``(lo, hi)`` mean bits the ladder's per-step budget is drawn from,
+            uniformly (``None`` = the whole readable range ``B_1..B_E``); ladder only.
         settle_budget: end each block's joint stage with the budget settle
             (:func:`settle_budget`): every layer's score offset is shifted so that the hard
             masks at ``τ`` give exactly ``train_bits`` on the calibration windows (our
@@ -103,7 +110,30 @@ class MoBiConfig:
     budget_dual_step: float = 10.0
     budget_offset_step: float = 1.0
     settle_budget: bool = True
+    routing: str = "ladder"
+    budget_range: tuple[float, float] | None = None
     calib: CalibConfig = field(default_factory=CalibConfig.paper)
+
+    def __post_init__(self):
+        if self.routing not in ROUTINGS:
+            raise MoBiError(f"unknown routing {self.routing!r}; use one of {ROUTINGS}")
+        if self.routing == "ladder" and self.fixed_k_weight:
+            raise MoBiError("fixed_k_weight is a per_slice option; a ladder router trains every width already")
+        if self.budget_range is not None:
+            self.layer_budget_range()  # checked now, not after the first block
+
+    def layer_budget_range(self) -> tuple[float, float]:
+        """The checked ``(lo, hi)`` of :attr:`budget_range` (default ``(B_1, B_E)``)."""
+        cum = cumulative_bits(self.slice_bits)
+        if self.budget_range is None:
+            return float(cum[0]), float(cum[-1])
+        try:
+            lo, hi = (float(b) for b in self.budget_range)
+        except (TypeError, ValueError):
+            raise MoBiError(f"budget_range must be two numbers (lo, hi), got {self.budget_range!r}") from None
+        if not cum[0] <= lo <= hi <= cum[-1]:
+            raise MoBiError(f"budget_range {self.budget_range} must satisfy {cum[0]} <= lo <= hi <= {cum[-1]}")
+        return lo, hi
 
     @classmethod
     def paper(cls) -> MoBiConfig:
@@ -124,7 +154,7 @@ class MoBiConfig:
         is raised to 1e-2 (with normalised scores; measured on 32 x 128 windows: 3e-3
         ended at 3.27 bits for a 3.0 budget, 1e-2 at 3.10, no saturated score in either).
         """
-        return cls(router_lr=1e-2, calib=replace(CalibConfig.tiny(), epochs=2))
+        return cls(router_hidden=4, router_lr=1e-2, calib=replace(CalibConfig.tiny(), epochs=2))
 
     def layer_train_bits(self, names) -> dict[str, float]:
         """``train_bits`` of every layer in ``names``, checked: one value each, within ``B_1..B_E``.
@@ -177,11 +207,12 @@ def quantize_mobiquant(
         progress: tqdm bar over blocks x stages.
     Returns:
         a log: ``calib`` (:class:`mbq_ref.calibrate.CalibLog`, block MSE per stage),
-        ``layer_bits`` (mean bits per token of each layer at ``cfg.tau`` on the
+        ``layer_bits`` (mean bits per token of each layer at its trained threshold on the
         calibration windows, as routed in the last calibration pass), ``avg_bits``,
         ``settle`` (per layer: ``before`` = bits at ``τ`` as the joint stage left them,
-        ``after``, and the offset ``shift``; empty if ``cfg.settle_budget`` is off),
-        ``seconds`` and ``config``. The model is left routing at ``cfg.tau``.
+        ``after``, and the offset ``shift``; empty if ``cfg.settle_budget`` is off for
+        per-slice routers), ``thresholds`` (``{layer: logit(τ)}`` the model is left routing at),
+        ``seconds`` and ``config``. The model is left routing at its trained thresholds.
     """
     cfg = cfg or MoBiConfig.paper()
     check_group_size(model, cfg.group_size)  # before any layer is swapped or calibrated
@@ -201,14 +232,19 @@ def quantize_mobiquant(
         layer = MoBiLinear(
             mod, cfg.slice_bits, cfg.group_size, cfg.router_hidden, name, budget, cfg.fixed_k_weight, cfg.tau,
             router_init_bias=cfg.router_init_bias, score_bound=cfg.score_bound,
-            surrogate_temperature=cfg.surrogate_temperature,
+            surrogate_temperature=cfg.surrogate_temperature, routing=cfg.routing,
         )  # fmt: skip
         model.set_submodule(name, layer)
     settled: dict[str, dict[str, float]] = {}
-    finish = (lambda _i, block, rerun: settled.update(settle_budget(block, rerun))) if cfg.settle_budget else None
-    log = calibrate_blocks(model, calib_ids, calib, stages=STAGES, progress=progress, finish_block=finish)
+    # a ladder always settles: its trained threshold is the one that reads train_bits on the windows
+    settle = cfg.settle_budget or cfg.routing == "ladder"
+    finish = (lambda _i, block, rerun: settled.update(settle_budget(block, rerun))) if settle else None
+    before = _budget_sampler(cfg) if cfg.routing == "ladder" else None
+    log = calibrate_blocks(
+        model, calib_ids, calib, stages=STAGES, progress=progress, finish_block=finish, before_step=before
+    )
     layers = mobi_layers(model)
-    # calibrate_blocks' last pass over each block ran in inference mode at cfg.tau: its stats
+    # calibrate_blocks' last pass over each block ran in inference mode at the trained thresholds: its stats
     # are the bits each layer settled on for the calibration windows
     trained = layer_bits(model)
     avg = average_bits(model)
@@ -221,9 +257,26 @@ def quantize_mobiquant(
         "layer_bits": trained,
         "avg_bits": avg,
         "settle": settled,
+        "thresholds": {n: m.tau_logit for n, m in layers.items()},  # logit(τ) each layer was left routing at
         "seconds": time.perf_counter() - t0,
         "config": asdict(cfg),
     }
+
+
+def _budget_sampler(cfg: MoBiConfig):
+    """``before_step`` for :func:`mbq_ref.calibrate.calibrate_blocks`: each joint step of a block
+    trains at one budget ``b ~ U(budget_range)`` shared by the block's layers (our design: the
+    checkpoint is served at every ``b`` of the range, so it is trained at every ``b``).
+    Its own seeded generator: the draws never change the calibration's window order."""
+    lo, hi = cfg.layer_budget_range()
+    gen = torch.Generator().manual_seed(cfg.calib.seed * 7919 + 17)
+
+    def before_step(_i, block, stage, training):
+        b = lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64)) if training else None
+        for m in modules_of_type(block, MoBiLinear).values():
+            m.step_bits = b if stage == "joint" else None
+
+    return before_step
 
 
 @torch.no_grad()
@@ -236,7 +289,9 @@ def settle_budget(block: nn.Module, rerun, tol: float = 0.02, max_passes: int = 
     inference differ from the batch statistics used in training. The settle measures
     each layer's scores ``r`` ``[T, E-1]`` over all calibration windows in inference
     mode and adds to its offset the shift that makes the mean bits at ``logit(τ)``
-    equal ``train_bits`` (:meth:`mbq_ref.mobiroute.MoBiRouter.settle_offset`). One shift per
+    equal ``train_bits`` (:meth:`mbq_ref.mobiroute.MoBiRouter.settle_offset`); a ladder router
+    (``routing="ladder"``) keeps its scores and gets its own threshold instead (the level of a
+    ladder is the threshold; this is how its "trained threshold" is defined). One shift per
     layer moves every token equally, so which tokens read more slices is still the
     router's learned ranking. A layer's shift changes the inputs of the layers after it
     in the block, so the block is re-run until every layer is within ``tol`` bits.
@@ -271,7 +326,10 @@ def settle_budget(block: nn.Module, rerun, tol: float = 0.02, max_passes: int = 
             if p == max_passes - 1 or all(abs(o["after"] - layers[n].train_bits) <= tol for n, o in out.items()):
                 break
             for n, m in layers.items():
-                out[n]["shift"] += m.router.settle_offset(r[n], m.tau_logit, m.slice_bits, m.train_bits)
+                if m.router.ladder:  # the level is the threshold itself: set the layer's own τ
+                    m.tau_logit = threshold_for_bits(r[n], m.slice_bits, m.train_bits)
+                else:
+                    out[n]["shift"] += m.router.settle_offset(r[n], m.tau_logit, m.slice_bits, m.train_bits)
     finally:
         for h in hooks:
             h.remove()
@@ -374,6 +432,9 @@ def routing_diagnostics(model: nn.Module, ids: torch.Tensor, batch_size: int = 8
     def hook_for(name, mod):
         def hook(_m, _args, r):
             u = mod.tau_logit if math.isfinite(mod.tau_logit) else 0.0
+            if mod.router.ladder:  # one score s per token, read at the rung nearest the threshold
+                rung = (r - u).abs().argmin(-1, keepdim=True)
+                r, u = r[..., :1], u + rung.to(r.dtype) * mod.router.rung  # r_e - u = s - (u + (e - 1) ρ)
             frac = surrogate_saturation(r, u, mod.surrogate_temperature, float(mod.router.score_bound))
             counts[name][0] += frac * r.numel()
             counts[name][1] += r.numel()
@@ -392,4 +453,38 @@ def routing_diagnostics(model: nn.Module, ids: torch.Tensor, batch_size: int = 8
         "layer_bits": layer_bits(model),
         "saturation": sat,
         "layer_saturation": {n: c[0] / max(c[1], 1) for n, c in counts.items()},
+    }
+
+
+def router_cost(model: nn.Module, storage_bits: int = 16) -> dict:
+    """What the routers cost next to the slices they route (counted, not estimated).
+
+    Per routed layer ``[N, K]`` with a router ``K -> H -> outputs``: parameters
+    ``K H + H + H o + o`` (weights and biases; ``o`` = 1 for a ladder, ``E - 1`` per slice) and
+    ``2 (K H + H o)`` FLOPs per token, against ``2 N K`` FLOPs per token for each slice read.
+
+    Returns:
+        ``router_params``, ``quantized_weights`` (``Σ N K``), ``router_bits_per_weight``
+        (router parameters stored at ``storage_bits`` bits, spread over the quantized weights:
+        add it to the average bits for the checkpoint's true bits per weight),
+        ``router_flops_per_token``, ``slice_flops_per_token`` (one slice, every layer) and
+        their ratio, ``hidden`` and ``routing``.
+    """
+    layers = _layers(model)
+    params = sum(sum(p.numel() for p in m.router.parameters()) for m in layers.values())
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    r_flops = sum(2 * (m.router.fc1.in_features * m.router.fc1.out_features
+                       + m.router.fc2.in_features * m.router.fc2.out_features) for m in layers.values())  # fmt: skip
+    s_flops = 2 * weights
+    first = next(iter(layers.values()))
+    return {
+        "routing": getattr(first, "routing", "per_slice"),
+        "hidden": first.router.fc1.out_features,
+        "router_params": params,
+        "quantized_weights": weights,
+        "router_bits_per_weight": storage_bits * params / weights,
+        "storage_bits": storage_bits,
+        "router_flops_per_token": r_flops,
+        "slice_flops_per_token": s_flops,
+        "router_flops_per_slice_flops": r_flops / s_flops,
     }

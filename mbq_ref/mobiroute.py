@@ -126,15 +126,21 @@ class MoBiRouter(nn.Module):
         init_bias: float = 1.0,
         score_bound: float = 8.0,
         spread: float = 1.0,
+        ladder: bool = False,
     ):
         super().__init__()
         if num_scores < 1 or hidden < 1:
             raise RouteError(f"router needs num_scores >= 1 and hidden >= 1, got {num_scores}, {hidden}")
         if not score_bound > 0:
             raise RouteError(f"router score bound must be > 0 (inf = unbounded), got {score_bound}")
+        if ladder and not math.isfinite(score_bound):
+            raise RouteError("a ladder router needs a finite score bound (its rungs are 2S apart)")
+        self.num_scores = num_scores
+        self.ladder = bool(ladder)
         self.fc1 = nn.Linear(in_features, hidden)
         self.act = nn.SiLU()
-        self.fc2 = nn.Linear(hidden, num_scores)
+        # ladder: one score per token (how much this token needs bits), the rungs make E-1 of it
+        self.fc2 = nn.Linear(hidden, 1 if ladder else num_scores)
         # small output weights: tokens start with nearly equal scores, the
         # calibration gradients (not the random init) decide who is above τ
         nn.init.normal_(self.fc2.weight, std=0.02)
@@ -145,9 +151,10 @@ class MoBiRouter(nn.Module):
         self.register_buffer("score_bound", torch.tensor(float(score_bound)))
         # score normalisation n = spread (raw - mean) / std + offset: batch statistics while the
         # joint stage trains (batch_stats), their running average at inference (0 = not yet measured)
-        self.register_buffer("score_mean", torch.zeros(num_scores))
-        self.register_buffer("score_std", torch.zeros(num_scores))
-        self.offset = nn.Parameter(torch.zeros(num_scores))
+        self.register_buffer("score_mean", torch.zeros(self.fc2.out_features))
+        self.register_buffer("score_std", torch.zeros(self.fc2.out_features))
+        # ladder: the threshold alone sets the level, a learned offset would only shift it
+        self.offset = nn.Parameter(torch.zeros(self.fc2.out_features), requires_grad=not ladder)
         self.register_buffer("spread", torch.tensor(float(spread)))  # saved: a checkpoint routes as trained
         self.batch_stats = False
 
@@ -190,10 +197,12 @@ class MoBiRouter(nn.Module):
         the surrogate. The ranking of tokens is still random; the reconstruction loss
         learns it.
         """
-        raw = self.raw_scores(x).reshape(-1, self.fc2.out_features)  # [T, E-1]
+        raw = self.raw_scores(x).reshape(-1, self.fc2.out_features)  # [T, E-1] ([T, 1] for a ladder)
         self.score_mean.copy_(raw.mean(0))
         self.score_std.copy_(raw.std(0).clamp_min(1e-6))
         self.offset.zero_()
+        if self.ladder:  # the per-step quantile threshold sets the level: no offset to fit
+            return
         z = self.spread * (raw - self.score_mean) / self.score_std
         u_star = threshold_for_bits(z, slice_bits, target_bits)
         if math.isfinite(u_star):
@@ -229,13 +238,44 @@ class MoBiRouter(nn.Module):
         self.offset.add_(shift)
         return shift
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores ``r = S tanh(n / S)``, ``n`` the normalised MLP output; ``[..., E-1]`` (float32) for ``x`` ``[..., K]``."""
+    @property
+    def rung(self) -> float:
+        """Ladder spacing ``ρ = 2S (1 + 10^-3)``: wider than the score range ``(-S, S)`` (ladder routers only)."""
+        return 2.0 * float(self.score_bound) * (1.0 + 1e-3)
+
+    def score_limits(self) -> tuple[float, float]:
+        """``(lo, hi)``: every score :meth:`forward` returns lies strictly inside (``∓inf`` if unbounded).
+
+        A threshold below ``lo`` turns every slice on, one above ``hi`` leaves the base slice only.
+        """
+        s = float(self.score_bound)
+        if not math.isfinite(s):
+            return -math.inf, math.inf
+        return (-s - (self.num_scores - 1) * self.rung, s) if self.ladder else (-s, s)
+
+    def token_score(self, x: torch.Tensor) -> torch.Tensor:
+        """The bounded score ``s = S tanh(n / S)`` before any ladder, ``[..., fc2 outputs]`` (float32)."""
         raw = self._normalise(self.raw_scores(x))
         s = self.score_bound
         # bounded score: identity near 0, never beyond ±S, so the surrogate σ((r - u)/T)
         # keeps a gradient for every token (|r - u| <= S + |u|); S = inf = unbounded
         return raw if not torch.isfinite(s) else s * torch.tanh(raw / s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores ``r`` ``[..., E-1]`` (float32) for ``x`` ``[..., K]``: one per residual slice, or a ladder.
+
+        Per-slice router: ``r_e = S tanh(n_e / S)``, one MLP output ``n_e`` per residual slice.
+        Ladder router (our design, ``docs/design.md``): one score ``s`` per token and
+        ``r_e = s - (e - 1) ρ`` with ``ρ > 2S`` (:attr:`rung`). Whatever the threshold ``u``,
+        at most one rung lies inside ``(-S, S)``, so the tokens of a layer split between
+        two adjacent slice counts ``k`` and ``k + 1`` (higher score = more slices), and as
+        ``u`` falls each token's count only grows: nested in the target by construction.
+        """
+        s = self.token_score(x)
+        if not self.ladder:
+            return s
+        steps = torch.arange(self.num_scores, device=s.device, dtype=s.dtype) * self.rung  # [E-1]
+        return s - steps  # [..., 1] - [E-1] -> [..., E-1]
 
 
 def _check_logits(logits: torch.Tensor) -> None:

@@ -11,6 +11,8 @@ At one *measured* average bit-width, one calibrated checkpoint is evaluated with
 (c) ``oracle``   the same histogram, the most slices to the tokens whose base-slice
                  output error ``||x_t (W - Ŵ_1)^T||^2`` is largest (measured, per
                  layer; an upper reference a router could aim at);
+(e) ``norm``     the same histogram, the most slices to the tokens with the largest
+                 input norm ``||x_t||`` (parameter-free: no router at all);
 (d) ``static``   the best static mix: whole layers at fixed widths (no routing), chosen
                  greedily on calibration windows by measured layer-output error saved
                  per bit (:func:`static_mix`), average bits as close to the target as
@@ -45,15 +47,17 @@ __all__ = [
     "compare_controls",
     "layer_errors",
     "mix_train_bits",
+    "norm_routing",
     "oracle_routing",
     "paired_delta",
     "plot_controls",
     "random_routing",
+    "ranked_routing",
     "static_mix",
 ]
 
 #: The routing methods compared, in report order.
-CONTROLS = ("router", "random", "oracle", "static")
+CONTROLS = ("router", "random", "norm", "oracle", "static")
 
 
 def random_routing(seed: int = 0):
@@ -71,19 +75,37 @@ def random_routing(seed: int = 0):
     return policy
 
 
-def oracle_routing():
-    """``token_slices`` policy (c): the router's histogram, assigned by measured base-slice error (largest first)."""
+def ranked_routing(key):
+    """``token_slices`` policy: the router's own slice-count histogram, handed out by ``key``.
+
+    ``key(layer, x2)`` gives one number per token (``x2`` ``[T, K]`` float32); the tokens with
+    the largest keys get the most slices. Same bits per layer as the router, another ranking.
+    """
 
     def policy(layer, x: torch.Tensor) -> torch.Tensor:
         counts = slice_counts(layer.router(x), layer.tau_logit)
         flat = counts.reshape(-1)
-        x2 = x.reshape(-1, layer.in_features).float()
-        err = ((x2 @ (layer.weight.float() - layer.dequant(1)).T) ** 2).sum(-1)  # [T] base-slice output error
+        k = key(layer, x.reshape(-1, layer.in_features).float())  # [T]
         out = torch.empty_like(flat)
-        out[err.argsort(descending=True)] = flat.sort(descending=True).values
+        out[k.argsort(descending=True)] = flat.sort(descending=True).values
         return out.reshape(counts.shape)
 
     return policy
+
+
+def oracle_routing():
+    """``token_slices`` policy (c): the router's histogram, assigned by measured base-slice error (largest first)."""
+    # ||x_t (W - Ŵ_1)^T||^2: what the base slice gets wrong for this token
+    return ranked_routing(lambda layer, x2: ((x2 @ (layer.weight.float() - layer.dequant(1)).T) ** 2).sum(-1))
+
+
+def norm_routing():
+    """``token_slices`` policy (e): the router's histogram, assigned by input norm ``||x_t||`` (largest first).
+
+    A parameter-free rule: a token's output error at any width is at most its input norm
+    times the weight error, so large-norm tokens tend to need bits most; no router cost.
+    """
+    return ranked_routing(lambda _layer, x2: x2.norm(dim=-1))
 
 
 @torch.no_grad()
@@ -238,6 +260,8 @@ def compare_controls(
         row["router"] = _eval(model, test_ids, seqlen, max_windows)
         set_token_slices(model, random_routing(seed))
         row["random"] = _eval(model, test_ids, seqlen, max_windows)
+        set_token_slices(model, norm_routing())
+        row["norm"] = _eval(model, test_ids, seqlen, max_windows)
         set_token_slices(model, oracle_routing())
         row["oracle"] = _eval(model, test_ids, seqlen, max_windows)
         set_token_slices(model, None)
@@ -261,6 +285,7 @@ LABELS = {
     "random": "(b) random, same histogram",
     "oracle": "(c) oracle by sensitivity",
     "static": "(d) best static mix",
+    "norm": "(e) by input norm, same histogram",
 }
 
 
@@ -272,7 +297,7 @@ def plot_controls(ax, rows: list[dict], extra: dict[str, list[tuple[float, float
         extra: more points ``{label: [(bits, delta_nll, se), ...]}`` (e.g. per-bit LWC baselines).
     """
     for j, name in enumerate(CONTROLS):
-        xs = [r[name]["bits"] + 0.02 * (j - 1.5) for r in rows]  # small offsets: error bars stay apart
+        xs = [r[name]["bits"] + 0.02 * (j - 2) for r in rows]  # small offsets: error bars stay apart
         se = [r[name]["se"] if math.isfinite(r[name]["se"]) else 0.0 for r in rows]
         ax.errorbar(xs, [r[name]["delta_nll"] for r in rows], yerr=se, fmt="o-", capsize=3, label=LABELS[name])
     for label, pts in (extra or {}).items():

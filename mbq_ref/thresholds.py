@@ -78,13 +78,15 @@ THRESHOLD_MODES = ("global", "per_layer")
 def threshold_ends(layers: dict[str, MoBiLinear]) -> tuple[float, float]:
     """``(u_all, u_base)``: thresholds that give every slice / the base slice only, on any input.
 
-    Finite for bounded routers (``±S`` just outside the score range ``(-S, S)``); ``∓inf`` otherwise.
+    Finite for bounded routers (just outside every layer's score range,
+    :meth:`mbq_ref.mobiroute.MoBiRouter.score_limits`); ``∓inf`` otherwise.
     """
-    bound = max(float(m.router.score_bound) for m in layers.values())
-    if not math.isfinite(bound):
+    limits = [m.router.score_limits() for m in layers.values()]
+    lo, hi = min(a for a, _ in limits), max(b for _, b in limits)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         return -math.inf, math.inf
-    pad = 1e-3 * bound
-    return -(bound + pad), bound + pad
+    pad = 1e-3 * max(abs(lo), abs(hi))
+    return lo - pad, hi + pad
 
 
 def _global_table(model, layers, calib_ids, targets, tol, batch_size, max_probes) -> dict[float, tuple[float, float]]:
@@ -380,7 +382,7 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
     :func:`quantize_mobiquant` (Alg. 1, two stages) followed by
     :func:`threshold_table` (the package's one controller, default mode)
     on the first ``threshold_windows`` calibration windows.
-    The model is left routing as calibrated (``cfg.tau``).
+    The model is left routing as calibrated (its trained thresholds).
 
     Args:
         model: full-precision HF Llama-family causal LM.
@@ -394,14 +396,15 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
     t0 = time.perf_counter()
     log = quantize_mobiquant(model, calib_ids, cfg, progress=progress)
     calib_s = time.perf_counter() - t0
-    # the budget check (issue 11): bits at the trained threshold on every calibration window
+    # the budget check: bits at the trained threshold on every calibration window
     trained = routing_diagnostics(model, calib_ids)
+    trained_logits = thresholds(model, logit=True)  # per layer for a ladder (set by the settle)
     thr_ids = calib_ids[:threshold_windows]
     t1 = time.perf_counter()
     table = threshold_table(model, thr_ids, targets)
     table_s = time.perf_counter() - t1
     misses = [t for t, v in table.items() if abs(v["achieved"] - t) > 0.05]
-    set_threshold(model, cfg.tau)
+    set_threshold(model, trained_logits, logit=True)
     return {
         "thresholds": table,
         "calibration": {

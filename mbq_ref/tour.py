@@ -41,6 +41,7 @@ from .atomic import OutputError, atomic_write, atomic_write_text, check_writable
 from .data import BUNDLED, calibration_windows, load_corpus, tokenize_corpus
 from .fakequant import check_group_size
 from .perplexity import perplexity
+from .routing_analysis import LINE_TOL, RISE_TOL, acceptance
 from .thresholds import quantize_and_table, table_targets, threshold_table
 from .zoo import load_model
 
@@ -103,7 +104,7 @@ class TourSettings:
         self.table_step = 1.0 if quick else 0.5
         self.threshold_windows = 2 if quick else 4
         self.general_bits = (3.0, 4.0) if quick else (3.0, 4.0, 6.0)
-        self.controls_bits = (3.0,) if quick else (2.5, 3.0, 3.5, 5.0)  # routing vs controls, equal bits
+        self.controls_bits = (3.0,) if quick else (2.5, 3.0, 3.5, 4.0, 5.0)  # routing vs controls, equal bits
         self.refit_windows = 2 if quick else 4  # unlabelled windows of a new domain to refit thresholds on
         self.outliers = False
         preset = dict(MODEL_PRESETS[model])
@@ -196,7 +197,7 @@ def _controls_section(qm, calib_ids, test_ids, static_models: dict, st: TourSett
             d, se = paired_delta(lwc[str(int(b))]["window_nll"], row["router"]["window_nll"])
             row["lwc"] = {"bits": b, "ppl": lwc[str(int(b))]["ppl"], "delta_nll": d, "se": se}
     for row in rows:  # the report keeps the summary; window NLLs only for the router (paired references)
-        for name in ("random", "oracle", "static"):
+        for name in ("random", "norm", "oracle", "static"):
             row[name].pop("window_nll")
         for v in row.values():
             if isinstance(v, dict):
@@ -483,20 +484,58 @@ def _write_markdown(report: dict, path: Path) -> None:
               "Every token reads k slices:", "", "| bits | PPL |", "|---|---|"]  # fmt: skip
     for b, v in mq["fixed"].items():
         lines.append(f"| {b} | {v['ppl']:.3f} |")
-    lines += ["", "Elastic sweep (threshold table, measured bits on the test windows):", "",
-              "| target bits | measured bits | PPL |", "|---|---|---|"]  # fmt: skip
+    acc = report.get("acceptance")
+    excess = {p["target"]: p for p in acc["a"]["points"]} if acc else {}
+    lines += ["", ("Elastic sweep (threshold table, measured bits on the test windows). Time-sharing: the NLL of "
+              "serving the two neighbouring uniform readings in proportion (no router); excess = NLL minus that "
+              "line (negative = routing beats it):"), "",
+              "| target bits | measured bits | PPL | time-sharing PPL | excess (nats) |", "|---|---|---|---|---|"]  # fmt: skip
     for r in mq["sweep"]:
-        lines.append(f"| {r['target']:.2f} | {r['test_bits']:.3f} | {r['ppl']:.3f} |")
+        p = excess.get(r["target"])
+        ts = f"{math.exp(p['line']):.3f} | {p['excess']:+.4f}" if p else "– | –"
+        lines.append(f"| {r['target']:.2f} | {r['test_bits']:.3f} | {r['ppl']:.3f} | {ts} |")
+    rc = mq.get("router_cost")
+    if rc:
+        lines += ["", (f"Router cost ({rc['routing']} routers, hidden {rc['hidden']}): {rc['router_params']:,} parameters "
+                  f"next to {rc['quantized_weights']:,} quantized weights = {rc['router_bits_per_weight']:.3f} extra bits "
+                  f"per weight at {rc['storage_bits']}-bit storage (add it to every measured-bits figure above); "
+                  f"{rc['router_flops_per_token']:,} router FLOPs per token = "
+                  f"{100 * rc['router_flops_per_slice_flops']:.2f} % of one slice's {rc['slice_flops_per_token']:,}.")]  # fmt: skip
     lines += ["", (f"Router training (budget check): {mq['avg_bits_trained']:.3f} bits at the trained threshold on the "
               f"calibration windows and {mq['avg_bits_trained_test']:.3f} on the test windows, for `train_bits` "
               f"{mq['train_bits']:g}; surrogate saturation "
               f"{mq['surrogate_saturation']:.3f} (share of router scores whose straight-through gradient is below "
               "1e-3 of its peak).")]  # fmt: skip
     before = list(mq.get("layer_bits_before_settle", {}).values())
-    if before:
+    if before and mq.get("routing", "per_slice") == "per_slice":
         lines.append(f"Before the budget settle the joint stage had left the layers at {min(before):.2f} to "
                      f"{max(before):.2f} bits at the trained threshold; the settle shifts each router's offset "
                      "so that every layer reads `train_bits` there.")  # fmt: skip
+    elif before:
+        lines.append(f"Ladder routers: at the default threshold the layers read {min(before):.2f} to "
+                     f"{max(before):.2f} bits; each layer's trained threshold is set to read `train_bits` on the "
+                     "calibration windows (the level of a ladder is its threshold).")  # fmt: skip
+    if acc:
+        v = acc["verdicts"]
+        lines += ["", "## Acceptance of the routing (computed by `mbq_ref.routing_analysis.acceptance`)", "",
+                  f"(a) on or below the time-sharing line (tolerance {LINE_TOL} nats) and smooth (rise at most "
+                  f"{RISE_TOL}): **{v['a']}** (largest excess {acc['a']['max_excess']:+.4f}, largest rise "
+                  f"{acc['a']['max_rise']:+.4f} nats)."]  # fmt: skip
+        if acc["b"]:
+            b = acc["b"]
+            lines.append(f"(b) routed at 4 bits ({b['router_bits']:.3f} measured, PPL {b['router_ppl']:.3f}) vs LWC-4 "
+                         f"(PPL {b['lwc_ppl']:.3f}): LWC minus routed {b['lwc_minus_router']:+.4f} ± {b['se']:.4f} "
+                         f"nats: **{v['b']}**.")  # fmt: skip
+        for key, c in acc["c"].items():
+            lines.append(f"(c) {key}: routed {c['routed']:.3f} at {_fmt(c['bits'])} bits, LWC {c['lwc']:.3f}, "
+                         f"RTN {_fmt(c['rtn'])}: routed minus LWC {c['routed_minus_lwc']:+.4f} nats.")  # fmt: skip
+        lines.append(f"(c) overall: **{v['c']}**.")
+        for t, d in acc["d"].items():
+            norm = (f"; input-norm routing minus router {d['norm_minus_router']:+.4f} ± {d['norm_se']:.4f}"
+                    if d["norm_minus_router"] is not None else "")  # fmt: skip
+            lines.append(f"(d) at {t} bits: random minus router {d['random_minus_router']:+.4f} ± {d['se']:.4f} "
+                         f"(needed: {d['needed'].replace('_', ' ')}){norm}.")  # fmt: skip
+        lines.append(f"(d) overall: **{v['d']}**.")
     ctl = report.get("controls")
     if ctl:
         lines += ["", "## Routing against controls (same checkpoint, equal measured bits)", "",
@@ -504,7 +543,7 @@ def _write_markdown(report: dict, path: Path) -> None:
                    "± paired standard error over windows (negative = better than the router)."), "",
                   "| target | method | measured bits | PPL | ΔNLL ± SE |", "|---|---|---|---|---|"]  # fmt: skip
         for r in ctl["rows"]:
-            for name in ("router", "random", "oracle", "static", "lwc"):
+            for name in ("router", "random", "norm", "oracle", "static", "lwc"):
                 if name not in r:
                     continue
                 v = r[name]
@@ -611,6 +650,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         average_bits,
         layer_bits,
         reset_bit_stats,
+        router_cost,
         routing_diagnostics,
         set_slices,
         set_threshold,
@@ -680,6 +720,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     t1 = time.perf_counter()
     ckpt = load_checkpoint(ck_path, expect_model=st.model)
     load_s = time.perf_counter() - t1
+    trained_logits = thresholds(ckpt.model, logit=True)
     probe = test_ids["austen"][: st.eval_seqlen].unsqueeze(0)
     ckpt.set_bits(3.0)
     with torch.no_grad():
@@ -691,7 +732,8 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     # everything below runs on the reloaded model: what a user of the file gets
     qm = ckpt.model
     t0 = time.time()
-    set_threshold(qm, cfg.tau)  # the trained threshold, on the test windows (the budget check's second half)
+    # the trained thresholds, as saved (per layer for a ladder), on the test windows (the budget check's second half)
+    set_threshold(qm, trained_logits, logit=True)
     trained_test = routing_diagnostics(qm, _windows(test_ids["austen"], st))
     fixed = {}
     for k, bits in enumerate(ckpt.cumulative_bits, start=1):
@@ -720,6 +762,10 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         "sweep": sweep,
         "layer_bits_at_3": lb3,
         "avg_bits_at_3": _r(average_bits(qm)),
+        "routing": cfg.routing,
+        "router_hidden": cfg.router_hidden,
+        # router parameters (fp16) per quantized weight and FLOPs per token next to one slice's
+        "router_cost": {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in router_cost(qm).items()},
     }
 
     if st.outliers:  # --- per-token error across widths, and the router next to the outliers ---------
@@ -774,6 +820,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
     report["generalization"] = gen
     timings["generalization"] = time.time() - t0
 
+    report["acceptance"] = acceptance(report)
     report["headline"] = _headline(report)
     report["plots"] = _plots(report, out)
     report["meta"]["timings_seconds"] = {k: round(v, 1) for k, v in timings.items()}

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mbq_ref.results import CHAPTERS, WRITE_ENV  # noqa: E402
+from mbq_ref.results import CHAPTERS, NUMERICS, WRITE_ENV  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"no results file for chapter(s) {unknown}; choose among {sorted(CHAPTERS)}")
     chapters = args.chapters or sorted(CHAPTERS)
-    env = dict(os.environ, **{WRITE_ENV: "1", "MPLBACKEND": "Agg"})
+    env = dict(os.environ, **{WRITE_ENV: "1", "MPLBACKEND": "Agg"}, **NUMERICS)  # the pinned float code path
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     for i, n in enumerate(chapters, 1):
         src = CHAPTERS[n]

@@ -20,7 +20,9 @@ def ckpt(tmp_path_factory):
     """`mbq quantize` on the bundled model, once for this module."""
     # a legal 245-byte file name (refused before: the probe file's name went past the 255-byte limit)
     out = tmp_path_factory.mktemp("cli") / ("t" * 229 + ".mbq.safetensors")
-    assert main(["quantize", "--model", "tiny-llama", "--out", str(out), "--no-progress", *QUICK]) == 0
+    argv = ["quantize", "--model", "tiny-llama", "--out", str(out), "--no-progress", *QUICK,
+            "--routing", "ladder", "--budget-range", "2,8", "--router-hidden", "4"]  # fmt: skip
+    assert main(argv) == 0
     return out
 
 
@@ -94,6 +96,9 @@ def test_quantize_wrote_a_checkpoint(ckpt, capsys):
     res = meta["results"]
     assert res["train_bits"] == 3.0 and 2.0 <= res["avg_bits_trained"] <= 8.0 and 0 <= res["surrogate_saturation"] <= 1
     assert len(meta["thresholds"]["achieved"]) == 7  # the table stores the bits it measured
+    q = meta["quantization"]
+    assert q["routing"] == "ladder" and q["router_hidden"] == 4
+    assert meta["calibration"]["config"]["budget_range"] == [2.0, 8.0]
 
 
 @pytest.mark.slow
@@ -261,6 +266,7 @@ def test_quantize_bad_inputs(capsys, tmp_path, monkeypatch):
     out = tmp_path / "q.safetensors"
     _one_line_error(capsys, "quantize", "--model", "no-such-org/no-such-model", "--out", out, match="cannot load model")
     _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--calib", "klingon", match="unknown dataset")
+    _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--budget-range", "1,4", match="budget_range")
     _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", out, "--seqlen", "1024", match="exceeds the model's context")
     _one_line_error(capsys, "quantize", "--model", "tiny-llama", "--out", tmp_path, match="is a folder")
     assert not out.exists()
@@ -349,6 +355,9 @@ def test_symlink_loop_is_named(capsys, tmp_path):
         (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "1e-9"], "--table-step"),
         (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "nan"], "--table-step"),
         (["quantize", "--model", "tiny-llama", "--out", "x", "--table-step", "7"], "--table-step"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--budget-range", "3"], "--budget-range"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--budget-range", "5,4"], "--budget-range"),
+        (["quantize", "--model", "tiny-llama", "--out", "x", "--routing", "mix"], "--routing"),
         (["generate", "{ckpt}", "--prompt", "x", "--seed", str(2**70)], "--seed"),
         (["generate", "{ckpt}", "--prompt", "x", "--temperature", "-1"], "--temperature"),
         (["generate", "{ckpt}", "--prompt", "x", "--temperature", "nan"], "--temperature"),
@@ -356,7 +365,8 @@ def test_symlink_loop_is_named(capsys, tmp_path):
         (["eval", "{ckpt}", "--bits", "3", "--seqlen", "1"], "--seqlen"),
         (["frobnicate"], "invalid choice"),
     ],
-    ids=["missing", "not-int", "seed-quantize", "table-step-tiny", "table-step-nan", "table-step-large", "seed-generate",
+    ids=["missing", "not-int", "seed-quantize", "table-step-tiny", "table-step-nan", "table-step-large",
+         "budget-one", "budget-reversed", "routing-unknown", "seed-generate",
          "temperature-negative", "temperature-nan", "top-k-negative", "seqlen-1", "unknown-command"],
 )  # fmt: skip
 def test_argument_errors_are_one_line(capsys, ckpt, argv, match):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mbq_ref.mobilinear import MoBiError, MoBiLinear, sliced_matmul
-from mbq_ref.mobiroute import RouterBudget
+from mbq_ref.mobiroute import RouterBudget, slice_counts, threshold_for_bits
 from mbq_ref.quantizer import QuantError
 
 K, N, G = 256, 96, 64
@@ -69,7 +69,7 @@ def test_slice_deltas_sum_to_each_reading():
 
 @pytest.mark.parametrize("stage", ["base", "joint"])
 def test_calibration_forward_equals_inference_after_freeze(stage):
-    layer, _ = _layer(router_init_bias=0.0)
+    layer, _ = _layer(router_init_bias=0.0, routing="per_slice")
     x = _x()
     with torch.no_grad():
         layer.router.fc2.weight.normal_(std=1.0)  # spread the scores: a real mix of slice counts
@@ -110,7 +110,7 @@ def test_token_slices_override_and_bits():
 
 
 def test_router_gets_gradient_from_output_and_budget():
-    layer, _ = _layer(budget=RouterBudget(train_bits=2.0, weight=1.0, dual_step=6.0))
+    layer, _ = _layer(budget=RouterBudget(train_bits=2.0, weight=1.0, dual_step=6.0), routing="per_slice")
     layer.calib_stage = "joint"
     x = _x()
     y = layer(x)
@@ -127,6 +127,47 @@ def test_router_gets_gradient_from_output_and_budget():
     layer.calib_loss("joint").backward()
     assert (layer.router.offset.grad > 0).all()
     assert layer.budget.multiplier > 0  # and the dual step raised the multiplier
+
+
+@pytest.mark.parametrize("bits", [2.0, 2.5, 3.0, 4.7, 6.25, 8.0])
+def test_ladder_joint_step_meets_its_budget_and_equals_eq6(bits):
+    """A ladder's joint forward at budget b: two adjacent slice counts, mean bits b (one token's
+    granularity), output = Eq. 6 at those counts (the frozen inference path with the same counts)."""
+    layer, _ = _layer(router_init_bias=0.0)
+    x = _x()
+    with torch.no_grad():
+        layer.router.fc2.weight.normal_(std=1.0)
+    layer.calib_stage = "joint"
+    layer.step_bits = bits
+    with torch.no_grad():
+        y_cal = layer(x)
+        r = layer.router(x.reshape(-1, K))  # same batch statistics as the forward
+    counts = slice_counts(r, threshold_for_bits(r, layer.slice_bits, bits))
+    assert counts.max() - counts.min() <= 1
+    t = counts.numel()
+    assert abs(2.0 * counts.double().mean().item() - bits) <= 2.0 / t + 1e-9
+    assert abs(float(layer._last["bits"]) - bits) <= 2.0 / t + 1e-6
+    layer.calib_stage = None
+    layer.token_slices = counts.reshape(x.shape[:-1])
+    torch.testing.assert_close(layer(x), y_cal, rtol=1e-5, atol=1e-5)
+
+
+def test_ladder_router_learns_from_the_output_only():
+    layer, _ = _layer()
+    layer.calib_stage = "joint"
+    layer.step_bits = 3.0
+    y = layer(_x())
+    assert layer.calib_loss("joint") == 0.0  # the quantile threshold meets the budget: no budget loss
+    y.pow(2).mean().backward()
+    assert layer.router.fc1.weight.grad.abs().sum() > 0 and layer.clip.gamma.grad.abs().sum() > 0
+    assert layer.router.offset.grad is None  # not trained: the threshold sets the level
+    names = {id(p) for g in layer.calib_parameters("joint") for p in g["params"]}
+    assert id(layer.router.offset) not in names
+
+
+def test_unknown_routing_is_refused():
+    with pytest.raises(MoBiError, match="unknown routing 'mix'"):
+        _layer(routing="mix")
 
 
 def test_calib_parameters_per_stage():
@@ -158,7 +199,7 @@ def test_setting_a_stage_drops_the_frozen_codes():
 
 
 def test_fixed_k_reconstruction_term():
-    layer, _ = _layer(fixed_k_weight=1.0, budget=RouterBudget(weight=0.0))
+    layer, _ = _layer(fixed_k_weight=1.0, budget=RouterBudget(weight=0.0), routing="per_slice")
     layer.calib_stage = "joint"
     layer(_x())
     loss = layer.calib_loss("joint")

@@ -256,7 +256,7 @@ def test_per_layer_train_bits(fp_model):
     log = quantize_mobiquant(model, _ids(), replace(CFG, train_bits=per), progress=False)
     assert log["config"]["train_bits"] == per
     assert {n: m.train_bits for n, m in mobi_layers(model).items()} == per
-    set_threshold(model, CFG.tau)
+    set_threshold(model, log["thresholds"], logit=True)
     reset_bit_stats(model)
     with torch.no_grad():
         model(input_ids=_ids())
@@ -309,8 +309,8 @@ def tiny_real():
 def test_trained_router_meets_its_budget_without_saturating(tiny_real):
     from mbq_ref.mobiquant import routing_diagnostics
 
-    model, calib, test, cfg, _ = tiny_real
-    set_threshold(model, cfg.tau)  # the trained threshold
+    model, calib, test, cfg, log = tiny_real
+    set_threshold(model, log["thresholds"], logit=True)  # the trained thresholds
     on_calib = routing_diagnostics(model, calib)
     on_test = routing_diagnostics(model, test)
     assert abs(on_calib["avg_bits"] - cfg.train_bits) <= 0.15, on_calib["avg_bits"]
@@ -350,16 +350,72 @@ def test_budget_settle_puts_every_layer_on_train_bits(fp_model, calibrated):
     assert set(log["settle"]) == set(mobi_layers(model))
     for name, s in log["settle"].items():
         assert abs(s["after"] - CFG.train_bits) <= 0.02, (name, s)
-    # measured again through the whole model at the trained threshold, as a user would
-    set_threshold(model, CFG.tau)
+    # measured again through the whole model at the trained thresholds, as a user would
+    set_threshold(model, log["thresholds"], logit=True)
     reset_bit_stats(model)
     with torch.no_grad():
         model(input_ids=_ids())
     for name, b in layer_bits(model).items():
         assert abs(b - CFG.train_bits) <= 0.05, (name, b)
-    # without the settle the same calibration misses train_bits in some layer (what the settle repairs)
+    # per-slice routers without the settle: the joint stage alone misses train_bits in some layer
     off = copy.deepcopy(fp_model)
-    log_off = quantize_mobiquant(off, _ids(), replace(CFG, settle_budget=False), progress=False)
+    log_off = quantize_mobiquant(off, _ids(), replace(CFG, routing="per_slice", settle_budget=False), progress=False)
     assert log_off["settle"] == {}
     assert max(abs(b - CFG.train_bits) for b in log_off["layer_bits"].values()) > 0.05
-    assert max(abs(s["before"] - CFG.train_bits) for s in log["settle"].values()) > 0.05
+
+
+# --- ladder routing (the default) ------------------------------------------------------------
+def test_ladder_budgets_are_drawn_per_step_within_the_range(fp_model):
+    """Each joint step trains at its own budget b ~ U(budget_range), the same for the block's layers."""
+    from mbq_ref.mobilinear import MoBiLinear
+
+    seen: list[tuple[float, ...]] = []
+    orig = MoBiLinear._ladder_forward
+
+    def spy(self, xf, deltas):
+        seen.append((self.name, self.step_bits))
+        return orig(self, xf, deltas)
+
+    model = copy.deepcopy(fp_model)
+    cfg = replace(CFG, budget_range=(3.0, 5.0), calib=replace(CFG.calib, nsamples=4, epochs=2))
+    try:
+        MoBiLinear._ladder_forward = spy
+        quantize_mobiquant(model, _ids(4), cfg, progress=False)
+    finally:
+        MoBiLinear._ladder_forward = orig
+    train = [b for _, b in seen if b is not None]
+    assert train and all(3.0 <= b <= 5.0 for b in train)
+    assert len(set(train)) >= 4  # 2 blocks x 4 steps: fresh draws, not one value
+    # the final MSE pass of each joint stage runs at train_bits (step_bits None)
+    assert any(b is None for _, b in seen)
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"routing": "bands"}, "unknown routing 'bands'"),
+        ({"budget_range": (1.0, 4.0)}, "budget_range"),
+        ({"budget_range": (5.0, 4.0)}, "budget_range"),
+        ({"budget_range": ("a", 4.0)}, "two numbers"),
+        ({"fixed_k_weight": 1.0}, "per_slice option"),
+    ],
+)
+def test_ladder_config_refused_in_one_line(over, match):
+    with pytest.raises(MBQError, match=match):
+        replace(CFG, **over)
+    assert replace(CFG, routing="per_slice", fixed_k_weight=1.0).fixed_k_weight == 1.0
+
+
+def test_router_cost_counts_parameters_and_flops(calibrated):
+    from mbq_ref.mobiquant import router_cost
+
+    model, _ = calibrated
+    c = router_cost(model)
+    layers = mobi_layers(model)
+    params = sum(sum(p.numel() for p in m.router.parameters()) for m in layers.values())
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    assert c["router_params"] == params and c["quantized_weights"] == weights
+    assert c["router_bits_per_weight"] == pytest.approx(16 * params / weights)
+    h = CFG.router_hidden
+    assert c["router_flops_per_token"] == sum(2 * (m.in_features * h + h * 1) for m in layers.values())
+    assert c["routing"] == "ladder" and c["hidden"] == h

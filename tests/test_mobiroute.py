@@ -213,3 +213,50 @@ def test_settle_offset_hits_target_and_keeps_ranking(target, tau):
     assert abs(shift) > 0.1
     # every token moved by the same shift (before the monotone bound): the learned ranking is kept
     torch.testing.assert_close(n_after - n_before, torch.full_like(n_before, shift), rtol=0, atol=1e-4)
+
+
+# --- ladder router (one score per token; docs/design.md) -------------------------------------
+def _ladder(seed=0, num_scores=3, k=24):
+    torch.manual_seed(seed)
+    r = MoBiRouter(k, num_scores, hidden=8, ladder=True)
+    x = torch.randn(500, k, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        r.fc2.weight.normal_(std=1.0)
+    r.init_from_data(x, 0.0, (2,) * (num_scores + 1), 3.0)
+    return r, x
+
+
+def test_ladder_scores_are_rungs_of_one_score():
+    r, x = _ladder()
+    s = r(x)
+    assert s.shape == (500, 3)
+    rung = r.rung
+    assert rung > 2 * float(r.score_bound)
+    torch.testing.assert_close(s[:, 1:] - s[:, :-1], torch.full((500, 2), -rung), rtol=0, atol=1e-4)
+    lo, hi = r.score_limits()
+    assert lo < s.min() and s.max() < hi
+    assert r.fc2.out_features == 1 and not r.offset.requires_grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ladder_two_adjacent_counts_and_nested_in_the_target(seed):
+    """Whatever the target, a layer's tokens read k or k+1 slices; raising the target never
+    lowers any token's slice count (nestedness), and the mean bits meet the target."""
+    r, x = _ladder(seed)
+    scores = r(x)
+    prev = None
+    for target in [2.0, 2.3, 3.0, 3.9, 4.0, 5.5, 6.0, 7.2, 8.0]:
+        u = threshold_for_bits(scores, (2, 2, 2, 2), target)
+        k = slice_counts(scores, u)
+        assert int(k.max() - k.min()) <= 1, f"target {target}: counts {k.unique().tolist()}"
+        assert abs(2.0 * k.double().mean().item() - target) <= 2.0 / len(k) + 1e-9
+        if prev is not None:
+            assert bool((k >= prev).all()), f"a token lost slices when the target rose to {target}"
+        prev = k
+
+
+def test_per_slice_router_has_no_rungs():
+    r = MoBiRouter(8, 3, hidden=4)
+    assert r.score_limits() == (-8.0, 8.0) and r.fc2.out_features == 3
+    with pytest.raises(RouteError, match="finite score bound"):
+        MoBiRouter(8, 3, hidden=4, score_bound=math.inf, ladder=True)

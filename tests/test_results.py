@@ -61,3 +61,22 @@ def test_record_checks_by_default_and_writes_only_when_asked(tmp_path, monkeypat
 def test_write_script_refuses_unknown_chapter():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_results.py"), "9"], capture_output=True, text=True)
     assert out.returncode == 2 and "no results file for chapter(s) [9]" in out.stderr
+
+
+def test_tests_pin_the_float_code_path():
+    """The suite runs with MKL/ATen pinned to AVX2 (conftest.py): the strict check is the one that runs."""
+    assert results.pinned_numerics()
+
+
+def test_unpinned_runs_report_instead_of_failing(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "results_ch2.md"
+    target.write_text(TEXT)
+    monkeypatch.setattr(results, "results_path", lambda n: target)
+    monkeypatch.delenv(results.WRITE_ENV, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "AUTO")
+    record(2, TEXT.replace("77.94", "90.00"))  # another CPU code path: printed, not raised
+    assert "does not pin the float code path" in capsys.readouterr().out
+    monkeypatch.setenv(results.WRITE_ENV, "1")
+    with pytest.raises(ResultsMismatch, match="MKL_CBWR=AVX2"):  # and never written that way
+        record(2, TEXT)
+    assert target.read_text() == TEXT

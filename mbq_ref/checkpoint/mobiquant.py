@@ -91,6 +91,10 @@ def _check_meta(path: Path, meta: dict) -> None:
     if q.get("cumulative_bits") != cum or not all(is_int(c) for c in q["cumulative_bits"]):
         raise bad(path, f"quantization.cumulative_bits {q.get('cumulative_bits')!r} disagrees with slice_bits {sb} (expected {cum})")
     int_field(path, q.get("router_hidden"), "quantization.router_hidden", 1)
+    from ..mobilinear import ROUTINGS
+
+    if q.get("routing", "per_slice") not in ROUTINGS:  # files written before the ladder have no field
+        raise bad(path, f"quantization.routing must be one of {ROUTINGS}, got {q.get('routing')!r}")
     want = "uint8" if cum[-1] <= 8 else "int32"
     if not isinstance(q.get("code_dtype"), str) or q["code_dtype"] not in _CODE_DTYPES or (q["code_dtype"] == "uint8") != (want == "uint8"):
         raise bad(path, f"quantization.code_dtype {q.get('code_dtype')!r} does not fit {cum[-1]}-bit codes (expected {want})")
@@ -306,6 +310,7 @@ def save_checkpoint(
             "cumulative_bits": [sum(first.slice_bits[: i + 1]) for i in range(len(first.slice_bits))],
             "group_size": first.group_size,
             "router_hidden": first.router.fc1.out_features,
+            "routing": first.routing,
             "code_dtype": str(tensors[f"q.{names[0]}.codes"].dtype).removeprefix("torch."),
             "layers": [layer_entry(name, m) for name, m in layers.items()],
         },
@@ -469,7 +474,7 @@ def _install_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Tenso
         router_sd = {k2[len(f"q.{name}.router.") :]: v for k2, v in tensors.items() if k2.startswith(f"q.{name}.router.")}
         hidden = router_sd["fc1.weight"].shape[0] if "fc1.weight" in router_sd else q.get("router_hidden", 64)
         with torch.random.fork_rng(devices=[]):  # the router's random init is overwritten: leave the caller's RNG alone
-            layer = MoBiLinear(lin, slice_bits, group_size, hidden, name)
+            layer = MoBiLinear(lin, slice_bits, group_size, hidden, name, routing=q.get("routing", "per_slice"))
         try:
             layer.router.load_state_dict(router_sd, strict=True)
         except RuntimeError as exc:
