@@ -333,8 +333,8 @@ assert [s.measured_bits for s in g.steps[:8]] == [2.0] * 8 and [s.measured_bits 
 # %% [markdown]
 # ## 6. What the paper reports (LLaMA models) — *the paper's numbers, not ours*
 #
-# These values are transcribed from the paper (via `paper_spec.md` §5.2 of this project's
-# research notes) for scale; nothing in this repository produced them. Our tiny model is
+# These values are transcribed from the paper (by figure and table; `docs/paper.md` lists them
+# with what the paper states around them) for scale; nothing in this repository produced them. Our tiny model is
 # ~5M parameters and its perplexities are not comparable.
 
 # %%

@@ -263,7 +263,7 @@ if report is not None:
           f"{mq['train_bits']:g}), {mq['avg_bits_trained_test']:.2f} on the test windows")
 
 # %% [markdown]
-# **Routing against controls at equal measured bits** (the router issue's controls,
+# **Routing against controls at equal measured bits** (the controls of chapter 3b, Section 7b,
 # `mbq_ref.routing_controls`): (a) the trained router, (b) random routing with the router's
 # per-layer slice histogram, (c) an oracle by measured base-slice error, (d) the best static
 # mix of whole layers, and per-bit LWC where the width is an integer. ΔNLL is the mean
