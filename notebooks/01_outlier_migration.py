@@ -72,7 +72,7 @@ from mbq_ref.sensitivity import (
 from mbq_ref.zoo import load_model
 
 T0 = time.perf_counter()
-setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 model, tokenizer = load_model("tiny-llama", with_tokenizer=True)
 
 GROUP = MoBiConfig.tiny().group_size  # App. C.1: group size 128

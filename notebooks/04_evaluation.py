@@ -62,7 +62,7 @@ from mbq_ref.perplexity import perplexity
 from mbq_ref.thresholds import calibrate_threshold, threshold_table
 from mbq_ref.zoo import load_model
 
-setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 hf_logging.disable_progress_bar()  # no "Loading weights" bar for every model we load
 T0 = time.time()
 SEQLEN, MAX_WINDOWS = 256, 8  # evaluation windows: the first 8 x 256 tokens of each test split

@@ -71,8 +71,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import mbq_ref
+from mbq_ref.chapter import setup_chapter
 from mbq_ref.tour import MODEL_PRESETS
 
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 T0 = time.time()
 ROOT = Path(mbq_ref.__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results_smollm2"
