@@ -17,12 +17,14 @@ is raised when transformers is first imported, before any chapter code runs.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from functools import partialmethod
 
 import torch
 import tqdm
 
-__all__ = ["quiet", "setup_chapter"]
+__all__ = ["Laps", "chapter3_windows", "quiet", "setup_chapter", "show_markdown", "show_table"]
 
 
 def quiet() -> None:
@@ -50,3 +52,72 @@ def setup_chapter(seed: int = 0, quiet_output: bool = True) -> int:
         torch.set_num_threads(1)
     torch.manual_seed(seed)
     return torch.get_num_threads()
+
+
+class Laps:
+    """Seconds per chapter section: ``lap("name")`` charges the time since the previous lap to "name"."""
+
+    def __init__(self) -> None:
+        self.t0 = self._last = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def __call__(self, label: str) -> None:
+        now = time.perf_counter()
+        self.times[label] = self.times.get(label, 0.0) + now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        """Seconds since the chapter started."""
+        return time.perf_counter() - self.t0
+
+    def report(self) -> str:
+        """``'chapter ran in N s; section seconds: {...}'``."""
+        return f"chapter ran in {self.total():.0f} s; section seconds: {({k: round(v) for k, v in self.times.items()})}"
+
+
+def chapter3_windows(tokenizer, calib, test_chars: int = 60_000, train_chars: int = 400_000):
+    """The token windows chapters 3a, 3b and 4 share, so their calibrations are the same cache entries.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        calib: a :class:`mbq_ref.calibrate.CalibConfig` (its ``dataset``, ``nsamples``, ``seqlen``, ``seed``).
+        test_chars, train_chars: characters read from the start of the test / train split
+            (about 100k train tokens are plenty to draw 32 windows from).
+
+    Returns:
+        ``(calib_ids [nsamples, seqlen], test_ids [n])``: calibration windows drawn from
+        ``<dataset>/train`` (GPTQ sampler, :func:`mbq_ref.data.calibration_windows`) and the
+        token ids of the start of ``<dataset>/test``.
+    """
+    from .data import calibration_windows, load_corpus, tokenize_corpus
+
+    train_ids = tokenize_corpus(tokenizer, load_corpus(calib.dataset, "train")[:train_chars])
+    test_ids = tokenize_corpus(tokenizer, load_corpus(calib.dataset, "test")[:test_chars])
+    return calibration_windows(train_ids, calib.nsamples, calib.seqlen, seed=calib.seed), test_ids
+
+
+def show_table(header: list[str], rows: list[list], caption: str | None = None) -> str:
+    """Show a table: rendered markdown in a notebook, pipe text otherwise; returns the markdown.
+
+    Args:
+        header: column names.
+        rows: one list of cells per row (already formatted, or anything ``str()`` renders).
+        caption: a line shown above the table (e.g. the evaluation setting), in italics.
+    """
+    from .results import markdown_table
+
+    text = markdown_table(header, rows)
+    if caption:
+        text = f"*{caption}*\n\n{text}"
+    return show_markdown(text)
+
+
+def show_markdown(text: str) -> str:
+    """Rendered markdown in a notebook (``IPython.display.Markdown``), the text itself otherwise; returns it."""
+    if "ipykernel" in sys.modules:
+        from IPython.display import Markdown, display
+
+        display(Markdown(text))
+    else:
+        print(text)
+    return text
