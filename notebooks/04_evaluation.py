@@ -189,6 +189,8 @@ for d in BUNDLED:
         rows += [(d, label, float(b), v) for b, v in base[meth].items()]
 
 methods = ["MoBiQuant", "LWC (per-bit)", "RTN (per-bit)", "MSB truncation"]
+print(f"tiny-llama, each domain's test split, first {MAX_WINDOWS} windows x {SEQLEN} tokens (this chapter's setting; "
+      f"full precision {', '.join(f'{d} {v:.2f}' for d, v in fp.items())})")
 print(f"{'domain':12s} {'method':15s}  (measured bits, PPL) at each point")
 for d in BUNDLED:
     for meth in methods:

@@ -61,3 +61,19 @@ def test_record_checks_by_default_and_writes_only_when_asked(tmp_path, monkeypat
 def test_write_script_refuses_unknown_chapter():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_results.py"), "9"], capture_output=True, text=True)
     assert out.returncode == 2 and "no results file for chapter(s) [9]" in out.stderr
+
+
+def test_read_table_parses_what_markdown_table_writes(tmp_path):
+    from mbq_ref.errors import MBQError
+    from mbq_ref.results import markdown_table, read_table
+
+    text = markdown_table(["lever", "bits", "gap ± SE"], [["baseline", "3.000", "+0.0346 ± 0.0131"], ["2x", "5", "(reference)"]])
+    path = tmp_path / "t.md"
+    path.write_text(f"# title\n\nprose | with a bar\n\n{text}\n\nafter\n| other | table |\n")
+    rows = read_table(path, first="lever")
+    assert rows == [
+        {"lever": "baseline", "bits": 3.0, "gap ± SE": (0.0346, 0.0131)},
+        {"lever": "2x", "bits": 5.0, "gap ± SE": "(reference)"},
+    ]
+    with pytest.raises(MBQError, match="no markdown table starting with column 'nope'"):
+        read_table(path, first="nope")
