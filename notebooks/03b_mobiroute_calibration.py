@@ -32,7 +32,7 @@
 #
 # (The numbering continues chapter 3a's.) Every perplexity in this chapter is measured in one
 # setting, printed as the caption of each table: tiny-llama, the first 16 windows of 256
-# tokens of `austen/test`. Runtime: on 2 idle CPU cores about 1.5 minutes when `runs/cache/`
+# tokens of `austen/test` (Section 7c: the same on two other domains). Runtime: on 2 idle CPU cores about 1.5 minutes when `runs/cache/`
 # already holds this chapter's calibrations (a second run, or after chapter 4;
 # `mbq_ref.cache`), about 2.5 minutes on a fresh checkout, which calibrates MoBiQuant once
 # and LWC at three widths.
