@@ -291,41 +291,50 @@ def _cmd_quantize(args) -> int:
 def _cmd_eval(args) -> int:
     import torch
 
-    from .checkpoint import read_metadata
+    from .checkpoint import STATIC_FORMAT, peek_format, read_metadata
     from .data import DATASETS, load_corpus, tokenize_corpus
     from .mobiquant import average_bits, reset_bit_stats, set_slices
     from .perplexity import perplexity
 
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-    meta = read_metadata(args.file)  # header only: cheap checks before loading anything big
-    _check_bits(meta, args.bits)
+    static_file = peek_format(args.file) == STATIC_FORMAT  # a per-bit file of `mbq tour` (runs/tour/per_bit/)
+    meta = _static_meta(args) if static_file else read_metadata(args.file)  # header only: cheap checks first
+    if not static_file:
+        _check_bits(meta, args.bits)
     ctx = _context(meta)
     seqlen = args.seqlen or min(2048, ctx or 2048)
     if ctx is not None and seqlen > ctx:
         raise UsageError(f"--seqlen {seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
-    cum = meta["quantization"]["cumulative_bits"]
-    if args.static and args.bits not in cum:
-        raise UsageError(f"--static reads whole slices: --bits must be one of {', '.join(map(str, cum))}")
-    device, packed = _serving(args)
-    ckpt, memory = _load_served(args, device, packed)
+    if static_file:
+        device, packed = _device(args.device), False
+        ckpt, memory = _load_static(args, meta, device), None
+    else:
+        cum = meta["quantization"]["cumulative_bits"]
+        if args.static and args.bits not in cum:
+            raise UsageError(f"--static reads whole slices: --bits must be one of {', '.join(map(str, cum))}")
+        device, packed = _serving(args)
+        ckpt, memory = _load_served(args, device, packed)
     ids = tokenize_corpus(ckpt.tokenizer, load_corpus(args.dataset, "test"))
     t0 = time.perf_counter()
-    if args.static:
+    if static_file:
+        pass  # one bit-width, nothing to switch
+    elif args.static:
         set_slices(ckpt.model, cum.index(args.bits) + 1)
     else:
         ckpt.set_bits(args.bits)
     switch_s = time.perf_counter() - t0
-    reset_bit_stats(ckpt.model)
+    if not static_file:
+        reset_bit_stats(ckpt.model)
     with torch.no_grad():
         res = perplexity(ckpt.model, ids, seqlen=seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                          progress=not args.no_progress, desc=f"eval {args.dataset}")  # fmt: skip
-    measured = average_bits(ckpt.model)
+    measured = float(meta["quantization"]["bits"]) if static_file else average_bits(ckpt.model)
     row = {
         "file": str(args.file),
         "dataset": args.dataset,
         "target_bits": args.bits,
-        "mode": "static" if args.static else "routed",
+        "mode": "static file" if static_file else "static" if args.static else "routed",
         "measured_bits": round(measured, 4),
         "ppl": round(res.ppl, 4),
         "windows": res.n_windows,
@@ -345,6 +354,31 @@ def _cmd_eval(args) -> int:
             f"({row['mode']}), measured average {measured:.3f} bits per weight"
         )
     return 0
+
+
+def _static_meta(args) -> dict:
+    """The checked metadata of a static per-bit file, and ``--bits``/``--packed`` checked against it."""
+    from .checkpoint import STATIC
+    from .checkpoint.format import read_meta
+
+    meta = read_meta(args.file, STATIC)
+    q = meta["quantization"]
+    if args.bits != q["bits"]:
+        raise UsageError(f"{args.file} is a static {q['method']} checkpoint at {q['bits']} bits only; use --bits {q['bits']}")
+    if args.packed:
+        raise UsageError("--packed serves MoBiQuant checkpoints; a static per-bit file runs on the float path")
+    return meta
+
+
+def _load_static(args, meta: dict, device: str):
+    """A static per-bit file as a float model on ``device``, with its base model's tokenizer (the file has none)."""
+    from .checkpoint import load_static_checkpoint
+    from .zoo import load_tokenizer
+
+    ckpt = load_static_checkpoint(args.file)
+    ckpt.tokenizer = load_tokenizer(meta["base_model"]["id"])
+    ckpt.model.to(device)
+    return ckpt
 
 
 # --- mbq generate --------------------------------------------------------------------
@@ -539,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a checkpoint at a target average bit-width", description=(
         "Route at the target average bits via the checkpoint's threshold table (no recalibration) and print "
         "the perplexity (GPTQ protocol) and the average bits measured from the layers."))
-    e.add_argument("file", help="checkpoint written by `mbq quantize` or `mbq tour`")
+    e.add_argument("file", help="MoBiQuant checkpoint written by `mbq quantize` or `mbq tour`, or a static per-bit "
+                   "file of `mbq tour` (OUT/per_bit/lwc_wB.safetensors; --bits must be its B)")
     e.add_argument("--bits", type=_bits_value, required=True, help="target average bits per weight, e.g. 3.0 (2..8 for slices 2,2,2,2)")
     e.add_argument("--dataset", default="austen", help="test split: austen|bible|shakespeare (bundled) or wikitext2|c4|ptb (hub)")
     e.add_argument("--seqlen", type=_int_range(2, 2**24, "a window length"), default=None,

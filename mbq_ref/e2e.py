@@ -1,4 +1,4 @@
-"""End-to-end decode speed and memory of the packed backend vs fp16 (issue 12, item 5).
+"""End-to-end decode speed and memory of the packed backend vs fp16 (Sec. 5.4, Table 1).
 
     python -m mbq_ref.e2e                      # real GPU: Llama-2-7B-shaped random model + a small one
     python -m mbq_ref.e2e --sim                # CUDA simulator: a tiny model, correctness of the loop only
@@ -17,7 +17,7 @@ it). Two backends:
 
 Reported per setting: tokens/s, ms per token, average bits actually read, and the GPU memory
 of the weights (``torch.cuda.memory_allocated`` after building, before decoding). The paper's
-LLaMA2-7B A100 decode speeds (404/311/256 tok/s at 2/3/4 bits, quoted in issue 12) are
+LLaMA2-7B A100 decode speeds (404/311/256 tok/s at 2/3/4 bits, Table 1; see docs/paper.md) are
 printed beside, for orientation only: different GPU, different kernels.
 Writes ``benchmarks/results/e2e_<device>_<date>.json`` (never overwriting) unless ``--no-write``.
 """
@@ -43,7 +43,7 @@ MODELS = {
     "small": (1024, 2816, 4, 16, 16, 32000),
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
 }
-PAPER_TOK_S = {2: 404, 3: 311, 4: 256}  # MoBiQuant, LLaMA2-7B, A100 (quoted in issue 12)
+PAPER_TOK_S = {2: 404, 3: 311, 4: 256}  # MoBiQuant, LLaMA2-7B, A100 (paper, Table 1)
 
 
 def build_model(name: str, device: str, seed: int = 0):

@@ -19,6 +19,7 @@ exactly one input token (the previous one), whose routing is what we report.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -167,6 +168,8 @@ def generate(
     current = bits_at(0, schedule, bits)
     set_bits(current)
     past = None
+    # transformers renamed the forward's `past_key_values` argument to `cache` (the old name warns)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompt_bits = None
     if ids.shape[1] > 1:
         # prefill all but the last prompt token; the last one is fed alone so that the first new
@@ -186,7 +189,7 @@ def generate(
             switch = time.perf_counter() - ts
             current = want
         reset_bit_stats(model)
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
         past = out.past_key_values
         logits = out.logits[0, -1].float()  # [vocab]
         if not bool(torch.isfinite(logits).all()):  # argmax of NaN is token 0: never print <pad><pad>... as text

@@ -10,7 +10,7 @@ One calibrated checkpoint then runs at any precision, without recalibration:
 
 * :func:`set_slices` — every token reads ``k`` slices (a static 2/4/6/8-bit model);
 * :func:`set_threshold` — the routers decide per token, with one global ``τ`` or
-  one ``τ`` per layer (the recovered text is ambiguous; both are supported);
+  one ``τ`` per layer (the paper does not specify which; both are supported, docs/paper.md);
 * the threshold controller (:mod:`mbq_ref.thresholds`) — the ``τ`` whose measured
   average bits on calibration tokens (:func:`measure_bits`) hits a target (e.g. 3.0),
   global (default) or per layer.
@@ -61,7 +61,7 @@ class MoBiConfig:
     Attributes:
         slice_bits: bits per slice (App. C.1: ``2 2 2 2`` -> 2/4/6/8-bit readings).
         group_size: weights per (scale, zero) group (128).
-        router_hidden: hidden width of each layer's router MLP (not recovered; ours).
+        router_hidden: hidden width of each layer's router MLP (the paper does not specify it; ours).
         train_bits: mean bits the budget loss aims at in the joint stage: one number for every
             layer (Sec. 5.3), or ``{layer path: bits}`` with one entry per quantized layer (our
             extension: a between-layer allocation fixed at training time, e.g.

@@ -3,10 +3,10 @@
 MoBiSlice (:mod:`mbq_ref.mobislice`) cuts a weight into ``E`` slices; the first
 ("shared expert", always on) gives ``B_1`` bits and each further slice refines
 it. MoBiRoute decides, per token and per linear layer, how many residual
-slices the token gets. The recovered text states a learnable 2-layer MLP per
+slices the token gets. The paper states a learnable 2-layer MLP per
 layer (Eq. 4), learned binary gates, a budget-aware objective, and a runtime
 threshold ``τ`` (higher ``τ`` = fewer slices). The rest is our design
-(``docs/design.md``, paper_spec 3.3), all of it implemented here:
+(``docs/design.md``, ``docs/paper.md``), all of it implemented here:
 
 Router (Eq. 4)::
 
@@ -26,7 +26,7 @@ We compare in logit space (``r > logit(τ)``): identical to ``σ(r) > τ`` but
 exact where ``σ`` saturates in float32, and ``τ = 0`` / ``τ = 1`` mean "all
 slices" / "base slice only" for any finite score.
 
-Surrogate gradient (our choice; the paper's estimator was not recovered):
+Surrogate gradient (our choice; the paper does not specify its estimator):
 straight-through. The forward pass uses the hard nested mask, the backward
 pass the gradient of the soft nested mask ``p_e = Π_{j<=e} g_j``::
 
@@ -110,7 +110,7 @@ class MoBiRouter(nn.Module):
     Args:
         in_features: ``K``, the width of the layer input it reads.
         num_scores: ``E - 1``, the number of residual slices.
-        hidden: hidden width (paper: not recovered; 64 by default).
+        hidden: hidden width (the paper does not specify it; 64 by default).
         init_bias: initial ``b_2``; positive = every slice starts on (``σ(1) ≈ 0.73``),
             the budget loss then switches off the tokens that need them least.
         score_bound: ``S`` of the bounded score ``r = S tanh(n / S)`` (``inf`` = unbounded).

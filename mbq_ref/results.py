@@ -34,14 +34,25 @@ from pathlib import Path
 from .errors import MBQError
 
 __all__ = [
-    "ATOL", "CHAPTERS", "NUMERICS", "RTOL", "WRITE_ENV", "ResultsMismatch", "compare", "generated_by",
-    "pinned_numerics", "record", "results_path",
-]  # fmt: skip
+    "ATOL",
+    "CHAPTERS",
+    "NUMERICS",
+    "RTOL",
+    "WRITE_ENV",
+    "ResultsMismatch",
+    "compare",
+    "generated_by",
+    "markdown_table",
+    "pinned_numerics",
+    "read_table",
+    "record",
+    "results_path",
+]
 
 #: Set to ``1`` to make :func:`record` write the file instead of checking it (the command does this).
 WRITE_ENV = "MBQ_WRITE_RESULTS"
 #: Chapter number -> the chapter's jupytext source, relative to the checkout.
-CHAPTERS = {1: "notebooks/01_outlier_migration.py", 2: "notebooks/02_mobislice.py", 3: "notebooks/03_mobiroute.py"}
+CHAPTERS = {1: "notebooks/01_outlier_migration.py", 2: "notebooks/02_mobislice.py", 3: "notebooks/03b_mobiroute_calibration.py"}
 #: Environment that pins the float code path (set before torch starts; see the module docstring).
 NUMERICS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 #: Tolerances of :func:`compare` (numbers in a results file carry at most 4 significant decimals).
@@ -135,3 +146,53 @@ def record(chapter: int, text: str) -> Path:
         )
     print(f"{path.name} matches what this chapter computed (numbers within {RTOL:.0%} or {ATOL})")
     return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A pipe table: ``| a | b |``, the ``|---|`` separator, one line per row (cells through ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(text: str):
+    """``'+0.0123 ± 0.0045'`` -> ``(0.0123, 0.0045)``; a plain number -> float; anything else -> the text."""
+    parts = text.replace("±", " ").split()
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        return text
+    if len(vals) == 2 and "±" in text:
+        return tuple(vals)
+    return vals[0] if len(vals) == 1 else text
+
+
+def read_table(path: str | Path, first: str | None = None) -> list[dict]:
+    """The rows of a markdown pipe table in a file, as ``{column: value}`` dicts.
+
+    Values are parsed with :func:`_cell`: a number becomes a ``float``, ``"d ± se"`` a
+    ``(d, se)`` tuple, anything else stays text. The first ``| ...`` line is the header (or,
+    with ``first``, the first one whose first column is ``first``); the table ends at the
+    first line that does not start with ``|``.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing.
+        MBQError: no table (with that first column) in the file.
+    """
+    lines = Path(path).read_text().splitlines()
+    start = next(
+        (i for i, ln in enumerate(lines) if ln.startswith("|") and (first is None or ln.strip("| ").split("|")[0].strip() == first)),
+        None,
+    )
+    if start is None:
+        raise MBQError(f"{Path(path).name}: no markdown table" + (f" starting with column {first!r}" if first else ""))
+    cols = [c.strip() for c in lines[start].strip().strip("|").split("|")]
+    rows = []
+    for ln in lines[start + 1 :]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if all(set(c) <= set("-: ") for c in cells):
+            continue  # the |---| separator
+        rows.append({k: _cell(v) for k, v in zip(cols, cells)})
+    return rows

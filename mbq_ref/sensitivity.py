@@ -2,8 +2,8 @@
 
 The paper's observation: the tokens whose outputs suffer most from weight
 quantization are not the same at every precision, so clipping calibrated at
-one precision is fitted to the wrong tokens at another. The recovered text
-does not give the metric, so we use the most direct one: for a linear layer
+one precision is fitted to the wrong tokens at another. The paper does not
+specify the metric (docs/paper.md), so we use the most direct one: for a linear layer
 ``W`` ``[N, K]`` and a token's input ``x_t`` ``[K]``,
 
     e_t(b) = || x_t W^T - x_t Ŵ_b^T ||_2          (absolute)

@@ -7,7 +7,7 @@ thresholds by *measuring* the bits on calibration tokens
 (:func:`mbq_ref.mobiquant.measure_bits`): routing upstream changes the inputs
 downstream, so the bits of a threshold are only known by running the model.
 
-**Global vs per-layer τ** (the recovered text is ambiguous; both are supported):
+**Global vs per-layer τ** (the paper does not specify which; both are supported, docs/paper.md):
 
 * ``"global"`` (the default, :data:`DEFAULT_THRESHOLD_MODE`): one ``u = logit(τ)`` shared by
   every layer, found on the measured curve ``bits(u)``; the routers, not the controller,
@@ -311,7 +311,7 @@ def bits_sweep(
 # --- the table a checkpoint stores -------------------------------------------------
 @dataclass
 class ThresholdTable:
-    """Per-layer thresholds ``logit(τ)`` for a list of target average bits (paper_spec 3.3, "a table of τ per B").
+    """Per-layer thresholds ``logit(τ)`` for a list of target average bits (our controller; the paper only states that τ sets the precision, Sec. 4.2).
 
     Attributes:
         targets: ``[M]`` target average bits, ascending.

@@ -774,7 +774,7 @@ def run_tour(out: Path, quick: bool = False, progress: bool = True, settings: To
         report["outliers"] = _outlier_section(model, qm, _windows(test_ids["austen"], st)[:1], tok, st)
         timings["outliers"] = time.time() - t0
 
-    # --- routing against controls (issue 11): same checkpoint, same measured bits ---------------
+    # --- routing against controls: same checkpoint, same measured bits -------------------------
     t0 = time.time()
     report["controls"] = _controls_section(qm, calib_ids[: st.threshold_windows], test_ids["austen"], static_models, st)
     ckpt.set_bits(3.0)

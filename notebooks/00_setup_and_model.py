@@ -50,7 +50,7 @@ from mbq_ref.paths import model_dir
 from mbq_ref.perplexity import perplexity
 from mbq_ref.zoo import load_model
 
-setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 T0 = time.time()
 print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__)
 

@@ -52,7 +52,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from mbq_ref.chapter import setup_chapter
+from mbq_ref.chapter import setup_chapter, show_markdown, show_table
 from mbq_ref.calibrate import CalibConfig
 from mbq_ref.data import calibration_windows, load_corpus, tokenize_corpus
 from mbq_ref.fakequant import set_bits, set_token_bits
@@ -72,7 +72,7 @@ from mbq_ref.sensitivity import (
 from mbq_ref.zoo import load_model
 
 T0 = time.perf_counter()
-setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 model, tokenizer = load_model("tiny-llama", with_tokenizer=True)
 
 GROUP = MoBiConfig.tiny().group_size  # App. C.1: group size 128
@@ -209,23 +209,30 @@ print(f"least overlap (relative): {rep.layers[worst]} with Jaccard {j34_rel[wors
 # how each token happens to meet this particular rounding grid, and that changes with $b$.
 # o_proj and down_proj read un-normalised activations; a few tokens carry much larger inputs
 # and are the worst at every precision. The relative error divides by $\lVert x_t W^\top\rVert$,
-# which is the same at every bit-width, so its rankings agree more for every layer type; that
-# agreement comes partly from the shared denominator.
+# which is the same at every bit-width; that shared denominator can make the rankings agree
+# more, but it also removes the input norm that makes the same tokens worst in o_proj and
+# down_proj. The last printed line says, per projection type, which ranking agrees more.
 
 # %%
-print(f"{'projection':10s} {'cv of e_t(3)':>12s} {'Jaccard 3v4 abs':>16s} {'rho 3v4 abs':>12s} {'Jaccard 3v4 rel':>16s}")
 _, rho34_abs = rep.pair(3, 4, "abs")
-by_proj = {}
+by_proj, proj_rows, rel_more = {}, [], []
 for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
     idx = [i for i, n in enumerate(rep.layers) if n.endswith(proj)]
     e3 = rep.abs[idx, rep.bits.index(3)]  # [4 blocks, T]
     cv = (e3.std(-1) / e3.mean(-1)).mean().item()
     by_proj[proj] = (cv, j34_abs[idx].mean().item())
-    print(f"{proj:10s} {cv:12.2f} {j34_abs[idx].mean():16.2f} {rho34_abs[idx].mean():12.2f} {j34_rel[idx].mean():16.2f}")
+    proj_rows.append([proj, f"{cv:.2f}", f"{j34_abs[idx].mean():.2f}", f"{rho34_abs[idx].mean():.2f}", f"{j34_rel[idx].mean():.2f}"])
+    if j34_rel[idx].mean() > j34_abs[idx].mean():
+        rel_more.append(proj)
+show_table(["projection", "cv of e_t(3)", "Jaccard 3v4 abs", "rho 3v4 abs", "Jaccard 3v4 rel"], proj_rows,
+           caption=f"Mean over the {model.config.num_hidden_layers} blocks; RTN, group {GROUP}; tiny-llama, austen/test, "
+           f"first 4 windows x {SEQLEN} tokens");  # fmt: skip
 spread_rank = sorted(by_proj, key=lambda p: by_proj[p][0])
 overlap_rank = sorted(by_proj, key=lambda p: by_proj[p][1])
 print(f"projections ordered by token-error spread: {spread_rank}")
 print(f"projections ordered by 3v4 overlap:        {overlap_rank}")
+print(f"relative ranking agrees more (3 vs 4 bits) in {rel_more or 'none'}; "
+      f"less in {[p for p in by_proj if p not in rel_more] or 'none'}")
 
 for jac in (jac_abs, jac_rel):
     assert torch.allclose(torch.diagonal(jac, dim1=1, dim2=2), torch.ones(1)) and ((jac >= 0) & (jac <= 1)).all()
@@ -263,7 +270,7 @@ for bc, log in res.logs.items():
     print(f"LWC {bc}-bit: summed block MSE {before:.3g} -> {after:.3g} in {log.seconds:.0f} s")
 
 # %%
-print(res.to_markdown())
+show_markdown(f"*Perplexity, tiny-llama, austen/test, first {EVAL_WINDOWS} windows x {SEQLEN} tokens*\n\n" + res.to_markdown());
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
 rows = res.ppl.numpy()
 ax.imshow(rows, cmap="viridis_r", aspect="auto")
@@ -484,8 +491,8 @@ print(f"chapter ran in {time.perf_counter() - T0:.0f} s")
 #
 # ## Solutions
 #
-# Try the exercises first. Solutions 1 and 2 run below (one perplexity run and a histogram);
-# 3 repeats Sections 2-3 and is left as code.
+# Try the exercises first. Each solution runs below (one perplexity run, a histogram, and
+# one more sensitivity report on the probe windows).
 #
 # **1. Rank by relative error.** The subclass changes only the score that picks the top
 # 10%: $r_t(3) = e_t(3) / \lVert x_t W^\top \rVert$ instead of $e_t(3)$. Same model
@@ -535,28 +542,37 @@ d, se = paired_gap(res.nll(hard, 6), res.nll(best6, 6))
 print(f"hardest clipping: calibrated at {hard} bits; at 6 bits the worst row is {worst6}-bit "
       f"({res.at(worst6, 6):.2f}), the best {best6}-bit ({res.at(best6, 6):.2f}); hardest clipper minus best: "
       f"NLL {d:+.4f} ± {se:.4f}")  # fmt: skip
+if worst6 == hard and d > 2 * se:
+    print("the guess holds: the hardest clipper is the worst row at 6 bits, by more than two standard errors")
+elif worst6 == hard:
+    print("the hardest clipper is the worst row at 6 bits, but within two standard errors of the best: not shown")
+else:
+    print(f"the guess was wrong on this run: the worst 6-bit row is the {worst6}-bit calibration, "
+          f"not the hardest clipper ({hard}-bit)")
 
 # %% [markdown]
 # A lower mean factor means harder clipping. A low calibration precision gains from clipping
 # (a finer grid for the many small weights, at the cost of the few large ones); at 6 bits the
 # grid is fine anyway and the clipped weights are pure loss, so one expects the model that
-# clips hardest to do worst at 6 bits. The last printed line tests that on this run: compare
-# the worst 6-bit row with the hardest clipper, and read the paired gap. Where the 6-bit
-# column sits within a few tenths of full precision for every row and the gap is within two
-# standard errors, the order of the 6-bit rows is window noise, and the cost of clipping at
-# 6 bits is too small to measure on these windows.
+# clips hardest to do worst at 6 bits. The last printed line tests that guess on this run
+# and says whether it held. Where it did not, the 6-bit column is the place to look: when
+# every row sits within a few tenths of full precision, the order of the 6-bit rows is
+# decided by something other than the mean clipping factor (which layers clip, not how
+# much on average), or by window noise (the printed paired gap).
 #
 # **3. Per-channel ranges.** Pass `group_size=None` to `sensitivity_report` and repeat the
-# overlap table of Section 3:
-#
-# ```python
-# rep_pc = sensitivity_report(model, probe, bits=BITS, group_size=None, frac=0.1)
-# jac_pc, rho_pc = rep_pc.overlap("abs")
-# print(jac_pc.mean(0))  # compare with jac_abs.mean(0)
-# ```
-#
-# One range per output row is coarser (larger steps, more error at every width). Whether the
-# outlier sets then overlap more or less across bit-widths is an empirical question: a token
-# with a large input norm has a large error at every width either way, while the rounding
-# pattern that decides the rest changes with the grid. The printed Jaccard means answer it
-# for this model.
+# overlap of Section 3 on the same probe windows. One range per output row is coarser
+# (larger steps, more error at every width). Whether the outlier sets then overlap more or
+# less across bit-widths is an empirical question: a token with a large input norm has a
+# large error at every width either way, while the rounding pattern that decides the rest
+# changes with the grid.
+
+# %%
+rep_pc = sensitivity_report(model, probe, bits=BITS, group_size=None, frac=0.1)
+j34_pc, _ = rep_pc.pair(3, 4, "abs")
+jac_pc, _ = rep_pc.overlap("abs")
+off = ~torch.eye(len(BITS), dtype=torch.bool)  # the pairs of different bit-widths
+pc, pg = float(jac_pc.mean(0)[off].mean()), float(jac_abs.mean(0)[off].mean())
+print(f"Jaccard of the top-10% tokens, mean over layers and pairs of bit-widths: per channel {pc:.3f}, "
+      f"per group of {GROUP} {pg:.3f}; 3 vs 4 bits: {j34_pc.mean():.3f} vs {j34_abs.mean():.3f}")
+print(f"with one range per output row the outlier sets overlap {'more' if pc > pg else 'less'} across bit-widths")

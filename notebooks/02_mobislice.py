@@ -70,7 +70,7 @@ from mbq_ref.results import generated_by, record
 from mbq_ref.zoo import load_model
 
 T0 = time.time()
-setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0 (see mbq_ref.chapter)
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 SLICES = (2, 2, 2, 2)  # the paper's default slice_bits_list (App. C.1)
 WIDTHS = cumulative_bits(SLICES)  # [2, 4, 6, 8]
 print("mbq_ref", mbq_ref.__version__, "| torch", torch.__version__, "| widths", WIDTHS)

@@ -71,7 +71,9 @@ from cuda_numba import packing as pk
 from cuda_numba import slice_gemm as sm
 from cuda_numba import slice_gemv as sv
 from cuda_numba import slice_linear as sl
+from mbq_ref.chapter import setup_chapter
 
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 SIM = bool(numba.config.ENABLE_CUDASIM)
 print("CUDA simulator:", SIM, "| real GPU:", _common.real_gpu_available())
 rng = np.random.default_rng(0)

@@ -71,8 +71,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import mbq_ref
+from mbq_ref.chapter import setup_chapter, show_table
 from mbq_ref.tour import MODEL_PRESETS
 
+setup_chapter()  # one thread unless OMP_NUM_THREADS is set, seed 0, no progress bars (see mbq_ref.chapter)
 T0 = time.time()
 ROOT = Path(mbq_ref.__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results_smollm2"
@@ -82,6 +84,7 @@ if report is None:
           "and copy report.json, report.md and the PNGs there; the result sections below are skipped")
 else:
     st, meta = report["setup"], report["meta"]
+    SETTING = f"SmolLM2-135M, group {st['group_size']}, austen/test, first {st['eval_windows']} windows x {st['eval_seqlen']} tokens"
     assert st["model"] == "smollm2-135m" and st["group_size"] == MODEL_PRESETS["smollm2-135m"]["group_size"] == 64
     print(f"results of {meta['timestamp']} on {meta['machine']}: {meta['wall_seconds'] / 60:.0f} min wall")
     print(f"group size {st['group_size']}; calibration {st['calib_nsamples']} x {st['calib_seqlen']} tokens "
@@ -97,10 +100,9 @@ else:
 
 # %%
 if report is not None:
-    print(f"| domain | FP PPL ({report['fp']['austen']['windows']} x 512) | FP PPL, evaluation windows |")
-    print("|---|---|---|")
-    for d, r in report["fp"].items():
-        print(f"| {d} | {r['ppl']:.2f} | {report['fp_eval'][d]:.2f} |")
+    show_table(["domain", f"FP PPL ({report['fp']['austen']['windows']} x 512)", "FP PPL, evaluation windows"],
+               [[d, f"{r['ppl']:.2f}", f"{report['fp_eval'][d]:.2f}"] for d, r in report["fp"].items()],
+               caption=f"SmolLM2-135M; evaluation windows: {SETTING}");  # fmt: skip
     rtn = {int(b): v["ppl"] for b, v in report["static"]["rtn"].items()}
     print("\nRTN, group 64:", ", ".join(f"{b} bits {p:,.2f}" for b, p in rtn.items()))
     # more bits, lower perplexity (6 and 8 bits are both within noise of full precision)
@@ -181,8 +183,8 @@ if report is not None:
     i3, i4, i2, i8 = (bits.index(b) for b in (3, 4, 2, 8))
     print(f"Jaccard 3 vs 4 bits {jac[i3, i4]:.3f}, 2 vs 8 bits {jac[i2, i8]:.3f} (random {sen['random_jaccard']:.3f}); "
           f"Spearman rho of the errors, 3 vs 4 bits {sen['spearman'][i3][i4]:+.3f}")
-    # the sets overlap more than chance (the same tokens carry large inputs at every width),
-    # but are not the same set: the outlier tokens migrate
+    # sanity check only (it can hardly fail): the sets overlap more than two random sets and are
+    # not identical; how far they migrate is the printed Jaccard, not this assert
     assert sen["random_jaccard"] < jac[i3, i4] < 1.0
 
 # %% [markdown]
@@ -216,10 +218,8 @@ if report is not None:
 if report is not None:
     lwc = report["static"]["lwc"]
     cols = list(next(iter(lwc.values()))["eval_at_bits"])
-    print("| calibrated \\ run at | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for c, v in lwc.items():
-        print(f"| {c} | " + " | ".join(f"{v['eval_at_bits'][b]:,.2f}" for b in cols) + " |")
+    show_table(["calibrated \\ run at", *cols], [[c, *(f"{v['eval_at_bits'][b]:,.2f}" for b in cols)] for c, v in lwc.items()],
+               caption=f"LWC perplexity, {SETTING}");  # fmt: skip
     print("RTN: " + ", ".join(f"{b} bits {v['ppl']:,.2f}" for b, v in report["static"]["rtn"].items() if b in cols))
     diag = {c: lwc[c]["eval_at_bits"][c] for c in lwc}
     wins = sum(diag[b] <= min(lwc[c]["eval_at_bits"][b] for c in lwc) for b in cols)
@@ -235,12 +235,11 @@ if report is not None:
 # %%
 if report is not None:
     h, mq = report["headline"], report["mobiquant"]
-    print("| bits | FP | RTN | LWC (calibrated at that width) | MoBiQuant (measured bits) |")
-    print("|---|---|---|---|---|")
-    for r in h["rows"]:
-        mb = f" ({r['mobiquant_bits']:.2f})" if r["mobiquant_bits"] is not None else ""
-        fmt = lambda v: "–" if v is None else f"{v:,.2f}"  # noqa: E731
-        print(f"| {r['bits']:g} | {h['fp_ppl']:.2f} | {fmt(r['rtn'])} | {fmt(r['lwc'])} | {fmt(r['mobiquant'])}{mb} |")
+    fmt = lambda v: "–" if v is None else f"{v:,.2f}"  # noqa: E731
+    show_table(["bits", "FP", "RTN", "LWC (calibrated at that width)", "MoBiQuant (measured bits)"],
+               [[f"{r['bits']:g}", f"{h['fp_ppl']:.2f}", fmt(r["rtn"]), fmt(r["lwc"]),
+                 fmt(r["mobiquant"]) + (f" ({r['mobiquant_bits']:.2f})" if r["mobiquant_bits"] is not None else "")]
+                for r in h["rows"]], caption=f"Perplexity, {SETTING}");  # fmt: skip
     sw = mq["sweep"]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot([r["test_bits"] for r in sw], [r["ppl"] for r in sw], "o-", label="MoBiQuant, routed (one checkpoint)")
@@ -263,7 +262,7 @@ if report is not None:
           f"{mq['train_bits']:g}), {mq['avg_bits_trained_test']:.2f} on the test windows")
 
 # %% [markdown]
-# **Routing against controls at equal measured bits** (the router issue's controls,
+# **Routing against controls at equal measured bits** (the controls of chapter 3b, Section 7b,
 # `mbq_ref.routing_controls`): (a) the trained router, (b) random routing with the router's
 # per-layer slice histogram, (c) an oracle by measured base-slice error, (d) the best static
 # mix of whole layers, and per-bit LWC where the width is an integer. ΔNLL is the mean
@@ -273,8 +272,7 @@ if report is not None:
 # %%
 if report is not None:
     rows = report["controls"]["rows"]
-    print("| target | method | measured bits | PPL | ΔNLL ± SE | verdict |")
-    print("|---|---|---|---|---|---|")
+    control_rows = []
     for r in rows:
         for name in ("router", "random", "oracle", "static", "lwc"):
             if name in r:
@@ -282,7 +280,9 @@ if report is not None:
                 d, se = v["delta_nll"], v["se"]
                 verdict = "" if name == "router" else (
                     "clearly better than the router" if d < -2 * se else "clearly worse" if d > 2 * se else "within noise")
-                print(f"| {r['target']:g} | {name} | {v['bits']:.3f} | {v['ppl']:,.2f} | {d:+.4f} ± {se:.4f} | {verdict} |")
+                control_rows.append([f"{r['target']:g}", name, f"{v['bits']:.3f}", f"{v['ppl']:,.2f}", f"{d:+.4f} ± {se:.4f}", verdict])
+    show_table(["target", "method", "measured bits", "PPL", "ΔNLL ± SE", "verdict"], control_rows,
+               caption=f"Routing against controls at equal measured bits, {SETTING}");  # fmt: skip
     # equal bits: every control is compared at (nearly) the router's measured bits
     assert all(abs(r[n]["bits"] - r["router"]["bits"]) < 0.35 for r in rows for n in ("random", "oracle"))
 
@@ -298,32 +298,38 @@ if report is not None:
 # %%
 if report is not None:
     rt = o["router"]
-    print("| projection | bits | outlier tokens | other tokens | ρ(bits, max abs x) | ρ(bits, gain) |")
-    print("|---|---|---|---|---|---|")
-    for k, v in rt["by_kind"].items():
-        print(f"| {k} | {v['bits']:.2f} | {v['outlier_bits']:.2f} | {v['other_bits']:.2f} | {v['rho_absmax']:+.2f} | {v['rho_gain']:+.2f} |")
-    print(f"| all | {rt['token_bits_mean']:.2f} | {rt['outlier_bits']:.2f} | {rt['other_bits']:.2f} | "
-          f"{rt['rho_absmax']:+.2f} | {rt['rho_gain']:+.2f} |")
+    show_table(["projection", "bits", "outlier tokens", "other tokens", "ρ(bits, max abs x)", "ρ(bits, gain)"],
+               [*([k, f"{v['bits']:.2f}", f"{v['outlier_bits']:.2f}", f"{v['other_bits']:.2f}", f"{v['rho_absmax']:+.2f}",
+                   f"{v['rho_gain']:+.2f}"] for k, v in rt["by_kind"].items()),
+                ["all", f"{rt['token_bits_mean']:.2f}", f"{rt['outlier_bits']:.2f}", f"{rt['other_bits']:.2f}",
+                 f"{rt['rho_absmax']:+.2f}", f"{rt['rho_gain']:+.2f}"]],
+               caption="Mean bits per token at the 3-bit row of the table; SmolLM2-135M, one austen/test window");  # fmt: skip
     print("tokens with the most bits (position, token, mean bits over the 210 projections):")
     print(", ".join(f"{t['position']} {t['token']!r} {t['bits']:.2f}" for t in rt["top_tokens"]))
     per_layer = {}
     for r in rt["layers"]:
         per_layer.setdefault(int(r["layer"].split(".")[2]), []).append(r["bits"])
     xs = sorted(per_layer)
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    ax.bar(xs, [np.mean(per_layer[i]) for i in xs], label="router: mean bits of the layer's projections")
-    ax.axhline(3.0, color="k", ls=":", lw=0.8)
+    layer_mean = np.array([np.mean(per_layer[i]) for i in xs])
+    lo, hi = np.array([min(per_layer[i]) for i in xs]), np.array([max(per_layer[i]) for i in xs])
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    # points with the range over the layer's projections: the axis spans the data, not 0..8 bits
+    ax.errorbar(xs, layer_mean, yerr=[layer_mean - lo, hi - layer_mean], fmt="o-", ms=4, capsize=2,
+                label="router: mean bits of the layer's projections (bar: min..max)")  # fmt: skip
+    ax.axhline(3.0, color="k", ls=":", lw=0.8, label="3-bit budget")
+    pad = 0.05 * (hi.max() - lo.min())
+    ax.set_ylim(min(lo.min(), 3.0) - pad, max(hi.max(), 3.0) + pad)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("bits per token")
     tw = ax.twinx()
-    tw.plot([m["layer"] for m in ms], ratios, "r.-", label="FP down_proj input max|x| / median|x|")
+    tw.plot([m["layer"] for m in ms], ratios, "r.--", lw=0.8, label="FP down_proj input max|x| / median|x|")
     tw.set_yscale("log")
     tw.set_ylabel("max|x| / median|x|", color="r")
     ax.set_title("Bits per decoder layer at a 3-bit budget, next to the massive activations")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = tw.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-    plt.tight_layout()
+    fig.legend(h1 + h2, l1 + l2, fontsize=7, ncol=3, loc="lower center")  # below the axes: covers no point
+    plt.tight_layout(rect=(0, 0.1, 1, 1))
     plt.show()
     assert abs(rt["avg_bits"] - 3.0) < 0.5  # the table's 3-bit row on this window
 
@@ -335,6 +341,71 @@ if report is not None:
 # with the command that produced it. What differs here is the model: real massive
 # activations, a pretrained weight distribution — and a "full precision" that is itself a
 # 4-bit model, evaluated on few windows with a short calibration.
+
+# %% [markdown]
+# ## Exercises
+#
+# All three read the committed report (`report`), so they take no calibration.
+#
+# 1. **Which projections' outlier tokens migrate most?** From the Jaccard indices per
+#    projection kind (Section 2), rank the kinds by how much their 3-vs-4-bit overlap exceeds
+#    two random sets. Do the attention inputs (q/k/v) or the MLP inputs migrate more?
+# 2. **The cost of each method per width.** From the headline rows (Section 4), compute each
+#    method's perplexity relative to full precision at 2, 3 and 4 bits, and name the best
+#    method at each width. Compare MoBiQuant at its measured bits with the others at the
+#    integer width.
+# 3. **Does the router follow the massive activations?** Section 5 plots the bits per layer
+#    next to the `down_proj` outlier ratio. Compute the Spearman correlation over decoder
+#    layers between the mean bits of a layer and its `log` ratio.
+#
+# ## Solutions
+
+# %%
+if report is not None:
+    by_kind = sen["by_kind"]
+    excess = {k: v["jaccard_3_4"] - sen["random_jaccard"] for k, v in by_kind.items()}
+    ranked = sorted(excess, key=excess.get)  # least overlap above chance first: migrates most
+    show_table(["projection", "Jaccard 3 vs 4", "above random"],
+               [[k, f"{by_kind[k]['jaccard_3_4']:.3f}", f"{excess[k]:+.3f}"] for k in ranked],
+               caption="Exercise 1: top-10 % error tokens, 3 vs 4 bits, mean over layers (most migration first)");  # fmt: skip
+    attn = np.mean([excess[k] for k in ("q", "k", "v", "o") if k in excess])
+    mlp = np.mean([excess[k] for k in ("gate", "up", "down") if k in excess])
+    print(f"mean overlap above chance: attention projections {attn:+.3f}, MLP projections {mlp:+.3f}: "
+          f"the {'attention' if attn < mlp else 'MLP'} projections' outlier tokens migrate more")
+
+# %% [markdown]
+# **2.** A ratio above 1 is the perplexity cost over full precision. MoBiQuant's column is at
+# its measured bits, a little under the integer width; fewer bits can only count against it.
+
+# %%
+if report is not None:
+    methods = ("rtn", "lwc", "mobiquant")
+    ratio_rows, best = [], {}
+    for r in h["rows"]:
+        ratio = {m_: r[m_] / h["fp_ppl"] for m_ in methods if r[m_] is not None}
+        best[r["bits"]] = min(ratio, key=ratio.get)
+        ratio_rows.append([f"{r['bits']:g}", *(f"{ratio[m_]:,.2f}x" if m_ in ratio else "–" for m_ in methods), best[r["bits"]]])
+    show_table(["bits", "RTN / FP", "LWC / FP", "MoBiQuant / FP", "best"], ratio_rows,
+               caption=f"Exercise 2: perplexity relative to full precision, {SETTING}");  # fmt: skip
+    print("best method per width:", ", ".join(f"{b:g} bits: {m_}" for b, m_ in best.items()))
+
+# %%
+if report is not None:
+    import torch
+
+    from mbq_ref.sensitivity import spearman
+
+    ratio_of = {m["layer"]: m["ratio"] for m in ms}
+    common = [i for i in xs if i in ratio_of]
+    rho = spearman(torch.tensor([np.mean(per_layer[i]) for i in common]), torch.tensor([np.log(ratio_of[i]) for i in common]))
+    print(f"Exercise 3: Spearman rho over {len(common)} decoder layers, mean bits vs log(max|x| / median|x|): {rho:+.2f}")
+
+# %% [markdown]
+# **3.** Read the sign and size of ρ: a router that spends its bits where the massive
+# activations are would give a clearly positive ρ over layers. The routers were trained to
+# the same 3-bit budget in every layer and the settle holds each layer there at the trained
+# threshold (chapter 3b, Section 3), so a per-layer trend can only come from how the 3-bit
+# row of the table moves the layers apart (chapter 3b, exercise 3).
 
 # %%
 print(f"chapter ran in {time.time() - T0:.0f} s")

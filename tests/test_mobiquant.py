@@ -289,7 +289,7 @@ def test_presets():
     assert tiny.calib.dataset == "austen" and tiny.calib.nsamples * tiny.calib.seqlen < 128 * 2048
 
 
-# --- issue 11 acceptance on the bundled model (a small but real calibration) -----------------
+# --- acceptance on the bundled model (a small but real calibration) --------------------------
 @pytest.fixture(scope="module")
 def tiny_real():
     """The bundled tiny Llama, MoBiConfig.tiny() on 16 x 128 austen windows, batch 2: 16 steps per block and stage as in the tiny preset."""

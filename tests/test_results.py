@@ -80,3 +80,19 @@ def test_unpinned_runs_report_instead_of_failing(tmp_path, monkeypatch, capsys):
     with pytest.raises(ResultsMismatch, match="MKL_CBWR=AVX2"):  # and never written that way
         record(2, TEXT)
     assert target.read_text() == TEXT
+
+
+def test_read_table_parses_what_markdown_table_writes(tmp_path):
+    from mbq_ref.errors import MBQError
+    from mbq_ref.results import markdown_table, read_table
+
+    text = markdown_table(["lever", "bits", "gap ± SE"], [["baseline", "3.000", "+0.0346 ± 0.0131"], ["2x", "5", "(reference)"]])
+    path = tmp_path / "t.md"
+    path.write_text(f"# title\n\nprose | with a bar\n\n{text}\n\nafter\n| other | table |\n")
+    rows = read_table(path, first="lever")
+    assert rows == [
+        {"lever": "baseline", "bits": 3.0, "gap ± SE": (0.0346, 0.0131)},
+        {"lever": "2x", "bits": 5.0, "gap ± SE": "(reference)"},
+    ]
+    with pytest.raises(MBQError, match="no markdown table starting with column 'nope'"):
+        read_table(path, first="nope")

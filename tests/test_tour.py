@@ -184,7 +184,7 @@ def test_model_presets():
     assert (tiny.model, tiny.group_size, tiny.outliers, tiny.eval_windows, tiny.fp_max_windows) == ("tiny-llama", 128, False, 16, None)
     smol = TourSettings(model="smollm2-135m")
     assert smol.group_size == 64 and smol.outliers and 576 % smol.group_size == 0 and 1536 % smol.group_size == 0
-    assert smol.fp_max_windows == 8 and (min(smol.controls_bits), max(smol.controls_bits)) == (2.5, 4.0)  # the 2.5-4 bits
+    assert smol.fp_max_windows == 8 and (min(smol.controls_bits), max(smol.controls_bits)) == (2.5, 4.0)  # the 2.5-4-bit budgets
     quick = TourSettings(True, model="smollm2-135m")
     assert quick.group_size == 64 and quick.eval_windows == 4  # quick counts, the model's group size
     assert TourSettings(model="smollm2-135m", group_size=32).group_size == 32  # explicit overrides win

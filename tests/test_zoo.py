@@ -80,7 +80,7 @@ def test_bundled_model_is_quantization_sensitive(tiny_llama):
     """Per-group (128) RTN of all 28 block projections must visibly hurt, on the tour's windows.
 
     The former 3M-token model lost only +5 % at 2 bits and +0.2 % at 3 bits, so no chapter
-    could show what MoBiQuant fixes (issue 10); the committed 30M-token weights lose ~+75 % / +11 %.
+    could show what MoBiQuant fixes; the committed 30M-token weights lose ~+75 % / +11 %.
     """
     import copy
 

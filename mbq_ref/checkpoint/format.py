@@ -68,6 +68,7 @@ __all__ = [
     "FileFormat",
     "config_sha256",
     "payload_sha256",
+    "peek_format",
 ]
 
 # safetensors refuses headers above 100 MB; a bigger length field means "not safetensors"
@@ -304,6 +305,24 @@ def read_header(path: Path, fmt: FileFormat) -> tuple[dict, dict, int]:
     if 8 + n + end < size:
         raise TamperedCheckpointError(f"{path} has {size - 8 - n - end} unexpected bytes after the tensor data")
     return header, meta, size
+
+
+def peek_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` entry of a safetensors file's metadata (``"mbq-ref/static"``, ...), or None.
+
+    For dispatching on the kind of file before loading it; never raises: an unreadable or
+    foreign file gives None, and the loader of the expected kind then says what is wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= _MAX_HEADER:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    return fmt if isinstance(fmt, str) else None
 
 
 def read_meta(path: str | os.PathLike, fmt: FileFormat) -> dict:
