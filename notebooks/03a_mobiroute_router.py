@@ -27,7 +27,8 @@
 #
 # a token routed to fewer slices simply skips matmuls, and a threshold $\tau$ on the router's
 # gates sets the average precision at run time. This part builds the router, its nested
-# masks, the straight-through gradient and the budget loss (Section 1) and the routed layer
+# masks, the straight-through gradient and the budget loss (Section 1), the ladder design
+# that is our default (Section 1b, with what it measured on the tour) and the routed layer
 # `MoBiLinear` with Eq. 6 as gather / matmul / scatter (Section 2), each in a few lines
 # checked against the package. Chapter 3b calibrates the routers (Alg. 1) and measures what
 # they buy. Where the paper does not specify a detail (the gradient estimator, the form of
@@ -35,6 +36,9 @@
 
 # %%
 import copy
+import json
+import math
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -45,6 +49,7 @@ from mbq_ref.mobilinear import MoBiLinear, sliced_matmul
 from mbq_ref.mobiquant import MoBiConfig
 from mbq_ref.mobiroute import (
     MoBiRouter,
+    threshold_for_bits,
     budget_loss,
     dual_step,
     mask_bits,
@@ -65,8 +70,10 @@ calib_ids, _ = chapter3_windows(tokenizer, cfg.calib)  # chapter 3b's calibratio
 # %% [markdown]
 # ## 1. The router, its nested masks and their gradient, built here (Sec. 4.2, Eq. 4)
 #
-# One router per quantized linear layer (q/k/v/o/gate/up/down): a 2-layer MLP on the token's
-# input $x_t$ with one score per *residual* slice,
+# This section builds the **per-slice** design (`MoBiConfig(routing="per_slice")`, the first
+# one we built and kept as an ablation); Section 1b shows what it got wrong and the **ladder**
+# that replaced it as the default. One router per quantized linear layer (q/k/v/o/gate/up/down):
+# a 2-layer MLP on the token's input $x_t$ with one score per *residual* slice,
 #
 # $$r(x) = W_2\,\mathrm{SiLU}(W_1 x / c + b_1) + b_2 \in \mathbb{R}^{E-1}, \qquad g_e = \sigma(r_e),$$
 #
@@ -222,6 +229,89 @@ print(f"target {cfg.train_bits + 0.5} bits: d = {d_a:+.4f}, loss {loss_a:.6f}, m
       f"a gradient step moves the scores {'up (more bits)' if r_a.grad.sum() < 0 else 'down (fewer bits)'}")  # fmt: skip
 
 # %% [markdown]
+# ## 1b. The ladder: one score per token, two adjacent widths per layer (our design, the default)
+#
+# The per-slice router above has a weakness that measurement exposed: each slice has its own
+# score, so as $\tau$ falls a token can jump from 1 slice to 3 or 4 while its neighbours stay
+# at 1, and a layer's tokens spread over 2..8 bits. Per-token output error is *convex* in
+# bits, so a spread costs more than a two-point split at the same mean, and the routed model
+# ended up above the **time-sharing line**: serving a share of requests at $k$ slices and the
+# rest at $k+1$ (no router at all) was better. The paper does not specify how the nested
+# gates are built (`docs/paper.md`); our default (`MoBiConfig.routing = "ladder"`) is:
+#
+# $$s_t = S \tanh(n_t / S), \qquad r_{t,e} = s_t - (e-1)\,\rho, \quad \rho = 2S(1+10^{-3}) > 2S ,$$
+#
+# one normalised MLP score $n_t$ per token, and the $E-1$ slice scores are its "rungs".
+# Token $t$ reads slice $e+1$ iff $r_{t,e} > u$. Since the rungs are further apart than the
+# score range $(-S, S)$, for any threshold $u$ at most one rung falls inside it: **every
+# layer splits its tokens between two adjacent slice counts $k$ and $k+1$**, the
+# higher-scoring tokens get $k+1$, and lowering $u$ can only add slices to a token (nested
+# in the target by construction). Built here and checked against the package:
+
+# %%
+S = 8.0
+ladder = MoBiRouter(x.shape[-1], E - 1, hidden=cfg.router_hidden, ladder=True)
+x_l = x  # the real inputs [T, K] of the layer above
+ladder.init_from_data(x_l, 0.0, cfg.slice_bits, 3.0)  # score statistics from data (as the joint stage does)
+with torch.no_grad():
+    n = (ladder.raw_scores(x_l) - ladder.score_mean) / ladder.score_std  # [T, 1] normalised score
+    s_tok = S * torch.tanh(n / S)
+    rho = 2 * S * (1 + 1e-3)
+    rungs = s_tok - torch.arange(E - 1) * rho  # [T, 3]: r_e = s - (e - 1) rho
+    assert torch.allclose(rungs, ladder(x_l), atol=1e-5)  # the package's MoBiRouter(ladder=True)
+
+ladder_rows, prev = [], None
+for target in (2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0):
+    u = threshold_for_bits(rungs, cfg.slice_bits, target)
+    k = slice_counts(rungs, u)
+    assert int(k.max() - k.min()) <= 1  # two adjacent slice counts at most
+    assert prev is None or bool((k >= prev).all())  # a higher target never takes a slice away
+    prev = k
+    ladder_rows.append((target, round(u, 2), torch.bincount(k - 1, minlength=E).tolist(), float(2 * k.float().mean())))
+for row in ladder_rows:
+    print(f"target {row[0]:>3} bits: u = {row[1]:>7}, tokens at 1..4 slices {row[2]}, mean {row[3]:.3f} bits")
+
+# %% [markdown]
+# Training follows from the construction (`MoBiLinear._ladder_forward`, `mobiquant._budget_sampler`):
+# each joint step draws a budget $b \sim U(2, 8)$ for the block, each layer's threshold is the
+# batch quantile that gives exactly $b$ bits (so no budget loss is needed), and the layer
+# computes $y = x\hat W_k^\top + m \odot x(\hat W_{k+1} - \hat W_k)^\top$ with a
+# straight-through mask $m$: the reconstruction loss alone teaches the ranking, and the
+# clipping is trained for every width the checkpoint will serve. What it buys, measured by
+# `mbq tour` (committed report `docs/results_tour/`): the routed sweep against the
+# time-sharing line of the same checkpoint's uniform readings.
+
+# %%
+tour = json.loads((Path("..") / "docs" / "results_tour" / "report.json").read_text())
+acc = tour["acceptance"]
+pts = acc["a"]["points"]
+fig, ax = plt.subplots(figsize=(6.4, 3.6))
+ax.plot([p["bits"] for p in pts], [p["nll"] for p in pts], "o-", label="routed (ladder), measured bits")
+ax.plot([p["bits"] for p in pts], [p["line"] for p in pts], "k:", label="time-sharing between uniform readings")
+ax.set_xlabel("average bits (measured on the test windows)")
+ax.set_ylabel("NLL (nats per token)")
+ax.set_title("One checkpoint: routing vs time-sharing (mbq tour report)")
+ax.legend(fontsize=8)
+plt.show()
+best = min(pts, key=lambda p: p["excess"])
+print(f"largest gain over time-sharing: {-best['excess']:.4f} nats at {best['bits']:.2f} bits; "
+      f"largest excess above the line: {acc['a']['max_excess']:+.4f} nats (check (a): {acc['verdicts']['a']})")
+assert acc["a"]["max_excess"] <= 0.002  # on or below the line at every sweep point (the tour's check (a))
+d3 = acc["d"]["3"]
+print(f"at 3 bits: random routing with the router's histogram is worse by {d3['random_minus_router']:+.4f} ± {d3['se']:.4f} "
+      f"nats; ranking tokens by input norm ||x_t|| instead: {d3['norm_minus_router']:+.4f} ± {d3['norm_se']:.4f}")
+rc = tour["mobiquant"]["router_cost"]
+print(f"router cost: {rc['router_bits_per_weight']:.3f} bits per weight (hidden {rc['hidden']}, fp16), "
+      f"{100 * rc['router_flops_per_slice_flops']:.1f} % of one slice's FLOPs")
+fixed = {int(b): math.log(v["ppl"]) for b, v in tour["mobiquant"]["fixed"].items()}
+slope = (fixed[2] - fixed[4]) / 2  # nats per bit along the time-sharing line from 2 to 4 bits
+tie = abs(d3["norm_minus_router"]) <= 2 * d3["norm_se"]
+print(f"verdict (computed): the parameter-free input-norm ranking {'ties' if tie else 'differs from'} the trained router "
+      f"at 3 bits (within 2 SE: {tie}); the router's {rc['router_bits_per_weight']:.3f} bits per weight are worth "
+      f"{slope * rc['router_bits_per_weight']:.4f} nats on the time-sharing line, "
+      + ("so at equal effective bits the norm rule is the better design on this model." if tie else "."))
+
+# %% [markdown]
 # ## 2. `MoBiLinear`: the base slice for everyone, residual slices for routed tokens (Eq. 6)
 #
 # `MoBiLinear` wraps one `nn.Linear`: the frozen FP weight, the learnable clipping of the base
@@ -251,7 +341,8 @@ def teach_sliced_matmul(x, deltas, counts):
     return y
 
 
-demo = MoBiLinear(copy.deepcopy(fp_model.get_submodule(name)), name=name, router_init_bias=0.0)
+# per-slice routing here: its scores spread tokens over all four slice counts, which shows Eq. 6 best
+demo = MoBiLinear(copy.deepcopy(fp_model.get_submodule(name)), name=name, router_init_bias=0.0, routing="per_slice")
 with torch.no_grad():
     demo.router.fc2.weight.normal_(std=2.0)  # an untrained but opinionated router
     y = demo(x)  # inference mode: routed at tau = 0.5
