@@ -18,10 +18,11 @@
 # # Chapter 3b — MoBiRoute, part 2: calibration, thresholds and what routing buys
 #
 # Chapter 3a built the router of every linear layer, its nested straight-through masks, the
-# budget loss and the routed layer `MoBiLinear` (Eq. 6). Here they are trained and used on
+# budget loss (the per-slice design), the ladder that is our default, and the routed layer
+# `MoBiLinear` (Eq. 6). Here they are trained and used on
 # the bundled tiny Llama:
 #
-# 3. the two-stage calibration of Alg. 1, with a bit-budget term;
+# 3. the two-stage calibration of Alg. 1, over a range of bit budgets;
 # 4. the **threshold controller** that sets the average precision at run time, and where the
 #    bits go (slices per token, bits per layer);
 # 5. whether the router picks the tokens that need precision;
@@ -87,42 +88,30 @@ def ppl_of(model):
 
 
 # %% [markdown]
-# ## 3. Two-stage calibration (Alg. 1) with a bit budget (Eq. 9)
+# ## 3. Two-stage calibration (Alg. 1) over a range of bit budgets
 #
 # `quantize_mobiquant` swaps every q/k/v/o/gate/up/down projection for a `MoBiLinear` and
 # runs the block-wise calibration loop of `mbq_ref.calibrate` (OmniQuant style: each block's
 # quantized output, from quantized inputs, is fitted to its full-precision output) in two
-# stages per block:
+# stages per block (Alg. 1):
 #
 # * **`base`** — first-slice stabilisation: every token reads only the base slice; only the
 #   clipping trains.
-# * **`joint`** — clipping and router train together on the block MSE plus our budget term,
-#   an augmented Lagrangian $\mathrm{ref}\,(\mu\,d + \lambda\,d^2)$ with
-#   $d = (\bar b - b^{*})/(B_E - B_1)$, where $\bar b$ is the mean straight-through bits of the
-#   layer's tokens (value = the real bits, gradient = soft), $b^{*}$ = `train_bits` = 3 for
-#   every layer (Sec. 5.3: one common target), `ref` the layer's base-slice output MSE (so
-#   $\lambda, \mu$ are dimensionless); after every step the multiplier takes a dual-ascent
-#   step $\mu \leftarrow \mu + \eta\,d$ on the hard bits, so a layer that stays over budget is
-#   pushed harder until it meets it, and the router's score offset follows the same error
-#   (offset $\leftarrow$ offset $- \kappa\,d$). Both warm up over the first quarter of the stage.
+# * **`joint`** — clipping and router train together. With the default **ladder** routers
+#   (chapter 3a, Section 1b) each optimizer step draws one budget $b \sim U(2, 8)$ bits for
+#   the block; every layer's threshold for that step is the quantile of its router scores
+#   that gives exactly $b$ bits on the batch, so the tokens split between $k$ and $k+1$
+#   slices and no budget term is needed (the paper's budget-aware objective, Eq. 9, is met
+#   by construction here; `docs/paper.md`). The straight-through mask carries the block MSE's
+#   gradient to the router, which learns *which* tokens need the extra slice, and because
+#   every width from 2 to 8 bits is read during training, the clipping is fitted for all of
+#   them, not only for the base slice.
 #
-# Three details keep the router trainable (each fixes a measured failure, `docs/design.md`):
-# the scores are **normalised** over the tokens of each batch
-# ($n = (r_{raw} - \mathrm{mean})/\mathrm{std} + \mathrm{offset}$, then bounded as $8\tanh(n/8)$),
-# so the MLP changes the *order* of tokens but cannot push them all into the flat tails of
-# the sigmoid; the straight-through surrogate $\prod_j \sigma(r_j - \operatorname{logit}\tau)$ is
-# **centred on the training threshold**; and the first joint step **starts on budget** (the
-# offset is set so the hard routing gives 3 bits).
-#
-# A fourth closes the gap that training leaves: the **budget settle** (`settle_budget`, our
-# addition). After a block's joint stage, each layer's offset is shifted once more so that,
-# on all calibration windows and with the inference statistics, the hard masks at the trained
-# $\tau$ give exactly $b^{*}$. One shift moves every token's score equally, so *which* tokens
-# get slices is still what the router learned; the settle only fixes *how many* (16 steps
-# per block are few for the integral control to converge). The cell below prints how far the
-# joint stage alone left the budget in two different quantities: the largest gap of any one
-# layer, and the gap of the model average (weighted by weights, as everywhere below), where
-# layers above and below the budget partly cancel.
+# After a block's joint stage every layer gets its **trained threshold**: the one that reads
+# `train_bits` = 3 on all calibration windows (`settle_budget`, ladder branch); the next
+# block is calibrated on that output. The earlier per-slice design trained at one budget
+# with an augmented-Lagrangian budget loss and a settle of the score offsets
+# (`MoBiConfig(routing="per_slice")`, `docs/design.md`); chapter 3a shows why it was replaced.
 
 # %%
 # quantize_mobiquant(load_model("tiny-llama"), calib_ids, cfg), kept in runs/cache/ (keyed by the
@@ -133,37 +122,29 @@ calib_seconds = log["seconds"]
 lap("MoBiQuant calibration")
 print(log["calib"].table())
 steps = cfg.calib.epochs * math.ceil(cfg.calib.nsamples / cfg.calib.batch_size)
-print(f"calibrated {len(mobi_layers(model))} layers, {steps} optimizer steps per block and stage, "
-      f"in {calib_seconds:.0f} s")  # fmt: skip
-set_threshold(model, cfg.tau)  # the trained threshold
+print(f"calibrated {len(mobi_layers(model))} layers ({cfg.routing} routers, hidden {cfg.router_hidden}), "
+      f"{steps} optimizer steps per block and stage, in {calib_seconds:.0f} s")  # fmt: skip
+set_threshold(model, log["thresholds"], logit=True)  # the trained thresholds (one per layer)
 trained = routing_diagnostics(model, calib_ids)
 trained_test = routing_diagnostics(model, test_ids[: EVAL_WINDOWS * SEQLEN].view(EVAL_WINDOWS, SEQLEN))
-print(f"at the trained threshold tau = {cfg.tau}: {trained['avg_bits']:.3f} bits on the calibration windows, "
+print(f"at the trained thresholds: {trained['avg_bits']:.3f} bits on the calibration windows, "
       f"{trained_test['avg_bits']:.3f} on the test windows (train_bits {cfg.train_bits}); "
       f"surrogate saturation {trained['saturation']:.3f}")  # fmt: skip
-settle = log["settle"]
-off_before = max(abs(v["before"] - cfg.train_bits) for v in settle.values())
-off_after = max(abs(v["after"] - cfg.train_bits) for v in settle.values())
-mean_shift = sum(abs(v["shift"]) for v in settle.values()) / len(settle)
-size = {n: m.in_features * m.out_features for n, m in mobi_layers(model).items()}  # weights per layer
-avg_before = sum(size[n] * v["before"] for n, v in settle.items()) / sum(size[n] for n in settle)
-print(f"budget settle: largest per-layer gap to train_bits {off_before:.3f} bits before, {off_after:.3f} after; "
-      f"model average {avg_before:.3f} bits before ({avg_before - cfg.train_bits:+.3f}); "
-      f"mean |offset shift| {mean_shift:.2f} score std")  # fmt: skip
-# sanity checks (in-sample: the settle forced these very windows to train_bits, so they hold by construction)
+layer_gap = max(abs(b - cfg.train_bits) for b in trained_test["layer_bits"].values())
+print(f"largest per-layer gap to train_bits on the test windows: {layer_gap:.3f} bits")
+# sanity check (in-sample: the thresholds were fitted on these very windows, so it holds by construction)
 assert abs(trained["avg_bits"] - cfg.train_bits) <= 0.15 and trained["saturation"] < 0.05
-# held-out check (test windows, which neither the calibration nor the settle saw): can fail
+# held-out check (test windows, which neither the calibration nor the thresholds saw): can fail
 assert abs(trained_test["avg_bits"] - cfg.train_bits) <= 0.3, trained_test["avg_bits"]
 
 # %% [markdown]
-# The bits on the calibration windows at the trained threshold are a *sanity check*: the
-# settle put those very windows on `train_bits`. The budget check that can fail is the one on
-# the test windows (asserted within 0.3 bits, as in `tests/test_mobiquant.py`), and "saturation" is the share of scores whose surrogate gradient is below 1e-3
-# of its peak (before these fixes 78 % of scores had $|r| > 10$ and the model ran at 4.75
-# bits for a 3-bit budget). The settle line shows how far the joint stage alone left each
-# layer and how large a shift repaired it. The threshold controller below still sets
-# the precision for any other target; what the joint stage must deliver is a *ranking* of
-# tokens, and clipping that works for the mix.
+# The bits on the calibration windows at the trained thresholds are a *sanity check*: the
+# thresholds were fitted on those very windows. The check that can fail is the one on the
+# test windows (asserted within 0.3 bits, as in `tests/test_mobiquant.py`); "saturation" is the
+# share of tokens whose straight-through gradient (at the rung nearest the threshold) is below
+# 1e-3 of its peak. The threshold controller below sets the precision for any other target;
+# what the joint stage must deliver is a *ranking* of tokens, and clipping that works at
+# every width.
 #
 # ## 4. The threshold controller, and where the bits go
 #
@@ -234,14 +215,13 @@ print(f"most bits: block {top_block} ({block_bits[top_block]:.2f}) and {top_kind
 
 # %% [markdown]
 # The paper reports that under one common target the per-layer precision still varies, with
-# the first layers deviating most (Sec. 5.3). Here the two printed lines show an almost even
-# spread at 3 bits, and that is by construction: the budget settle put every layer on
-# `train_bits` = 3 at the trained threshold, and the global $\tau$ for a 3-bit target is
-# (nearly) that threshold (the printed logit). At other targets one global $\tau$ moves
-# every layer's threshold by the same amount, and layers then diverge by how their scores are
-# spread. So with one common `train_bits` the *between-layer* allocation is fixed at training
-# time; only per-layer training budgets could move bits to the layers that need them
-# (Section 7b measures what that costs).
+# the first layers deviating most (Sec. 5.3). The two printed lines measure it here. Ladder
+# scores are normalised per layer (unit spread over the calibration tokens), so one global
+# threshold cuts every layer at a similar quantile of its own scores, and each layer's split
+# between 2 and 4 bits is what the spread of its scores around that threshold gives; every
+# layer's trained threshold was set to 3 bits, so allocation *between* layers is not learned
+# (the paper does not specify one; a per-layer or global budget across layers is a lever we
+# did not build).
 
 # %% [markdown]
 # ## 5. Does the router pick the tokens that need precision?
@@ -538,30 +518,28 @@ show_markdown("\n".join(beats_lines));
 # against the paper's claim that (a) beats (b) and (d):
 #
 # * **random (b):** the "router beats" lines say at which budgets the router is better than
-#   random routing with its own histogram by more than two standard errors; the gaps are a
-#   few hundredths of a nat at most, and a second calibration seed moves them by as much
-#   (levers, below). What the router learned about *which* tokens need slices is real but
-#   small, and sits in `o_proj` and `down_proj` (Section 5).
-# * **oracle (c):** close to the router at every budget: ranking tokens by their 2-bit
-#   output error is not a better rule on this model.
-# * **static mix (d):** the router is clearly better at the lowest budget, where the static
-#   mix must leave whole layers at 2 bits; from 3.5 bits up the static mix has the lower
-#   perplexity in our runs, by up to about two standard errors (more in some calibrations).
-#   Every router was trained to the same 3 bits and the settle holds each layer there at the
-#   trained threshold (Section 4), while the static mix moves bits *between layers* by
-#   measured layer error.
-# * **LWC at 3 bits** beats the routed checkpoint at 3 bits clearly: one calibration for every
-#   precision costs the clipping its specialisation.
+#   random routing with its own histogram by more than two standard errors. What the router
+#   learned about *which* tokens need slices sits mostly in `o_proj` and `down_proj`
+#   (Section 5), whose inputs vary in norm; a second calibration seed moves these gaps by about
+#   0.01-0.02 nats (levers, below), so small gaps are not findings.
+# * **oracle (c):** a simple sensitivity rule (largest 2-bit output error first), not a bound.
+# * **static mix (d):** whole layers at fixed widths, bits moved *between* layers by measured
+#   layer error. Every ladder router reads `train_bits` at its trained threshold, and one global
+#   threshold cuts every layer at a similar quantile (Section 4): the between-layer allocation
+#   is the static mix's lever, per-token routing the router's.
+# * **LWC at 3 bits** is a static calibration for that one width; at 3 bits a routed checkpoint
+#   splits tokens between 2 and 4 bits, which is not a 3-bit grid (Section 7's verdicts and
+#   chapter 3a's time-sharing plot).
 #
-# Levers: per-layer `train_bits` (the paper's Sec. 5.3 keeps them equal; the static mix's
-# allocation is a starting point), more joint steps (the tiny preset has 16 per block) and
-# router inputs (q/k/v/gate/up read RMS-normalised inputs, Section 5). The first two are
-# measured below; router inputs are not tried yet.
+# `mbq tour` adds a parameter-free control, ranking tokens by input norm $\lVert x_t\rVert$
+# with the router's histogram (`routing_controls.norm_routing`); chapter 3a reads its result.
 
 # %% [markdown]
 # ### Levers, measured (`scripts/router_levers.py`)
 #
-# Section 7b leaves two training levers that the chapter's preset fixes. **Per-layer
+# These levers were measured on the **per-slice** routers (`routing="per_slice"`, width 64),
+# the design they were built for, before the ladder replaced it; the numbers below are that
+# design's. Section 7b leaves two training levers that the chapter's preset fixes. **Per-layer
 # budgets:** `MoBiConfig.train_bits` also takes `{layer: bits}`; the script trains each layer
 # to the static mix's allocation at 3 bits (`routing_controls.mix_train_bits`: the mix's
 # width per layer, clamped 0.25 bits inside 2..8 and shifted by one constant so the
@@ -720,8 +698,8 @@ print(lap.report(), f"(calibration {calib_seconds:.0f} s)")
 # ## Summary
 #
 # * **Calibration** (Alg. 1): block by block, first the base slice alone, then clipping and
-#   router jointly with a budget term on the straight-through mean bits of each layer; a final
-#   budget settle puts every layer on its training budget at the trained threshold.
+#   ladder routers jointly, each step at a budget drawn from 2..8 bits and met exactly by the
+#   batch-quantile threshold; every layer's trained threshold then reads 3 bits.
 # * **One number sets the precision at run time**: the threshold controller hits any target
 #   average between 2 and 8 bits within 0.05 bits on the calibration windows it was fitted on
 #   (a sanity check); on the test windows the measured bits stay within the drift printed in
@@ -834,9 +812,8 @@ wider = [t for t in (2.5, 5.0) if spread[t] > spread[3.0]]
 print(f"spread between projection types: {spread[3.0]:.2f} bits at 3 bits; wider at {wider or 'no other budget'}")
 
 # %% [markdown]
-# At 3 bits the global $\tau$ is close to the trained threshold, where the settle put every
-# layer on 3 bits. Away from it one $\tau$ moves every layer's threshold by the same amount,
-# and each layer answers with its own score distribution, so nothing holds the types
-# together any more; the printed line says at which budgets the spread between types is
+# One global $\tau$ moves every layer's threshold by the same amount and each layer answers
+# with its own score distribution (normalised to unit spread per layer, so the cuts stay at
+# similar quantiles); the printed line says at which budgets the spread between types is
 # wider than at 3 bits. Where it is, that is the Sec. 5.3 observation (unequal per-layer
 # precision under one common target), appearing away from the training budget.
