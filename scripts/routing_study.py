@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +139,25 @@ def _markdown(results: dict) -> str:
               "|---" * (1 + len(next(iter(results.values()))["uniform"])) + "|"]  # fmt: skip
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{v['ppl']:.3f}" for v in r["uniform"].values()) + " |")
+    # equal effective bits: a router's parameters cost bits that time-sharing could have spent instead
+    lines += ["", "## Verdict at equal effective bits (computed)", "",
+              "The router's bits are charged at the slope of the same checkpoint's time-sharing line between 2 and "
+              "4 bits (nats per bit): net = excess + slope x router bits per weight. Negative net = routed beats "
+              "time-sharing even after paying for the router.", "",
+              "| config | excess at 3 bits | slope (nats/bit) | router bits/weight | net at 3 bits | router − random at 3 bits |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    nets = {}
+    for name, r in results.items():
+        p3 = next(p for p in r["routed"] if p["target"] == 3.0)
+        u = {float(b): v["nll"] for b, v in r["uniform"].items()}
+        slope = (u[2.0] - u[4.0]) / 2.0
+        cost = r["router_cost"]["router_bits_per_weight"]
+        nets[name] = p3["excess"] + slope * cost
+        lines.append(f"| {name} | {p3['excess']:+.4f} | {slope:.4f} | {cost:.3f} | {nets[name]:+.4f} | "
+                     f"{-p3['random']['minus_router']:+.4f} ± {p3['random']['se']:.4f} |")  # fmt: skip
+    best = min(nets, key=nets.get)
+    lines += ["", f"Best at equal effective bits: **{best}** (net {nets[best]:+.4f} nats at 3 bits). "
+              "`MoBiConfig.tiny()` uses the ladder with a width-4 router."]  # fmt: skip
     lines += ["", "Machine load (1/5/15-min averages) during each calibration: " +
               "; ".join(f"{n} {tuple(round(x, 1) for x in r['load'])}" for n, r in results.items()) + ".",
               "", "![routing study](routing_study.png)", ""]  # fmt: skip
