@@ -649,10 +649,11 @@ show_table(["domain", "thresholds", "bits (test, target 3.0)", "PPL"],
 c = cfg.calib
 setup = (
     f"Model `tiny-llama` (bundled), weight-only, slices {'/'.join(map(str, cfg.slice_bits))}, group size "
-    f"{cfg.group_size}, router hidden {cfg.router_hidden}. MoBiQuant calibration (Alg. 1, stages base + joint): "
-    f"{c.nsamples} x {c.seqlen} tokens of `austen/train`, {c.epochs} epochs per stage, batch {c.batch_size}, "
-    f"lwc lr {c.lwc_lr}, router lr {cfg.router_lr}, train target {cfg.train_bits} bits, budget weight "
-    f"{cfg.budget_weight} (warm-up {cfg.budget_warmup:.0%} of the joint stage), seed {c.seed}. "
+    f"{cfg.group_size}, {cfg.routing} routers of hidden width {cfg.router_hidden}. MoBiQuant calibration (Alg. 1, "
+    f"stages base + joint): {c.nsamples} x {c.seqlen} tokens of `austen/train`, {c.epochs} epochs per stage, batch "
+    f"{c.batch_size}, lwc lr {c.lwc_lr}, router lr {cfg.router_lr}, joint-stage budgets drawn from "
+    f"{'..'.join(f'{b:g}' for b in cfg.layer_budget_range())} bits per step, trained thresholds at {cfg.train_bits} "
+    f"bits, seed {c.seed}. "
     "Static baselines: LWC with the same windows and epochs. Thresholds: controller on "
     f"{CTL_WINDOWS} calibration windows (tolerance 0.05 bits). Evaluation: perplexity on the first "
     f"{EVAL_WINDOWS} windows of {SEQLEN} tokens of `austen/test`. torch {torch.__version__}."

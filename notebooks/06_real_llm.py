@@ -230,7 +230,11 @@ if report is not None:
 #
 # One MoBiQuant calibration (two stages, Alg. 1, train budget 3 bits), one checkpoint,
 # the threshold table picks τ for each target; bits are measured on the test windows.
-# LWC and RTN need one model per width.
+# LWC and RTN need one model per width. The committed SmolLM2 run predates the ladder
+# routers (chapter 3a, Section 1b): it used the **per-slice** design (width 64, a budget loss
+# at 3 bits and the budget settle; its `setup.mobiquant_config` has no `routing` key, which
+# means per-slice). Rerunning `mbq tour --model smollm2-135m` uses the ladder; that run is
+# not committed yet, so the numbers below are the earlier design's.
 
 # %%
 if report is not None:
@@ -403,8 +407,8 @@ if report is not None:
 # %% [markdown]
 # **3.** Read the sign and size of ρ: a router that spends its bits where the massive
 # activations are would give a clearly positive ρ over layers. The routers were trained to
-# the same 3-bit budget in every layer and the settle holds each layer there at the trained
-# threshold (chapter 3b, Section 3), so a per-layer trend can only come from how the 3-bit
+# the same 3-bit budget in every layer and (in this per-slice run) the settle holds each layer
+# there at the trained threshold, so a per-layer trend can only come from how the 3-bit
 # row of the table moves the layers apart (chapter 3b, exercise 3).
 
 # %%
