@@ -317,10 +317,10 @@ class MoBiLinear(RoutedSlices):
         xmin, xmax = self.clip(self.weight)
         return floor_scale_zero(xmin, xmax, self.slice_bits, self.zero_grid)
 
-    def slice_deltas(self) -> list[torch.Tensor]:
-        """Differentiable ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_E]`` (each ``[N, K]`` float32) from the current clipping."""
+    def slice_deltas(self, num_slices: int | None = None) -> list[torch.Tensor]:
+        """Differentiable ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_k]`` (each ``[N, K]`` float32) from the current clipping (``k``: all by default)."""
         s, z = self.scale_zero()
-        return slice_deltas(self.weight.float(), s, z, self.slice_bits, self.group_size, ste=True)
+        return slice_deltas(self.weight.float(), s, z, self.slice_bits, self.group_size, ste=True, num_slices=num_slices)
 
     @torch.no_grad()
     def freeze(self) -> SlicedWeight:
@@ -392,7 +392,8 @@ class MoBiLinear(RoutedSlices):
         if self.router.in_scale <= 0:
             self.router.set_input_scale(x2)
         xf = x2.float()
-        deltas = self.slice_deltas()  # E x [N, K], differentiable in the clip
+        # E x [N, K], differentiable in the clip; the base stage reads the base slice only
+        deltas = self.slice_deltas(1 if self._stage == "base" else None)
         y = xf @ deltas[0].T  # base slice for every token (the shared expert): [T, N]
         if self._stage == "joint":
             if self.budget.ref is None:  # first joint step: start on budget, scores spread over the surrogate
