@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MBQError
-from .quantizer import group_view, round_ste
+from .quantizer import GridSTE, group_view, round_ste
 
 __all__ = [
     "SliceError",
@@ -208,70 +208,6 @@ def _residual_slices(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
         yield q_e, delta
 
 
-class _SlicesSTE(torch.autograd.Function):
-    """``[Ŵ_1, ΔŴ_2, ..., ΔŴ_k]`` by the recursion, with the straight-through gradient in closed form.
-
-    Forward: the recursion of :func:`_residual_slices` without an autograd graph (the same
-    float32 operations in the same order, so the values are bit-identical to the
-    straight-through recursion: ``x + (floor(x) - x)`` is exactly ``floor(x)``).
-
-    Backward: what autograd derives through the straight-through floors, summed by hand.
-    Reading ``j`` slices is ``Ŵ_j = s_j (Q_j - z_j + 1/2)``; while the base code is not
-    clamped (``0 <= floor(W/s + z_1) <= 2^{b_1} - 1``, then no residual code clamps either),
-    a straight-through floor gives ``∂Ŵ_j/∂s = (Ŵ_j - W)/s``, ``∂Ŵ_j/∂z_E = 0``,
-    ``∂Ŵ_j/∂W = 1``; where it is clamped every code is constant and ``∂Ŵ_j/∂s = Ŵ_j/s``,
-    ``∂Ŵ_j/∂z_E = -s_E`` (``z_1 = z_E / 2^{B_E - B_1}``, ``s_E = s / 2^{B_E - B_1}``),
-    ``∂Ŵ_j/∂W = 0``. With ``G_e`` the gradient of ``ΔŴ_e`` (``G_1`` of ``Ŵ_1``), the
-    gradient of ``Ŵ_j`` is ``G_j - G_{j+1}``, and the sums over ``j`` telescope::
-
-        ∂L/∂s   = Σ_group (Σ_e G_e ΔŴ_e - [inside] W G_1) / s
-        ∂L/∂z_E = -s_E Σ_group [clamped] G_1          ∂L/∂W = [inside] G_1
-
-    One pass over ``k`` tensors instead of the recursion's graph (about ten broadcast
-    operations per slice, each with a backward and a reduction over the group).
-    """
-
-    @staticmethod
-    def forward(ctx, w, scale, zero, bits, group_size, k):
-        n, kdim = w.shape
-        wg = _groups(w, group_size)  # [N, G, g]
-        first = []
-
-        def floor(x):  # the base slice's floor comes first: keep its unclamped value for the mask
-            y = torch.floor(x)
-            if not first:
-                first.append(y)
-            return y
-
-        deltas = [d.reshape(n, kdim) for _, d in itertools.islice(_residual_slices(wg, scale, zero, bits, floor), k)]
-        inside = ((first[0] >= 0) & (first[0] <= 2 ** bits[0] - 1)).reshape(n, kdim)
-        ctx.save_for_backward(w, scale, inside, *deltas)
-        ctx.meta = (bits, group_size)
-        return tuple(deltas)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        w, scale, inside, *deltas = ctx.saved_tensors
-        bits, group_size = ctx.meta
-        if all(g is None for g in grads):
-            return None, None, None, None, None, None
-        g1 = grads[0] if grads[0] is not None else torch.zeros_like(w)
-        acc = g1 * deltas[0]  # Σ_e G_e ΔŴ_e, one weight at a time: [N, K]
-        for g, d in zip(grads[1:], deltas[1:]):
-            if g is not None:
-                acc.addcmul_(g, d)
-        acc.addcmul_(w.masked_fill(~inside, 0), g1, value=-1)
-        grad_s = _groups(acc, group_size).sum(-1) / scale if ctx.needs_input_grad[1] else None
-        grad_z = None
-        if ctx.needs_input_grad[2]:
-            cum = cumulative_bits(bits)
-            s_fine = scale / 2 ** (cum[-1] - cum[0])
-            grad_z = -s_fine * _groups(g1.masked_fill(inside, 0), group_size).sum(-1)
-        grad_w = g1.masked_fill(~inside, 0) if ctx.needs_input_grad[0] else None
-        return grad_w, grad_s, grad_z, None, None, None
-
-
 def slice_deltas(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -285,9 +221,11 @@ def slice_deltas(
 
     ``sum(out[:k]) == Ŵ_k``. With ``ste=True`` floors pass gradients straight
     through, so the learnable scale/zero (LWC) can be calibrated through every
-    slice (Alg. 1, stage 2); the gradient is computed in closed form by
-    :class:`_SlicesSTE` (equal to autograd through the straight-through recursion,
-    without its graph).
+    slice (Alg. 1, stage 2); the forward runs the recursion without a graph
+    (the same float32 operations: bit-identical values, since ``x + (floor(x) - x)``
+    is exactly ``floor(x)``) and :class:`mbq_ref.quantizer.GridSTE` computes the
+    straight-through gradient in closed form (equal to autograd through the
+    recursion with straight-through floors, within float32 summation order).
 
     Args:
         w: ``[N, K]`` float weight.
@@ -305,7 +243,23 @@ def slice_deltas(
         if w.ndim != 2:
             raise SliceError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
         _groups(w, group_size)  # checks the group size before the autograd function runs
-        return list(_SlicesSTE.apply(w, scale, zero, bits, group_size, k))
+
+        def grid(wg, s, z):  # the recursion without a graph; its base floor gives the clamp mask
+            first = []
+
+            def floor(x):
+                y = torch.floor(x)
+                if not first:
+                    first.append(y)
+                return y
+
+            outs = [d for _, d in itertools.islice(_residual_slices(wg, s[..., 0], z[..., 0], bits, floor), k)]
+            # no residual code clamps where the base code does not (|W - Ŵ_1| <= s/2)
+            return outs, (first[0] >= 0) & (first[0] <= 2 ** bits[0] - 1)
+
+        cum = cumulative_bits(bits)
+        # ∂Ŵ_j/∂z_E = -s_j / 2^{B_E - B_j} = -s / 2^{B_E - B_1} for every j where the codes clamp
+        return list(GridSTE.apply(w, scale, zero, grid, 2.0 ** -(cum[-1] - cum[0]), group_size))
     wg = _groups(w, group_size)  # [N, G, g]
     slices = itertools.islice(_residual_slices(wg, scale, zero, bits, torch.floor), k)
     return [delta.reshape_as(w) for _, delta in slices]

@@ -20,6 +20,7 @@ from mbq_ref.mobislice import (
     zero_at,
 )
 from mbq_ref.baselines import baseline_weights, relative_error
+from helpers import ste_slices_reference
 
 SLICES = [(2, 2, 2, 2), (3, 3), (4, 2, 2), (1, 1, 1, 1, 1, 1, 1, 1), (2, 3, 3)]
 
@@ -217,15 +218,6 @@ def test_bad_shapes_and_values():
 
 
 # --- closed-form straight-through slices (the calibrator's fast path) ------------------------------
-def _recursion_ste(w, s, z, bits, gs, k):
-    """The reference: autograd through the straight-through recursion of App. B (first ``k`` slices)."""
-    from mbq_ref.mobislice import _floor_ste, _residual_slices
-
-    wg = w.reshape(w.shape[0], -1, gs)
-    gen = _residual_slices(wg, s, z, bits, _floor_ste)
-    return [d.reshape_as(w) for _, (_, d) in zip(range(k), gen)]
-
-
 @pytest.mark.parametrize("bits", [(2, 2, 2, 2), (3, 1, 2, 2), (4, 2, 2), (3, 3), (1, 1, 1, 1, 1, 1, 1, 1)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_closed_form_ste_equals_recursion(bits, seed):
@@ -250,7 +242,7 @@ def test_closed_form_ste_equals_recursion(bits, seed):
             if fast:
                 d = slice_deltas(w, s, z, bits, gs, ste=True, num_slices=k)
             else:
-                d = _recursion_ste(w, s, z, bits, gs, k)
+                d = ste_slices_reference(w, s, z, bits, gs, k)
             sum((di * u).sum() for di, u in zip(d, ups)).backward()
             outs.append(d)
             grads.append((w.grad, xmin.grad, xmax.grad))
@@ -275,7 +267,7 @@ def test_closed_form_ste_only_some_slices_used():
         xmin = (w0.reshape(6, 3, 8).amin(-1) * 0.8).requires_grad_(True)
         xmax = (w0.reshape(6, 3, 8).amax(-1) * 0.8).requires_grad_(True)
         s, z = floor_scale_zero(xmin, xmax, bits)
-        d = slice_deltas(w0, s, z, bits, 8, ste=True) if fast else _recursion_ste(w0, s, z, bits, 8, 4)
+        d = slice_deltas(w0, s, z, bits, 8, ste=True) if fast else ste_slices_reference(w0, s, z, bits, 8, 4)
         (d[0].sum() + 3 * d[2].sum()).backward()
         res.append((xmin.grad, xmax.grad))
     for a, b in zip(*res):
