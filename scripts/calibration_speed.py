@@ -53,8 +53,16 @@ def _truncate(model, blocks: int):
     return model
 
 
-def measure(model_name: str, blocks: int, steps: int, threads: int, stages) -> dict:
-    """Median seconds per optimizer step per stage in this process (imports ``mbq_ref`` from ``sys.path``)."""
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")  # fmt: skip
+
+
+def measure(model_name: str, blocks: int, steps: int, threads: int, stages, profile: str | None = None) -> dict:
+    """Median seconds per optimizer step per stage in this process (imports ``mbq_ref`` from ``sys.path``).
+
+    ``profile``: also run :mod:`torch.profiler` over the timed steps of that stage (block 0)
+    and return the share of CPU time per operator (``"profile"``).
+    """
     from dataclasses import replace
 
     import torch
@@ -80,14 +88,25 @@ def measure(model_name: str, blocks: int, steps: int, threads: int, stages) -> d
     ids = calibration_windows(train, calib.nsamples, calib.seqlen, seed=0)
 
     times: dict[str, list[float]] = {s: [] for s in stages}
-    state = {"opt": None, "t": 0.0, "mods": []}
+    cpu: dict[str, list[float]] = {s: [] for s in stages}
+    state = {"opt": None, "t": 0.0, "c": 0.0, "mods": []}
+
+    prof = {"p": None, "n": 0}
 
     def post(opt, _args, _kwargs):
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
+        stage = next((m.calib_stage for m in state["mods"] if m.calib_stage is not None), None)
         if opt is state["opt"]:
-            stage = next((m.calib_stage for m in state["mods"] if m.calib_stage is not None), None)
             times[stage].append(now - state["t"])
-        state["opt"], state["t"] = opt, now
+            cpu[stage].append(now_cpu - state["c"])
+        if profile == stage and prof["n"] <= steps:  # the timed steps of the first block of that stage
+            prof["n"] += 1
+            if prof["n"] == 1:
+                prof["p"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                prof["p"].start()
+            elif prof["n"] == steps + 1:
+                prof["p"].stop()
+        state["opt"], state["t"], state["c"] = opt, time.perf_counter(), time.process_time()
 
     handle = optim_mod.register_optimizer_step_post_hook(post)
     out = {"model": model_name, "repo": str(Path(mbq_ref.__file__).resolve().parent.parent), "threads": threads,
@@ -117,7 +136,19 @@ def measure(model_name: str, blocks: int, steps: int, threads: int, stages) -> d
     finally:
         handle.remove()
     out["seconds_per_step"] = {s: statistics.median(v) for s, v in times.items() if v}
+    # CPU seconds of the process (all threads): less sensitive than wall time to other processes' load
+    out["cpu_seconds_per_step"] = {s: statistics.median(v) for s, v in cpu.items() if v}
     out["samples"] = {s: len(v) for s, v in times.items()}
+    out["times"], out["cpu_times"] = times, cpu
+    if prof["p"] is not None:
+        ev = [e for e in prof["p"].key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in ev)
+        mm = sum(e.self_cpu_time_total for e in ev if e.key in MATMUL_OPS)
+        top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
+        out["profile"] = {
+            "stage": profile, "steps": steps, "matmul_share": mm / total, "self_cpu_s_per_step": total / 1e6 / steps,
+            "top": [(e.key, round(e.self_cpu_time_total / total, 4), e.count // steps) for e in top],
+        }  # fmt: skip
     return out
 
 
@@ -136,52 +167,95 @@ def run_child(repo: Path, model: str, args) -> dict:
     return out
 
 
+def _pooled(runs: list[dict], key: str, stage: str) -> float | None:
+    vals = [t for r in runs for t in r[key].get(stage, [])]
+    return statistics.median(vals) if vals else None
+
+
+def _load(runs: list[dict]) -> str:
+    """1-minute load average over the runs of one side: lowest..highest seen at their starts and ends."""
+    ones = [r["load"][0] for r in runs] + [r["load"][3] for r in runs]
+    return f"{min(ones):.1f}..{max(ones):.1f}"
+
+
 def table(rows: list[dict], command: str) -> str:
     lines = [
-        "| model | stage | tokens/step | threads | before s/step | after s/step | speed-up | load 1/5/15 min before | load after | ",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | stage | tokens/step | threads | before s/step | after s/step | speed-up | before CPU s/step | "
+        "after CPU s/step | CPU speed-up | load before | load after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b, a = r["before"], r["after"]
         for s in STAGES:
-            tb, ta = b["seconds_per_step"].get(s), a["seconds_per_step"].get(s)
-            if tb is None or ta is None:
+            tb, ta = _pooled(b, "times", s), _pooled(a, "times", s)
+            cb, ca = _pooled(b, "cpu_times", s), _pooled(a, "cpu_times", s)
+            if None in (tb, ta, cb, ca):
                 continue
-            lb = "/".join(f"{x:.2f}" for x in b["load"][:3])
-            la = "/".join(f"{x:.2f}" for x in a["load"][:3])
             lines.append(
-                f"| {r['model']} | {s} | {a['tokens_per_step']} | {a['threads']} | {tb:.3f} | {ta:.3f} | "
-                f"{tb / ta:.2f}x | {lb} | {la} |"
+                f"| {r['model']} | {s} | {a[0]['tokens_per_step']} | {a[0]['threads']} | {tb:.3f} | {ta:.3f} | "
+                f"{tb / ta:.2f}x | {cb:.3f} | {ca:.3f} | {cb / ca:.2f}x | {_load(b)} | {_load(a)} |"
             )
-    return "\n".join(lines) + f"\n\nCommand: `{command}`\n"
+    n = sum(len(v) for v in rows[0]["after"][0]["times"].values()) if rows else 0
+    return (
+        "\n".join(lines)
+        + f"\n\nMedians over all timed steps of {len(rows[0]['after']) if rows else 0} runs per side "
+        f"(before and after alternated; {n} steps per run over the stages). Load: 1-minute "
+        "`os.getloadavg()` at the start and end of each run (the machine has 2 cores).\n\n"
+        f"Command: `{command}`\n"
+    )
+
+
+BEGIN, END = "<!-- calibration_speed.py: begin -->", "<!-- calibration_speed.py: end -->"
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Replace the generated section of ``path`` (between the markers), or create the file with it."""
+    block = f"{BEGIN}\n{text}{END}"
+    old = path.read_text() if path.exists() else f"# Calibration speed\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in old or END not in old:
+        raise SystemExit(f"{path} has no generated section ({BEGIN} ... {END}); add the two markers")
+    head, rest = old.split(BEGIN, 1)
+    path.write_text(head + block + rest.split(END, 1)[1])
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", nargs="+", default=["tiny-llama", "smollm2-135m"], choices=("tiny-llama", "smollm2-135m"))
     p.add_argument("--blocks", type=int, default=2, help="decoder blocks calibrated (default 2)")
-    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per block and stage (default 4)")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per block and stage (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per side, before and after alternated (default 2)")
     p.add_argument("--before", type=Path, help="checkout measured as 'before' (its PYTHONPATH root)")
     p.add_argument("--repo", type=Path, default=ROOT, help="checkout measured as 'after' (default: this one)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "calibration_speed_table.md",
-                   help="markdown table written here")  # fmt: skip
-    p.add_argument("--measure", action="store_true", help="(internal) measure in this process, print one JSON line")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "calibration_speed.md",
+                   help="markdown file whose generated section is rewritten")  # fmt: skip
+    p.add_argument("--measure", action="store_true", help="measure in this process (its mbq_ref), print one JSON line")
+    p.add_argument("--profile", choices=STAGES, help="with --measure: torch.profiler operator shares of that stage")
     args = p.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.model[0], args.blocks, args.steps, args.threads, STAGES)))
+        out = measure(args.model[0], args.blocks, args.steps, args.threads, STAGES, args.profile)
+        if "profile" in out:  # readable first, the JSON line last
+            pr = out["profile"]
+            print(f"{args.model[0]} {pr['stage']}: matmul share {pr['matmul_share']:.1%} of "
+                  f"{pr['self_cpu_s_per_step']:.3f} s CPU per step; top operators (share, calls per step):")  # fmt: skip
+            for key, share, calls in pr["top"]:
+                print(f"  {key:60s} {share:6.1%} {calls:5d}")
+        print(json.dumps(out))
         return
     if args.before is None:
         p.error("--before PATH is required (a checkout of the commit to compare with)")
     rows = []
     for model in args.model:
-        before = run_child(args.before.resolve(), model, args)
-        after = run_child(args.repo.resolve(), model, args)
-        rows.append({"model": model, "before": before, "after": after})
-        print(json.dumps(rows[-1]), flush=True)
+        row = {"model": model, "before": [], "after": []}
+        for _ in range(args.repeat):
+            row["before"].append(run_child(args.before.resolve(), model, args))
+            row["after"].append(run_child(args.repo.resolve(), model, args))
+            print(json.dumps({k: [(r["seconds_per_step"], r["load"]) for r in v] for k, v in row.items() if k != "model"}), flush=True)
+        rows.append(row)
     command = "python scripts/calibration_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.write_text(table(rows, command))
-    print(args.out.read_text())
+    text = table(rows, command)
+    write_doc(args.out, text)
+    print(text)
 
 
 if __name__ == "__main__":
