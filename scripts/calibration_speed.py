@@ -167,9 +167,9 @@ def run_child(repo: Path, model: str, args) -> dict:
     return out
 
 
-def _pooled(runs: list[dict], key: str, stage: str) -> float | None:
+def _pooled(runs: list[dict], key: str, stage: str, how=statistics.median) -> float | None:
     vals = [t for r in runs for t in r[key].get(stage, [])]
-    return statistics.median(vals) if vals else None
+    return how(vals) if vals else None
 
 
 def _load(runs: list[dict]) -> str:
@@ -180,27 +180,30 @@ def _load(runs: list[dict]) -> str:
 
 def table(rows: list[dict], command: str) -> str:
     lines = [
-        "| model | stage | tokens/step | threads | before s/step | after s/step | speed-up | before CPU s/step | "
-        "after CPU s/step | CPU speed-up | load before | load after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | stage | tokens/step | before s/step median (min) | after s/step median (min) | speed-up median (min) "
+        "| CPU s/step before / after | load before | load after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b, a = r["before"], r["after"]
         for s in STAGES:
             tb, ta = _pooled(b, "times", s), _pooled(a, "times", s)
+            mb, ma = _pooled(b, "times", s, min), _pooled(a, "times", s, min)
             cb, ca = _pooled(b, "cpu_times", s), _pooled(a, "cpu_times", s)
             if None in (tb, ta, cb, ca):
                 continue
             lines.append(
-                f"| {r['model']} | {s} | {a[0]['tokens_per_step']} | {a[0]['threads']} | {tb:.3f} | {ta:.3f} | "
-                f"{tb / ta:.2f}x | {cb:.3f} | {ca:.3f} | {cb / ca:.2f}x | {_load(b)} | {_load(a)} |"
+                f"| {r['model']} | {s} | {a[0]['tokens_per_step']} | {tb:.3f} ({mb:.3f}) | {ta:.3f} ({ma:.3f}) | "
+                f"{tb / ta:.2f}x ({mb / ma:.2f}x) | {cb:.3f} / {ca:.3f} | {_load(b)} | {_load(a)} |"
             )
-    n = sum(len(v) for v in rows[0]["after"][0]["times"].values()) if rows else 0
+    first = rows[0]["after"][0] if rows else {}
     return (
         "\n".join(lines)
-        + f"\n\nMedians over all timed steps of {len(rows[0]['after']) if rows else 0} runs per side "
-        f"(before and after alternated; {n} steps per run over the stages). Load: 1-minute "
-        "`os.getloadavg()` at the start and end of each run (the machine has 2 cores).\n\n"
+        + f"\n\n{first.get('threads')} torch threads; {first.get('steps')} timed steps per block and stage on the "
+        f"first {first.get('blocks')} blocks, {len(rows[0]['after']) if rows else 0} runs per side, before and after "
+        "alternated; medians (and minima) over all timed steps of a side; CPU s/step: process CPU time (all "
+        "threads), median. Load: 1-minute `os.getloadavg()` at the start and end of each run, lowest..highest "
+        "(the machine has 2 cores).\n\n"
         f"Command: `{command}`\n"
     )
 
