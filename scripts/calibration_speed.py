@@ -208,17 +208,20 @@ def table(rows: list[dict], command: str) -> str:
     )
 
 
-BEGIN, END = "<!-- calibration_speed.py: begin -->", "<!-- calibration_speed.py: end -->"
+def _markers(threads: int) -> tuple[str, str]:
+    return (f"<!-- calibration_speed.py threads={threads}: begin -->", f"<!-- calibration_speed.py threads={threads}: end -->")
 
 
-def write_doc(path: Path, text: str) -> None:
-    """Replace the generated section of ``path`` (between the markers), or create the file with it."""
-    block = f"{BEGIN}\n{text}{END}"
-    old = path.read_text() if path.exists() else f"# Calibration speed\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in old or END not in old:
-        raise SystemExit(f"{path} has no generated section ({BEGIN} ... {END}); add the two markers")
-    head, rest = old.split(BEGIN, 1)
-    path.write_text(head + block + rest.split(END, 1)[1])
+def write_doc(path: Path, text: str, threads: int) -> None:
+    """Replace the generated section of ``path`` for this thread count (between its markers), or append one."""
+    begin, end = _markers(threads)
+    block = f"{begin}\n{text}{end}"
+    old = path.read_text() if path.exists() else "# Calibration speed\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        path.write_text(head + block + rest.split(end, 1)[1])
+    else:
+        path.write_text(old.rstrip("\n") + "\n\n" + block + "\n")
 
 
 def main(argv=None) -> None:
@@ -257,7 +260,7 @@ def main(argv=None) -> None:
         rows.append(row)
     command = "python scripts/calibration_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(rows, command)
-    write_doc(args.out, text)
+    write_doc(args.out, text, args.threads)
     print(text)
 
 
