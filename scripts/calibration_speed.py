@@ -1,7 +1,8 @@
 """Seconds per optimizer step of the block-wise calibration, before and after a change, one script for both.
 
-Measures the median wall time of one AdamW step (forward of the block, loss, backward,
-step) of :func:`mbq_ref.calibrate.calibrate_blocks` in three stages:
+Measures the wall time (median and minimum) and the process CPU time (median) of one AdamW
+step (forward of the block, loss, backward, step) of :func:`mbq_ref.calibrate.calibrate_blocks`
+in three stages:
 
 * ``lwc``: static LWC at 4 bits (:func:`mbq_ref.calibrate.calibrate_static`, OmniQuant's baseline);
 * ``base``: MoBiQuant's first-slice stage (Alg. 1 stage 1, base slice only);
@@ -15,15 +16,18 @@ returns of the same optimizer (a global post-step hook), so the first step of ea
 tour presets (:data:`mbq_ref.tour.MODEL_PRESETS`): ``tiny-llama`` 4 x 256 tokens per step,
 group 128; ``smollm2-135m`` 2 x 128 tokens per step, group 64.
 
-Usage (writes ``docs/calibration_speed.md``; "before" is another checkout of the
-repository, e.g. ``git archive 321b8d6 | tar -x -C /tmp/before``)::
+Usage (rewrites the section of ``docs/calibration_speed.md`` for that thread count; "before"
+is another checkout of the package, e.g.
+``mkdir -p /tmp/before && git archive 321b8d6 mbq_ref | tar -x -C /tmp/before``)::
 
-    python scripts/calibration_speed.py --before /tmp/before --model tiny-llama smollm2-135m
+    python scripts/calibration_speed.py --before /tmp/before --threads 1 --blocks 1 --steps 4 --repeat 2
 
 Each measurement runs in a child process whose ``PYTHONPATH`` is the checkout being
-measured (``--measure --repo PATH`` prints one JSON line); both use this checkout's
+measured (``--before`` and ``--repo``, default this one); both use this checkout's
 ``data/`` folder (``MBQ_DATA_DIR``). The load average (``os.getloadavg``) is recorded
 around every child: on a shared machine the numbers are only comparable at similar load.
+``--measure`` (with ``PYTHONPATH`` set by hand) measures in the current process and prints
+one JSON line; ``--measure --profile joint`` adds :mod:`torch.profiler` operator shares.
 """
 
 from __future__ import annotations
