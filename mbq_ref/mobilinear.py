@@ -318,9 +318,13 @@ class MoBiLinear(RoutedSlices):
         return floor_scale_zero(xmin, xmax, self.slice_bits, self.zero_grid)
 
     def slice_deltas(self, num_slices: int | None = None) -> list[torch.Tensor]:
-        """Differentiable ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_k]`` (each ``[N, K]`` float32) from the current clipping (``k``: all by default)."""
+        """Differentiable ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_k]`` (each ``[N, K]`` float32) from the current clipping.
+
+        ``num_slices``: ``k``, the slices to build (default: all ``E``).
+        """
         s, z = self.scale_zero()
-        return slice_deltas(self.weight.float(), s, z, self.slice_bits, self.group_size, ste=True, num_slices=num_slices)
+        w = self.weight.float()
+        return slice_deltas(w, s, z, self.slice_bits, self.group_size, ste=True, num_slices=num_slices)
 
     @torch.no_grad()
     def freeze(self) -> SlicedWeight:

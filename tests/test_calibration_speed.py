@@ -58,7 +58,8 @@ def _assert_close(fast, ref):
     assert len(fast) == len(ref)
     for a, b in zip(fast, ref):
         assert a[:2] == b[:2]
-        assert torch.allclose(torch.tensor(a[2:], dtype=torch.float64), torch.tensor(b[2:], dtype=torch.float64), rtol=RTOL, atol=0), (a, b)
+        fa, fb = (torch.tensor(x[2:], dtype=torch.float64) for x in (a, b))
+        assert torch.allclose(fa, fb, rtol=RTOL, atol=0), (a, b)
 
 
 def test_mobiquant_calibration_unchanged(fp_model, reference):

@@ -252,7 +252,9 @@ def test_learnable_clip_caches_the_weight_range_and_notices_changes():
     for a, b in zip(clip(w), fresh()):
         assert torch.equal(a, b)
     other = w.clone() * -2
-    for a, b in zip(clip(other), (clip.factors()[0] * group_minmax(other, 16)[0], clip.factors()[1] * group_minmax(other, 16)[1])):
+    lo, hi = clip.factors()
+    omin, omax = group_minmax(other, 16)
+    for a, b in zip(clip(other), (lo * omin, hi * omax)):
         assert torch.equal(a, b)
     # a weight that needs a gradient keeps its min/max in the graph
     wg = w.clone().requires_grad_(True)
