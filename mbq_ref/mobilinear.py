@@ -333,10 +333,14 @@ class MoBiLinear(RoutedSlices):
         xmin, xmax = self.clip(self.weight)
         return floor_scale_zero(xmin, xmax, self.slice_bits, self.zero_grid)
 
-    def slice_deltas(self) -> list[torch.Tensor]:
-        """Differentiable ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_E]`` (each ``[N, K]`` float32) from the current clipping."""
+    def slice_deltas(self, num_slices: int | None = None) -> list[torch.Tensor]:
+        """Differentiable ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_k]`` (each ``[N, K]`` float32) from the current clipping.
+
+        ``num_slices``: ``k``, the slices to build (default: all ``E``).
+        """
         s, z = self.scale_zero()
-        return slice_deltas(self.weight.float(), s, z, self.slice_bits, self.group_size, ste=True)
+        w = self.weight.float()
+        return slice_deltas(w, s, z, self.slice_bits, self.group_size, ste=True, num_slices=num_slices)
 
     @torch.no_grad()
     def freeze(self) -> SlicedWeight:
@@ -408,13 +412,14 @@ class MoBiLinear(RoutedSlices):
         if self.router.in_scale <= 0:
             self.router.set_input_scale(x2)
         xf = x2.float()
-        deltas = self.slice_deltas()  # E x [N, K], differentiable in the clip
         if self._stage == "joint" and self.routing == "ladder":
             if self.budget.ref is None:  # first joint step: score statistics from data
                 self.router.init_from_data(xf, self.tau_logit, self.slice_bits, self.train_bits)
                 self.budget.ref = 1.0  # (marks the stage as started; a ladder has no budget loss)
-            y = self._ladder_forward(xf, deltas)
+            y = self._ladder_forward(xf)
         else:
+            # E x [N, K], differentiable in the clip; the base stage reads the base slice only
+            deltas = self.slice_deltas(1 if self._stage == "base" else None)
             y = xf @ deltas[0].T  # base slice for every token (the shared expert): [T, N]
         if self._stage == "joint" and self.routing == "per_slice":
             if self.budget.ref is None:  # first joint step: start on budget, scores spread over the surrogate
@@ -431,7 +436,7 @@ class MoBiLinear(RoutedSlices):
             y = y + self.bias.float()
         return y.to(x2.dtype)
 
-    def _ladder_forward(self, xf: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+    def _ladder_forward(self, xf: torch.Tensor) -> torch.Tensor:
         """One joint step of a ladder router at this step's budget ``b`` (``step_bits``), bias excluded.
 
         The threshold is the batch quantile that gives exactly ``b`` mean bits
@@ -450,6 +455,7 @@ class MoBiLinear(RoutedSlices):
         u = threshold_for_bits(r.detach(), self.slice_bits, b)
         counts = slice_counts(r.detach(), u)  # [T], two adjacent values at most
         k = int(counts.min())
+        deltas = self.slice_deltas(min(k + 1, self.num_slices))  # only the slices this step reads
         w_k = deltas[0]
         for e in range(1, k):
             w_k = w_k + deltas[e]  # Ŵ_k

@@ -60,12 +60,13 @@ Example, one weight, slices 2,2, s = 1, z_E = 8 (z_1 = 2), W = 0.8::
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from .errors import MBQError
-from .quantizer import group_view, round_ste
+from .quantizer import GridSTE, group_view, round_ste
 
 __all__ = [
     "SliceError",
@@ -214,22 +215,53 @@ def slice_deltas(
     slice_bits=(2, 2, 2, 2),
     group_size: int = 128,
     ste: bool = False,
+    num_slices: int | None = None,
 ) -> list[torch.Tensor]:
     """The recursive residual decomposition ``[Ŵ_1, ΔŴ_2, ..., ΔŴ_E]``.
 
     ``sum(out[:k]) == Ŵ_k``. With ``ste=True`` floors pass gradients straight
     through, so the learnable scale/zero (LWC) can be calibrated through every
-    slice (Alg. 1, stage 2).
+    slice (Alg. 1, stage 2); the forward runs the recursion without a graph
+    (the same float32 operations: bit-identical values, since ``x + (floor(x) - x)``
+    is exactly ``floor(x)``) and :class:`mbq_ref.quantizer.GridSTE` computes the
+    straight-through gradient in closed form (equal to autograd through the
+    recursion with straight-through floors, within float32 summation order).
 
     Args:
         w: ``[N, K]`` float weight.
         scale, zero: ``[N, K/g]`` base scale ``s`` and finest-grid integer zero point ``z_E``.
+        num_slices: compute only the first ``k`` slices (default: all ``E``); a
+            calibration step that reads the base slice alone needs one.
     Returns:
-        ``E`` tensors of shape ``[N, K]``.
+        ``k`` tensors of shape ``[N, K]``.
     """
     bits = check_slice_bits(slice_bits)
+    k = len(bits) if num_slices is None else num_slices
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(bits):
+        raise SliceError(f"num_slices must be an int in 1..{len(bits)}, got {num_slices!r}")
+    if ste:
+        if w.ndim != 2:
+            raise SliceError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+        _groups(w, group_size)  # checks the group size before the autograd function runs
+
+        def grid(wg, s, z):  # the recursion without a graph; its base floor gives the clamp mask
+            first = []
+
+            def floor(x):
+                y = torch.floor(x)
+                if not first:
+                    first.append(y)
+                return y
+
+            outs = [d for _, d in itertools.islice(_residual_slices(wg, s[..., 0], z[..., 0], bits, floor), k)]
+            # no residual code clamps where the base code does not (|W - Ŵ_1| <= s/2)
+            return outs, (first[0] >= 0) & (first[0] <= 2 ** bits[0] - 1)
+
+        cum = cumulative_bits(bits)
+        # ∂Ŵ_j/∂z_E = -s_j / 2^{B_E - B_j} = -s / 2^{B_E - B_1} for every j where the codes clamp
+        return list(GridSTE.apply(w, scale, zero, grid, 2.0 ** -(cum[-1] - cum[0]), group_size))
     wg = _groups(w, group_size)  # [N, G, g]
-    slices = _residual_slices(wg, scale, zero, bits, _floor_ste if ste else torch.floor)
+    slices = itertools.islice(_residual_slices(wg, scale, zero, bits, torch.floor), k)
     return [delta.reshape_as(w) for _, delta in slices]
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "group_view",
     "scale_zero",
     "round_ste",
+    "GridSTE",
     "quantize",
     "dequantize",
     "fake_quant",
@@ -135,6 +136,70 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 
 
+class GridSTE(torch.autograd.Function):
+    """Fake quantization on a per-group grid with the straight-through gradient in closed form.
+
+    ``GridSTE.apply(w, s, z, grid, z_scale, g)`` returns the tensors ``grid(wg, s, z)``
+    computes without an autograd graph, and in the backward pass the gradient that
+    autograd would derive through straight-through rounding (the rounding's gradient
+    taken as the identity), summed by hand instead of replayed op by op.
+
+    ``grid(wg, s, z)`` gets the grouped weight ``[N, G, g]`` and ``s``, ``z`` as
+    ``[N, G, 1]`` and returns ``(outs, inside)``: ``outs`` a list of ``[N, G, g]``
+    tensors whose prefix sums are the readings ``Ŵ_1, Ŵ_2, ...`` (one tensor for plain
+    fake quantization, the residual slices for MoBiSlice), ``inside`` a bool ``[N, G, g]``,
+    true where no integer code is clamped. Every reading must have the form
+    ``Ŵ_j = s_j (Q_j(W / s_j) - c_j z + d_j)`` with ``s_j = s / 2^{m_j}`` and ``c_j s_j``
+    the same ``z_scale · s`` for every ``j`` (true of round-to-nearest, ``Ŵ = s (q - z)``,
+    ``z_scale = 1``, and of MoBiSlice, ``z_scale = 2^{-(B_E - B_1)}``). Then, with the
+    codes differentiated straight through (``∂Q/∂x = 1``) where they are not clamped::
+
+        inside:  ∂Ŵ_j/∂s = (Ŵ_j - W)/s     ∂Ŵ_j/∂z = 0                 ∂Ŵ_j/∂W = 1
+        clamped: ∂Ŵ_j/∂s = Ŵ_j/s           ∂Ŵ_j/∂z = -z_scale · s      ∂Ŵ_j/∂W = 0
+
+    With ``G_e`` the upstream gradient of output ``e`` (``Ŵ_j = Σ_{e<=j} out_e``, so the
+    gradient of ``Ŵ_j`` is ``G_j - G_{j+1}``), the sums over ``j`` telescope::
+
+        ∂L/∂s = Σ_group (Σ_e G_e out_e - [inside] W G_1) / s
+        ∂L/∂z = -z_scale · s · Σ_group [clamped] G_1          ∂L/∂W = [inside] G_1
+
+    Shapes: ``w`` ``[N, K]`` float32, ``s``, ``z`` ``[N, K/g]``; outputs ``[N, K]``.
+    """
+
+    @staticmethod
+    def forward(ctx, w, s, z, grid, z_scale, g):
+        n, k = w.shape
+        outs, inside = grid(group_view(w, g), _broadcast(s), _broadcast(z))
+        outs = [o.reshape(n, k) for o in outs]
+        inside = inside.reshape(n, k)
+        ctx.save_for_backward(w, s, inside, *outs)
+        ctx.z_scale, ctx.g = z_scale, g
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        w, s, inside, *outs = ctx.saved_tensors
+        g = ctx.g
+        none = (None,) * 3
+        if all(gr is None for gr in grads):
+            return (None, None, None) + none
+        g1 = grads[0] if grads[0] is not None else torch.zeros_like(w)
+        grad_w = grad_s = grad_z = None
+        if ctx.needs_input_grad[1]:
+            acc = g1 * outs[0]  # Σ_e G_e out_e per weight, [N, K]
+            for gr, o in zip(grads[1:], outs[1:]):
+                if gr is not None:
+                    acc.addcmul_(gr, o)
+            acc.addcmul_(w.masked_fill(~inside, 0), g1, value=-1)
+            grad_s = group_view(acc, g).sum(-1) / s
+        if ctx.needs_input_grad[2]:
+            grad_z = -ctx.z_scale * s * group_view(g1.masked_fill(inside, 0), g).sum(-1)
+        if ctx.needs_input_grad[0]:
+            grad_w = g1.masked_fill(~inside, 0)
+        return (grad_w, grad_s, grad_z) + none
+
+
 def scale_zero(
     xmin: torch.Tensor, xmax: torch.Tensor, bits: int, ste: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,10 +268,15 @@ def fake_quant(
     g = resolve_group_size(w.shape[1], group_size)
     qmax = 2 ** check_bits(bits) - 1
     s, z = scale_zero(xmin, xmax, bits)
-    s, z = _broadcast(s), _broadcast(z)  # [N, K/g, 1]
-    # round_ste keeps a gradient for W and s; the clamp zeroes it for clipped weights
-    q = (round_ste(group_view(w.float(), g) / s) + z).clamp(0, qmax)
-    return ((q - z) * s).reshape(w.shape).to(w.dtype)
+
+    def grid(wg, s, z):  # wg [N, K/g, g]; s, z [N, K/g, 1]
+        r = (wg / s).round() + z
+        q = r.clamp(0, qmax)  # the clamp is what clips weights outside the range
+        return [(q - z) * s], (r >= 0) & (r <= qmax)
+
+    # straight-through rounding: a gradient for W and s inside the range, for s and z where clipped
+    (out,) = GridSTE.apply(w.float(), s, z, grid, 1.0, g)
+    return out.to(w.dtype)
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int | None = 128, name: str | None = None) -> torch.Tensor:
@@ -250,6 +320,7 @@ class LearnableClip(nn.Module):
         n_groups = in_features // self.group_size
         self.gamma = nn.Parameter(torch.full((out_features, n_groups), float(init)))  # upper-end logits
         self.beta = nn.Parameter(torch.full((out_features, n_groups), float(init)))  # lower-end logits
+        self._minmax: tuple | None = None  # (weight, key, (wmin, wmax)) of group_range
 
     @classmethod
     def for_weight(cls, w: torch.Tensor, group_size: int | None = 128, init: float = 4.0) -> LearnableClip:
@@ -265,9 +336,30 @@ class LearnableClip(nn.Module):
         """Clipped range ``(x_min, x_max)``, float32 ``[N, K/g]``, of ``w`` ``[N, K]``; differentiable in γ, β."""
         if tuple(w.shape) != self.shape:
             raise QuantError(f"LearnableClip was built for weights {self.shape}, got {tuple(w.shape)}")
-        wmin, wmax = group_minmax(w, self.group_size)
+        wmin, wmax = self.group_range(w)
         lo, hi = self.factors()
         return lo * wmin, hi * wmax
+
+    def group_range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``group_minmax(w)``, float32 ``[N, K/g]`` each, cached while ``w`` is frozen and unchanged.
+
+        Calibration trains only ``γ, β``: the weight's group min/max is the same at every
+        step, so it is computed once. The cache is keyed on the tensor object, its storage
+        (``.data = ...`` swaps it) and its version counter (bumped by every in-place edit
+        such as ``copy_`` or ``load_state_dict``); an edit through ``w.data`` bypasses the
+        version counter, so call :meth:`clear_cache` after one. A weight that requires
+        grad is never cached (its min/max must stay in the graph).
+        """
+        if w.requires_grad:
+            return group_minmax(w, self.group_size)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.stride())
+        if self._minmax is None or self._minmax[0] is not w or self._minmax[1] != key:
+            self._minmax = (w, key, group_minmax(w, self.group_size))
+        return self._minmax[2]
+
+    def clear_cache(self) -> None:
+        """Forget the cached group min/max of :meth:`group_range`."""
+        self._minmax = None
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, group_size={self.group_size}"

@@ -3,6 +3,28 @@
 from mbq_ref.zoo.random import random_llama  # noqa: F401  (re-exported: tests import it from here)
 
 
+def ste_slices_reference(w, s, z, bits, gs, k=None):
+    """MoBiSlice slices by autograd through the straight-through recursion of App. B (first ``k``, default all).
+
+    The reference the closed-form gradient of :func:`mbq_ref.mobislice.slice_deltas` is checked against.
+    """
+    from mbq_ref.mobislice import _floor_ste, _residual_slices
+
+    k = len(bits) if k is None else k
+    gen = _residual_slices(w.reshape(w.shape[0], -1, gs), s, z, tuple(bits), _floor_ste)
+    return [d.reshape_as(w) for _, (_, d) in zip(range(k), gen)]
+
+
+def fake_quant_reference(w, xmin, xmax, bits, g):
+    """Round-to-nearest fake quantization with straight-through rounding, differentiated by autograd."""
+    from mbq_ref.quantizer import round_ste, scale_zero
+
+    s, z = scale_zero(xmin, xmax, bits)
+    s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+    q = (round_ste(w.float().reshape(w.shape[0], -1, g) / s) + z).clamp(0, 2**bits - 1)
+    return ((q - z) * s).reshape(w.shape).to(w.dtype)
+
+
 class small_mount:
     """A real tiny tmpfs mounted at a fresh folder (``size`` bytes, read-only if ``ro``), unmounted on exit.
 

@@ -20,6 +20,7 @@ from mbq_ref.mobislice import (
     zero_at,
 )
 from mbq_ref.baselines import baseline_weights, relative_error
+from helpers import ste_slices_reference
 
 SLICES = [(2, 2, 2, 2), (3, 3), (4, 2, 2), (1, 1, 1, 1, 1, 1, 1, 1), (2, 3, 3)]
 
@@ -233,3 +234,68 @@ def test_constant_huge_row_is_refused_or_exact(value, sign):
         assert "overflows" in str(exc)
         return
     assert torch.isfinite(sw.dequant()).all()
+
+
+# --- closed-form straight-through slices (the calibrator's fast path) ------------------------------
+@pytest.mark.parametrize("bits", [(2, 2, 2, 2), (3, 1, 2, 2), (4, 2, 2), (3, 3), (1, 1, 1, 1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_closed_form_ste_equals_recursion(bits, seed):
+    """Values bit-identical to the straight-through recursion; gradients of w, s, z_E equal within float32 sums.
+
+    Odd shapes, a clip range shrunk inside min/max (so some weights clamp at both ends),
+    every prefix of slices, and a random upstream gradient for every slice.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n, groups, gs = (7, 3, 5) if seed != 1 else (13, 1, 11)
+    w0 = torch.randn(n, groups * gs, generator=gen)
+    wg = w0.reshape(n, groups, gs)
+    lo = wg.amin(-1) * (0.6 + 0.4 * torch.rand(n, groups, generator=gen))
+    hi = wg.amax(-1) * (0.6 + 0.4 * torch.rand(n, groups, generator=gen))
+    for k in range(1, len(bits) + 1):
+        ups = [torch.randn(n, groups * gs, generator=gen) for _ in range(k)]
+        outs, grads = [], []
+        for fast in (False, True):
+            w = w0.clone().requires_grad_(True)
+            xmin, xmax = lo.clone().requires_grad_(True), hi.clone().requires_grad_(True)
+            s, z = floor_scale_zero(xmin, xmax, bits)
+            if fast:
+                d = slice_deltas(w, s, z, bits, gs, ste=True, num_slices=k)
+            else:
+                d = ste_slices_reference(w, s, z, bits, gs, k)
+            sum((di * u).sum() for di, u in zip(d, ups)).backward()
+            outs.append(d)
+            grads.append((w.grad, xmin.grad, xmax.grad))
+        assert len(outs[1]) == k
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)  # same float32 operations in the same order
+        clamped = ~((w0 >= lo.repeat_interleave(gs, 1)) & (w0 <= hi.repeat_interleave(gs, 1)))
+        assert clamped.any() and (~clamped).any()  # both branches of the gradient are exercised
+        for ga, gb in zip(*grads):
+            # the closed form sums the same terms in another order: a few float32 ulps of the terms' size
+            tol = 64 * torch.finfo(torch.float32).eps * (1 + ga.abs().max())
+            assert (ga - gb).abs().max() <= tol, (bits, k, (ga - gb).abs().max())
+
+
+def test_closed_form_ste_only_some_slices_used():
+    """Slices the loss does not read get no gradient (None upstream) and the rest is still exact."""
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(6, 24, generator=gen)
+    bits = (2, 2, 2, 2)
+    res = []
+    for fast in (False, True):
+        xmin = (w0.reshape(6, 3, 8).amin(-1) * 0.8).requires_grad_(True)
+        xmax = (w0.reshape(6, 3, 8).amax(-1) * 0.8).requires_grad_(True)
+        s, z = floor_scale_zero(xmin, xmax, bits)
+        d = slice_deltas(w0, s, z, bits, 8, ste=True) if fast else ste_slices_reference(w0, s, z, bits, 8, 4)
+        (d[0].sum() + 3 * d[2].sum()).backward()
+        res.append((xmin.grad, xmax.grad))
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_num_slices_checked():
+    w = torch.randn(2, 8)
+    s, z = floor_scale_zero(w.reshape(2, 1, 8).amin(-1), w.reshape(2, 1, 8).amax(-1))
+    for bad in (0, 5, 1.0, True):
+        with pytest.raises(SliceError, match="num_slices"):
+            slice_deltas(w, s, z, (2, 2, 2, 2), 8, ste=True, num_slices=bad)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import fake_quant_reference
 
 from mbq_ref.quantizer import (
     LearnableClip,
@@ -201,3 +202,61 @@ def test_huge_weights_raise_instead_of_returning_inf(dtype):
         rtn(w, 4, 128, name="blk.up_proj")
     w[0, 0], w[0, 1] = 1.5e38, -1.5e38  # still representable: quantized, and finite
     assert torch.isfinite(rtn(w, 4, 128)).all()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(7, 3, 5), (13, 1, 11), (4, 6, 16)])
+def test_fake_quant_closed_form_gradient_equals_autograd(bits, shape):
+    """fake_quant's closed-form backward (GridSTE) equals autograd through round_ste, values bit-identical."""
+    n, groups, g = shape
+    gen = torch.Generator().manual_seed(bits * 100 + n)
+    w0 = torch.randn(n, groups * g, generator=gen)
+    lo = w0.reshape(n, groups, g).amin(-1) * (0.5 + 0.5 * torch.rand(n, groups, generator=gen))
+    hi = w0.reshape(n, groups, g).amax(-1) * (0.5 + 0.5 * torch.rand(n, groups, generator=gen))
+    up = torch.randn(n, groups * g, generator=gen)
+    res = []
+    for fn in (fake_quant_reference, lambda *a: fake_quant(*a)):
+        w, xmin, xmax = (t.clone().requires_grad_(True) for t in (w0, lo, hi))
+        out = fn(w, xmin, xmax, bits, g)
+        (out * up).sum().backward()
+        res.append((out.detach(), w.grad, xmin.grad, xmax.grad))
+    assert torch.equal(res[0][0], res[1][0])
+    for a, b in zip(res[0][1:], res[1][1:]):
+        tol = 64 * torch.finfo(torch.float32).eps * (1 + a.abs().max())
+        assert (a - b).abs().max() <= tol
+
+
+def test_learnable_clip_caches_the_weight_range_and_notices_changes():
+    """The group min/max is computed once for a frozen weight; γ/β steps and in-place weight edits are seen."""
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    clip = LearnableClip.for_weight(w, 16)
+
+    def fresh():
+        wmin, wmax = group_minmax(w, 16)
+        lo, hi = clip.factors()
+        return lo * wmin, hi * wmax
+
+    assert clip.group_range(w)[0] is clip.group_range(w)[0]  # cached
+    # a training step on the logits changes the range at the next call
+    opt = torch.optim.SGD(clip.parameters(), lr=10.0)
+    sum(t.sum() for t in clip(w)).backward()
+    opt.step()
+    for a, b in zip(clip(w), fresh()):
+        assert torch.equal(a, b)
+    # in-place edits of the weight (no_grad mul_, copy_) and a swapped storage are noticed
+    with torch.no_grad():
+        w.mul_(3.0)
+    for a, b in zip(clip(w), fresh()):
+        assert torch.equal(a, b)
+    w.copy_(torch.randn(6, 32))
+    for a, b in zip(clip(w), fresh()):
+        assert torch.equal(a, b)
+    other = w.clone() * -2
+    lo, hi = clip.factors()
+    omin, omax = group_minmax(other, 16)
+    for a, b in zip(clip(other), (lo * omin, hi * omax)):
+        assert torch.equal(a, b)
+    # a weight that needs a gradient keeps its min/max in the graph
+    wg = w.clone().requires_grad_(True)
+    sum(t.sum() for t in clip(wg)).backward()
+    assert wg.grad is not None and wg.grad.abs().sum() > 0
