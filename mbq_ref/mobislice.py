@@ -363,6 +363,8 @@ class SlicedWeight:
             xmin = wg.amin(-1)
         if xmax is None:
             xmax = wg.amax(-1)
+        if not bool(torch.isfinite(wg).all()):  # named as such, before any range arithmetic hides it
+            raise SliceError("weight contains NaN/inf; check the model's weights before slicing")
         s, z = floor_scale_zero(xmin.detach(), xmax.detach(), bits, zero_grid)
         if not bool(torch.isfinite(z).all()):  # e.g. a constant 1e30 group: range ~0, zero point -1e30/s overflows
             raise SliceError(f"a group's zero point overflows float32 (|w| up to {float(w.abs().max()):.3g} in a group of near-zero range); such a weight cannot be sliced")

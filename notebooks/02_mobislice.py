@@ -528,6 +528,24 @@ assert all(calib_err[a] > calib_err[b] for a, b in zip(WIDTHS, WIDTHS[1:]))
 # Balancing the two ends is left to the joint stage of Alg. 1 (slices + router, chapter 3).
 
 # %% [markdown]
+# ### What the routers add to the bits
+#
+# Chapter 3 puts a small router in front of every sliced layer. Its parameters are stored next
+# to the slices, so a routed checkpoint's true bits per weight are its measured average bits
+# plus the routers' share (`mbq_ref.mobiquant.router_cost`), and every token pays the router's
+# FLOPs next to each slice it reads. From the committed tour report (`mbq tour`, width-4 ladder
+# routers on this model):
+
+# %%
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+rc = json.loads((Path("..") / "docs" / "results_tour" / "report.json").read_text())["mobiquant"]["router_cost"]
+print(f"routers: {rc['router_params']:,} parameters next to {rc['quantized_weights']:,} quantized weights = "
+      f"{rc['router_bits_per_weight']:.3f} extra bits per weight at fp16; {rc['router_flops_per_token']:,} FLOPs per "
+      f"token = {100 * rc['router_flops_per_slice_flops']:.1f} % of one slice's {rc['slice_flops_per_token']:,}")
+
+# %% [markdown]
 # ## 6. Results file
 # The tables above are summarized in `docs/results_ch2.md`. Running this chapter only *checks*
 # them against that committed file (`mbq_ref.results.record`: same words, every number within

@@ -56,7 +56,7 @@ from mbq_ref.cache import cached, cached_mobiquant, cached_static, model_key, te
 from mbq_ref.checkpoint import load_checkpoint, load_static_checkpoint, save_checkpoint, save_static_checkpoint
 from mbq_ref.data import BUNDLED, load_corpus, tokenize_corpus
 from mbq_ref.generate import generate, parse_schedule
-from mbq_ref.mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, set_threshold
+from mbq_ref.mobiquant import MoBiConfig, average_bits, layer_bits, mobi_layers, reset_bit_stats, router_cost, set_threshold
 from mbq_ref.perplexity import perplexity
 from mbq_ref.thresholds import calibrate_threshold, threshold_table
 from mbq_ref.zoo import load_model
@@ -127,6 +127,10 @@ mq = ck.model
 torch.manual_seed(0)  # the same random state whether the checkpoint was built now or read from the cache
 print(f"{ck.path.name}: {ck.path.stat().st_size / 2**20:.2f} MiB, {len(mobi_layers(mq))} MoBiLinear layers, "
       f"threshold table {ck.table.targets.tolist()}; calibrated in {ck.meta['results']['calibration_seconds']:.0f} s")  # fmt: skip
+rc = router_cost(mq)  # the routers are part of the checkpoint: count their bits and FLOPs too
+print(f"routers ({rc['routing']}, hidden {rc['hidden']}): {rc['router_params']:,} parameters = "
+      f"{rc['router_bits_per_weight']:.3f} extra bits per quantized weight at fp16 (add it to every 'bits' below for the "
+      f"true bits per weight), {100 * rc['router_flops_per_slice_flops']:.1f} % of one slice's FLOPs per token")
 
 # %% [markdown]
 # ## 2. Static per-bit baselines
