@@ -372,9 +372,9 @@ def test_ladder_budgets_are_drawn_per_step_within_the_range(fp_model):
     seen: list[tuple[float, ...]] = []
     orig = MoBiLinear._ladder_forward
 
-    def spy(self, xf, deltas):
+    def spy(self, xf):
         seen.append((self.name, self.step_bits))
-        return orig(self, xf, deltas)
+        return orig(self, xf)
 
     model = copy.deepcopy(fp_model)
     cfg = replace(CFG, budget_range=(3.0, 5.0), calib=replace(CFG.calib, nsamples=4, epochs=2))
