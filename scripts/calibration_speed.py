@@ -57,8 +57,10 @@ def _truncate(model, blocks: int):
     return model
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")  # fmt: skip
+MATMUL_OPS = (
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+)  # fmt: skip
 
 
 def measure(model_name: str, blocks: int, steps: int, threads: int, stages, profile: str | None = None) -> dict:
@@ -184,8 +186,8 @@ def _load(runs: list[dict]) -> str:
 
 def table(rows: list[dict], command: str) -> str:
     lines = [
-        "| model | stage | tokens/step | before s/step median (min) | after s/step median (min) | speed-up median (min) "
-        "| CPU s/step before / after | load before | load after |",
+        "| model | stage | tokens/step | before s/step median (min) | after s/step median (min) "
+        "| speed-up median (min) | CPU s/step before / after | load before | load after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -213,7 +215,8 @@ def table(rows: list[dict], command: str) -> str:
 
 
 def _markers(threads: int) -> tuple[str, str]:
-    return (f"<!-- calibration_speed.py threads={threads}: begin -->", f"<!-- calibration_speed.py threads={threads}: end -->")
+    tag = f"<!-- calibration_speed.py threads={threads}"
+    return (f"{tag}: begin -->", f"{tag}: end -->")
 
 
 def write_doc(path: Path, text: str, threads: int) -> None:
@@ -230,7 +233,8 @@ def write_doc(path: Path, text: str, threads: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", nargs="+", default=["tiny-llama", "smollm2-135m"], choices=("tiny-llama", "smollm2-135m"))
+    models = ("tiny-llama", "smollm2-135m")
+    p.add_argument("--model", nargs="+", default=list(models), choices=models)
     p.add_argument("--blocks", type=int, default=2, help="decoder blocks calibrated (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per block and stage (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
@@ -247,7 +251,7 @@ def main(argv=None) -> None:
         if "profile" in out:  # readable first, the JSON line last
             pr = out["profile"]
             print(f"{args.model[0]} {pr['stage']}: matmul share {pr['matmul_share']:.1%} of "
-                  f"{pr['self_cpu_s_per_step']:.3f} s CPU per step; top operators (share, calls per step):")  # fmt: skip
+                  f"{pr['self_cpu_s_per_step']:.3f} s CPU per step; top operators (share, calls per step):")
             for key, share, calls in pr["top"]:
                 print(f"  {key:60s} {share:6.1%} {calls:5d}")
         print(json.dumps(out))
@@ -260,7 +264,8 @@ def main(argv=None) -> None:
         for _ in range(args.repeat):
             row["before"].append(run_child(args.before.resolve(), model, args))
             row["after"].append(run_child(args.repo.resolve(), model, args))
-            print(json.dumps({k: [(r["seconds_per_step"], r["load"]) for r in v] for k, v in row.items() if k != "model"}), flush=True)
+            progress = {k: [(r["seconds_per_step"], r["load"]) for r in row[k]] for k in ("before", "after")}
+            print(json.dumps(progress), flush=True)
         rows.append(row)
     command = "python scripts/calibration_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(rows, command)
