@@ -51,3 +51,33 @@ def test_acceptance_b_c_d_can_fail():
     assert acceptance(rep)["verdicts"]["b"] == "fail"
     rep["controls"]["rows"] = []
     assert acceptance(rep)["verdicts"]["b"] == "n/a" and acceptance(rep)["verdicts"]["d"] == "n/a"
+
+
+def test_histograms_and_crosstab_on_a_calibrated_ladder(tmp_path):
+    """Slice histograms sum to one per layer; a ladder's counts never fall as the target rises (nested)."""
+    import torch
+
+    from mbq_ref.calibrate import CalibConfig
+    from mbq_ref.checkpoint import load_checkpoint, save_checkpoint
+    from mbq_ref.mobiquant import MoBiConfig
+    from mbq_ref.routing_analysis import slice_crosstab, slice_histograms
+    from mbq_ref.thresholds import quantize_and_table
+    from mbq_ref.zoo.random import random_llama
+
+    torch.manual_seed(0)
+    model = random_llama(hidden=64, layers=1, vocab=128)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = MoBiConfig(group_size=32, router_hidden=4, calib=CalibConfig(nsamples=4, seqlen=32, epochs=1, batch_size=2, dataset="random"))
+    res = quantize_and_table(model, ids, cfg, (3.0, 4.0, 6.0), threshold_windows=4, progress=False)
+    path = save_checkpoint(model, tmp_path / "m.safetensors", {"base_model": "random"}, thresholds=res["thresholds"])
+    ck = load_checkpoint(path, with_tokenizer=False)
+    ck.set_bits(3.0)
+    hist = slice_histograms(ck.model, ids)
+    assert len(hist) == 7 and all(abs(sum(h) - 1.0) < 1e-9 for h in hist.values())
+    assert all(sum(v > 0 for v in h) <= 2 for h in hist.values())  # a ladder: two adjacent counts per layer
+    ct = slice_crosstab(ck.model, ck, ids, (3.0, 4.0, 6.0))
+    assert ct["lowered"] == 0.0 and len(ct["tables"]) == 2
+    total = sum(map(sum, ct["tables"][0]))
+    assert total == 7 * ids.numel()  # every (token, layer) pair counted once
+    for tab in ct["tables"]:
+        assert all(tab[i][j] == 0 for i in range(len(tab)) for j in range(i))  # nothing below the diagonal
