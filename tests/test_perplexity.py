@@ -58,7 +58,7 @@ def test_bundled_fp_perplexity_reproduces_within_1_percent(tiny_llama, name):
     model, tok = tiny_llama
     ref = json.loads((model_dir() / "fp_perplexity.json").read_text())
     ids = tokenize_corpus(tok, load_corpus(name, "test"))
-    res = perplexity(model, ids, seqlen=ref["seqlen"], progress=False)
+    res = perplexity(model, ids, seqlen=ref["seqlen"], batch_size=8, progress=False)  # batched: ~2x faster, same windows
     assert res.n_windows == ref["ppl"][name]["windows"]
     assert res.ppl == pytest.approx(ref["ppl"][name]["ppl"], rel=0.01)
 
