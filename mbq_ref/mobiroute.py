@@ -16,6 +16,15 @@ Router (Eq. 4)::
 ``c`` is a constant input scale (the RMS of the layer's first calibration
 batch), so one initialisation suits every layer whatever its activation scale.
 
+Two designs share everything below (``MoBiConfig.routing``). **Ladder** (the default,
+``MoBiRouter(ladder=True)``): the MLP gives one score per token, normalised and bounded
+to ``s ∈ (-S, S)``, and the ``E-1`` slice scores are its rungs ``r_e = s - (e-1) ρ`` with
+``ρ > 2S`` (:attr:`MoBiRouter.rung`), so at any threshold a layer's tokens read ``k`` or
+``k+1`` slices and raising the target never takes a slice away; it trains at a budget
+drawn per step, met exactly by the batch quantile (:func:`threshold_for_bits`), without
+the budget loss. **Per-slice** (the earlier design): one score per residual slice, the
+masks, surrogate and budget loss described next.
+
 Nested hard masks (slice ``e+1`` only if slice ``e``; slice 1 always on)::
 
     m_e = Π_{j<=e} 1[g_j > τ]  =  1[min_{j<=e} r_j > logit(τ)]
