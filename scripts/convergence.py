@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                          f" | {p['seconds']['mobiquant']:.0f} | {p['load'][0]:.1f} |")  # fmt: skip
         conv = converged({s: {e: p["nll"][s] for e, p in curve.items()} for s in SERIES})
         verdicts.append(f"- {w} windows: " + (f"converged at {conv} epochs" if conv else
-                        f"not converged within {max(curve)} epochs (no doubling measured below {TOL} for every series)"))  # fmt: skip
+                        f"not converged within {max(curve)} epochs (a doubling up to there still moves some series by {TOL} or more)"))  # fmt: skip
     lines += ["", "## Verdict (computed)", "", *verdicts, "", f"![curves]({args.model}.png)", ""]
     docs = ROOT / "docs" / "results_convergence"
     docs.mkdir(exist_ok=True)

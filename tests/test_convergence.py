@@ -16,3 +16,5 @@ def test_converged_needs_every_curve_flat():
     assert converged({"a": flat_late, "b": still_moving}) is None
     assert converged({"a": {1: 0.0, 2: TOL}}) is None  # exactly TOL is not "less than"
     assert converged({}) is None
+    # flat first, steep later (measured: 1 -> 2 epochs moved < 0.01, 2 -> 4 by 0.026): not converged
+    assert converged({"a": {1: 4.3611, 2: 4.3559, 4: 4.3301}}) is None
