@@ -46,6 +46,7 @@ __all__ = [
     "reset_bit_stats",
     "router_cost",
     "routing_diagnostics",
+    "run_windows",
     "set_slices",
     "set_threshold",
     "set_token_slices",
@@ -407,12 +408,18 @@ def average_bits(model: nn.Module) -> float:
 
 
 @torch.no_grad()
+def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int) -> None:
+    """Forward ``model`` over the windows ``ids`` ``[n, T]``, ``batch_size`` at a time (for hooks and bit counters)."""
+    device = next(model.parameters()).device
+    for i in range(0, len(ids), batch_size):
+        model(input_ids=ids[i : i + batch_size].to(device))
+
+
+@torch.no_grad()
 def measure_bits(model: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> float:
     """Run the model over ``calib_ids`` ``[n, T]``, ``batch_size`` windows at a time; the :func:`average_bits` it routed."""
     reset_bit_stats(model)
-    device = next(model.parameters()).device
-    for i in range(0, len(calib_ids), batch_size):
-        model(input_ids=calib_ids[i : i + batch_size].to(device))
+    run_windows(model, calib_ids, batch_size)
     return average_bits(model)
 
 

@@ -283,8 +283,9 @@ class MoBiRouter(nn.Module):
         s = self.token_score(x)
         if not self.ladder:
             return s
-        steps = torch.arange(self.num_scores, device=s.device, dtype=s.dtype) * self.rung  # [E-1]
-        return s - steps  # [..., 1] - [E-1] -> [..., E-1]
+        # ρ from the bound buffer on its device (no host read of it during decode)
+        rho = 2.0 * (1.0 + 1e-3) * self.score_bound.to(s.dtype)
+        return s - torch.arange(self.num_scores, device=s.device, dtype=s.dtype) * rho  # [..., 1] - [E-1] -> [..., E-1]
 
 
 def _check_logits(logits: torch.Tensor) -> None:

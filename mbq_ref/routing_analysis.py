@@ -65,16 +65,14 @@ def time_sharing_nll(uniform: dict[float, float], bits: float) -> float:
 @torch.no_grad()
 def _counts_per_layer(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Each routed layer's slice count per token over ``ids`` ``[n, T]`` at its current routing, long ``[n*T]``."""
-    from .mobiquant import mobi_layers
+    from .mobiquant import mobi_layers, run_windows
 
     layers = mobi_layers(model)
     out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     hooks = [m.register_forward_hook(lambda mod, args, _y, n=n: out[n].append(mod.route(args[0]).reshape(-1)))
              for n, m in layers.items()]  # fmt: skip
     try:
-        device = next(model.parameters()).device
-        for i in range(0, len(ids), batch_size):
-            model(input_ids=ids[i : i + batch_size].to(device))
+        run_windows(model, ids, batch_size)
     finally:
         for h in hooks:
             h.remove()

@@ -34,6 +34,7 @@ from .mobiquant import (
     average_bits,
     mobi_layers,
     reset_bit_stats,
+    run_windows,
     set_slices,
     set_threshold,
     set_token_slices,
@@ -129,9 +130,7 @@ def layer_errors(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8)
     set_slices(model, max(m.num_slices for m in layers.values()))
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
     try:
-        device = next(model.parameters()).device
-        for i in range(0, len(calib_ids), batch_size):
-            model(input_ids=calib_ids[i : i + batch_size].to(device))
+        run_windows(model, calib_ids, batch_size)
     finally:
         for h in handles:
             h.remove()

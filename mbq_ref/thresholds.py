@@ -398,13 +398,12 @@ def quantize_and_table(model, calib_ids, cfg, targets, threshold_windows: int = 
     calib_s = time.perf_counter() - t0
     # the budget check: bits at the trained threshold on every calibration window
     trained = routing_diagnostics(model, calib_ids)
-    trained_logits = thresholds(model, logit=True)  # per layer for a ladder (set by the settle)
     thr_ids = calib_ids[:threshold_windows]
     t1 = time.perf_counter()
     table = threshold_table(model, thr_ids, targets)
     table_s = time.perf_counter() - t1
     misses = [t for t, v in table.items() if abs(v["achieved"] - t) > 0.05]
-    set_threshold(model, trained_logits, logit=True)
+    set_threshold(model, log["thresholds"], logit=True)  # the trained thresholds (per layer for a ladder)
     return {
         "thresholds": table,
         "calibration": {
